@@ -1,0 +1,1 @@
+"""Project code shared by training and the desktop app."""

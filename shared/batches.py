@@ -1,0 +1,86 @@
+"""Batches drawn from a dataset held whole, as one uint8 tensor, on the training device.
+
+Per-image PIL work and DataLoader worker processes are what make the seed studies' epochs slow;
+here a batch is one index into a device tensor, then crop, flip, normalization and resizing run
+on the whole batch at once on that device.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from shared.preprocess import InputTransform
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Pad each image by `padding` (zeros) and cut a random crop of the original size."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device, generator=generator)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the batch left to right."""
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class DeviceLoader:
+    """Iterates (inputs, labels) batches over uint8 images already on `device`.
+
+    Inputs come out normalized (and resized, for 224-pixel networks) by `transform`, in
+    channels_last layout when asked, ready for the network.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 transform: InputTransform, *, shuffle: bool = False, crop_padding: int = 0,
+                 flip: bool = False, drop_last: bool = False, channels_last: bool = False,
+                 seed: int = 0):
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.transform = transform.to(images.device)
+        self.shuffle, self.crop_padding, self.flip = shuffle, crop_padding, flip
+        self.drop_last, self.channels_last = drop_last, channels_last
+        self.generator = torch.Generator(device=images.device).manual_seed(seed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def __len__(self) -> int:
+        n = self.images.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else self.images.shape[0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.images.shape[0]
+        if self.shuffle:
+            order = torch.randperm(n, device=self.device, generator=self.generator)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.prepare(self.images[idx]), self.labels[idx]
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> augmented (when asked), normalized network input."""
+        if self.crop_padding:
+            x = random_crop(x, self.crop_padding, self.generator)
+        if self.flip:
+            x = random_flip(x, self.generator)
+        x = self.transform(x.float().div_(255))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x

@@ -1,0 +1,224 @@
+"""Models registered by name, each with the recipe it trains best with by default.
+
+`build_model(name, num_classes, image_size, weights=..., freeze=...)` is the one way in, for
+training and for anything that rebuilds a network.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+
+class ModelError(Exception):
+    """An unknown model name, or weights that cannot be had or do not fit."""
+
+
+class SeedMLP(nn.Module):
+    """The seed MLP study's network: flatten, 3072 -> 128 -> 64 -> classes, LeakyReLU, log-softmax."""
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(3 * image_size * image_size, 128), nn.LeakyReLU(),
+            nn.Linear(128, 64), nn.LeakyReLU(),
+            nn.Linear(64, num_classes), nn.LogSoftmax(dim=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class SeedCNN(nn.Module):
+    """The seed CNN study's network: three 3x3 conv blocks (32, 64, 128 channels) with BatchNorm,
+    ReLU and 2x2 max-pool, then fully connected 512 -> 256 -> classes with dropout."""
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32, dropout: float = 0.3):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+
+        side = image_size // 8
+        self.features = nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128))
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(128 * side * side, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(256, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _alexnet(num_classes: int, image_size: int) -> nn.Module:
+    return torchvision.models.alexnet(num_classes=num_classes)
+
+
+def _vgg16(num_classes: int, image_size: int) -> nn.Module:
+    return torchvision.models.vgg16(num_classes=num_classes)
+
+
+def _resnet18(num_classes: int, image_size: int) -> nn.Module:
+    """ResNet18 with a CIFAR stem: a 3x3 stride-1 first conv and no max-pool, so 32-pixel
+    images keep their resolution through the first stage."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+_SGD = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    build: Callable[[int, int], nn.Module]
+    input_size: int | None = None  # None: the dataset's own image size
+    head: str | None = None  # the final classifier layer, replaced and kept trainable when fine-tuning
+    imagenet: Callable[[], object] | None = None  # torchvision weights enum
+    recipe: dict = field(default_factory=dict)
+    finetune_recipe: dict = field(default_factory=dict)
+
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
+    ModelSpec("mlp", "the seed MLP: 3072-128-64-10, LeakyReLU, log-softmax", SeedMLP,
+              recipe={"optimizer": "adam", "lr": 2e-3, "batch_size": 512, "weight_decay": 0.0,
+                      "schedule": "cosine", "crop_padding": 0, "label_smoothing": 0.0,
+                      "epochs": 30}),
+    ModelSpec("cnn", "the seed CNN: 3 conv blocks (32/64/128) + FC 512-256-10, dropout", SeedCNN,
+              recipe={**_SGD, "lr": 0.05, "batch_size": 128, "weight_decay": 5e-4,
+                      "schedule": "onecycle", "label_smoothing": 0.1, "epochs": 30}),
+    ModelSpec("alexnet", "torchvision AlexNet at 224x224 input", _alexnet, input_size=224,
+              head="classifier.6", imagenet=lambda: torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
+              recipe={**_SGD, "lr": 0.01, "batch_size": 128, "weight_decay": 5e-4,
+                      "schedule": "cosine", "epochs": 30},
+              finetune_recipe={"lr": 1e-3, "epochs": 10}),
+    ModelSpec("vgg16", "torchvision VGG16 at 224x224 input", _vgg16, input_size=224,
+              head="classifier.6", imagenet=lambda: torchvision.models.VGG16_Weights.IMAGENET1K_V1,
+              recipe={**_SGD, "lr": 0.01, "batch_size": 64, "weight_decay": 5e-4,
+                      "schedule": "cosine", "epochs": 30},
+              finetune_recipe={"lr": 1e-3, "epochs": 10}),
+    ModelSpec("resnet18", "ResNet18 with a CIFAR stem (3x3 first conv, no max-pool)", _resnet18,
+              head="fc", imagenet=lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+              recipe={**_SGD, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4,
+                      "schedule": "onecycle", "label_smoothing": 0.1, "epochs": 30},
+              finetune_recipe={"lr": 0.01, "epochs": 10}),
+]}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)} "
+                         "(--list-models describes them)") from None
+
+
+def describe_models() -> str:
+    width = max(len(n) for n in MODELS)
+    lines = []
+    for spec in MODELS.values():
+        extra = " [ImageNet weights available]" if spec.imagenet else ""
+        lines.append(f"{spec.name:<{width}}  {spec.description}{extra}")
+    return "\n".join(lines)
+
+
+def input_size_for(name: str, image_size: int) -> int:
+    return get_spec(name).input_size or image_size
+
+
+def build_model(name: str, num_classes: int, image_size: int = 32, *, weights: str = "none",
+                freeze: str = "none") -> nn.Module:
+    """Build a registered model; `weights` is "none", "imagenet" or a checkpoint path;
+    `freeze="backbone"` leaves only the classifier head trainable."""
+    spec = get_spec(name)
+    model = spec.build(num_classes, image_size)
+    if weights != "none":
+        if spec.imagenet is None:
+            raise ModelError(f"{name} has no pretrained weights; --weights works with "
+                             f"{', '.join(n for n, s in MODELS.items() if s.imagenet)}")
+        load_pretrained(model, _pretrained_state(spec, weights), spec.head)
+    if freeze == "backbone":
+        if spec.head is None:
+            raise ModelError(f"{name} has no separate classifier head to keep; --freeze backbone "
+                             f"works with {', '.join(n for n, s in MODELS.items() if s.head)}")
+        for pname, param in model.named_parameters():
+            param.requires_grad = pname.startswith(spec.head + ".")
+    elif freeze != "none":
+        raise ModelError(f"unknown --freeze {freeze!r}; choose none or backbone")
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def _pretrained_state(spec: ModelSpec, weights: str) -> dict[str, torch.Tensor]:
+    if weights == "imagenet":
+        enum = spec.imagenet()
+        try:
+            return enum.get_state_dict(progress=True)
+        except OSError as exc:  # URLError is an OSError
+            hub = Path(torch.hub.get_dir()) / "checkpoints"
+            file = enum.url.rsplit("/", 1)[-1]
+            raise ModelError(f"could not download the ImageNet weights for {spec.name} ({exc}). "
+                             f"Offline, place {file} (from {enum.url}) in {hub}/, or pass "
+                             "--weights PATH to a checkpoint file.") from exc
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ModelError(f"--weights {weights!r} is neither 'none', 'imagenet' nor an existing "
+                         "checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors have many types
+        raise ModelError(f"could not read the checkpoint {path}: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} holds no state dict (got {type(state).__name__})")
+    return state
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], head: str | None) -> None:
+    """Copy every tensor of `state` that fits `model`. The head is skipped when its class count
+    differs; a larger conv kernel (ImageNet's 7x7 ResNet stem) is center-cropped to fit."""
+    own = model.state_dict()
+    misfits = []
+    for key, target in own.items():
+        source = state.get(key)
+        if source is None:
+            misfits.append(key)
+            continue
+        if source.shape != target.shape:
+            source = _fit_kernel(source, target.shape)
+        if source is None:
+            if head is None or not key.startswith(head + "."):
+                misfits.append(key)
+            continue
+        target.copy_(source)
+    if misfits:
+        raise ModelError(f"the checkpoint does not fit this model: {len(misfits)} of {len(own)} "
+                         f"tensors are missing or of another shape (e.g. {misfits[:3]})")
+    model.load_state_dict(own)
+
+
+def _fit_kernel(source: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    if source.dim() != 4 or source.shape[:2] != shape[:2] or source.shape[2] < shape[2]:
+        return None
+    top = (source.shape[2] - shape[2]) // 2
+    left = (source.shape[3] - shape[3]) // 2
+    return source[:, :, top:top + shape[2], left:left + shape[3]].contiguous()

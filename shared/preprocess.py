@@ -1,0 +1,102 @@
+"""Image preprocessing shared by dataset decoding, the training loader and inference.
+
+Every image enters the project through `decode_image` (file -> uint8 RGB at the dataset's
+stored size) and reaches a network through `InputTransform` (float [0, 1] -> normalized,
+resized to the network's input size). Training applies `InputTransform` per batch on the
+device; the logged model carries the same module in front of the network, so a consumer
+feeds plain [0, 1] images and gets exactly the training-time preprocessing.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a consumer needs to feed a trained model: stored image size, network input size,
+    and the normalization the model applies itself."""
+
+    image_size: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(int(d["image_size"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (palette, grayscale, 16-bit, CMYK, alpha) to 8-bit RGB, upright by EXIF.
+    Transparent areas become white, as a viewer shows them."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def fit_square(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` and center-crop to size x size."""
+    if img.size == (size, size):
+        return img
+    return ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def decode_image(source: str | Path | BinaryIO, size: int) -> np.ndarray:
+    """Decode an image file to a (3, size, size) uint8 array. Raises PIL/OSError on bad files."""
+    with Image.open(source) as img:
+        img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster for photos
+        rgb = fit_square(to_rgb(img), size)
+        return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+class InputTransform(nn.Module):
+    """float images in [0, 1] at the stored size -> normalized network input."""
+
+    def __init__(self, prep: Preprocessing):
+        super().__init__()
+        self.input_size = prep.input_size
+        self.resize = prep.input_size != prep.image_size
+        self.register_buffer("mean", torch.tensor([prep.mean], dtype=torch.float32)[..., None, None])
+        self.register_buffer("std", torch.tensor([prep.std], dtype=torch.float32)[..., None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        if self.resize:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False)
+        return x
+
+
+class Classifier(nn.Module):
+    """The network with its preprocessing in front: what gets logged and served."""
+
+    def __init__(self, net: nn.Module, prep: Preprocessing):
+        super().__init__()
+        self.transform = InputTransform(prep)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.transform(x))

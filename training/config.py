@@ -1,0 +1,195 @@
+"""The training command's configuration: one dataclass, resolved in layers.
+
+Defaults, then the chosen model's recipe (and its fine-tuning recipe when pretrained weights
+are used), then a config file (TOML or YAML), then command-line flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.data import DEFAULT_CACHE_DIR
+from shared.models import MODELS, get_spec
+
+
+class ConfigError(Exception):
+    """An invalid setting; the message names it and the valid choices."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    model: str = opt("cnn", "model to train (--list-models lists them)", tuple(MODELS))
+    data_dir: str = opt("data", "CIFAR-10 is downloaded here, or: a folder with train/<class>/ "
+                                "and test/<class>/ image folders")
+    image_size: int | None = opt(None, "image-folder datasets: side to resize images to "
+                                       "(default: the first image's size)")
+    val_fraction: float = opt(0.1, "share of the training images held out for validation")
+    split_seed: int = opt(0, "seed of the train/validation split (fixed across runs)")
+    cache_dir: str = opt(str(DEFAULT_CACHE_DIR), "where decoded datasets are cached")
+    epochs: int = opt(30, "maximum number of epochs")
+    batch_size: int = opt(128, "training batch size")
+    eval_batch_size: int = opt(1000, "evaluation batch size")
+    optimizer: str = opt("sgd", "optimizer", ("sgd", "adam", "adamw"))
+    lr: float = opt(0.05, "learning rate (peak rate for onecycle)")
+    weight_decay: float = opt(5e-4, "weight decay")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(True, "Nesterov momentum for SGD")
+    schedule: str = opt("onecycle", "learning-rate schedule", ("none", "onecycle", "cosine"))
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    augment: bool = opt(True, "augment training batches (random crop and flip)")
+    crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)")
+    flip: bool = opt(True, "random horizontal flip")
+    weights: str = opt("none", "initial weights: none (from scratch), imagenet, or a checkpoint path")
+    freeze: str = opt("none", "none: train all layers; backbone: train only the new head",
+                      ("none", "backbone"))
+    input_size: int | None = opt(None, "network input side (default: the model's, 224 for "
+                                       "alexnet/vgg16, else the image size)")
+    seed: int = opt(0, "seed for weights, shuffling and augmentation")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    precision: str = opt("auto", "auto: bf16 (fp16 if unsupported) on CUDA, fp32 elsewhere",
+                         ("auto", "fp32", "bf16", "fp16"))
+    channels_last: bool = opt(True, "channels_last memory layout for conv nets")
+    patience: int = opt(10, "early stopping: epochs without improvement before stopping (0: off)")
+    min_delta: float = opt(0.0, "early stopping: smallest change that counts as improvement")
+    monitor: str = opt("val_acc", "early stopping: metric to watch", ("val_acc", "val_loss"))
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                                         "else sqlite:///mlruns/mlflow.db)")
+    experiment: str = opt("training", "MLflow experiment name")
+    run_name: str | None = opt(None, "MLflow run name (default: model and weights)")
+    register: str | None = opt(None, "registered model name (default: <dataset>-<model>)")
+    no_register: bool = opt(False, "do not register the model")
+    system_metrics: bool = opt(True, "log CPU, memory and GPU use through MLflow")
+    progress: bool = opt(True, "show a progress bar during each epoch")
+
+    def validate(self) -> "TrainConfig":
+        get_spec(self.model)
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(choices)}")
+        positive = ["epochs", "batch_size", "eval_batch_size"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number (got {self.lr})")
+        for name in ("weight_decay", "momentum", "min_delta", "crop_padding", "patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be between 0 and 1 (got {self.val_fraction})")
+        for name in ("image_size", "input_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 8:
+                raise ConfigError(f"{name} must be at least 8 pixels (got {getattr(self, name)})")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _types() -> dict[str, type]:
+    kinds = {}
+    for f in fields(TrainConfig):
+        text = str(f.type)
+        kinds[f.name] = bool if text == "bool" else int if "int" in text else \
+            float if "float" in text else str
+    return kinds
+
+
+def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {name} must be true or false (got {value!r})")
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} must be {kind.__name__} (got {value!r})") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML or YAML file of settings named like the dataclass fields (dashes allowed)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of setting: value")
+    kinds = _types()
+    settings = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in kinds:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}; valid settings: "
+                              f"{', '.join(kinds)}")
+        settings[name] = _coerce(name, value, kinds[name], f"config file {path}")
+    return settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description="Train an image classifier; every run is tracked in MLflow and its model "
+                    "registered. Settings resolve as: defaults < the model's recipe < --config "
+                    "file < flags.",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="TOML or YAML file of settings")
+    parser.add_argument("--list-models", action="store_true", help="list the models and exit")
+    kinds = _types()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if kinds[f.name] is bool and f.name != "no_register":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        elif f.name == "no_register":
+            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, type=kinds[f.name],
+                                choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def resolve(cli: dict[str, Any], file_settings: dict[str, Any] | None = None) -> TrainConfig:
+    """defaults < model recipe (< fine-tuning recipe) < file < CLI."""
+    file_settings = file_settings or {}
+    chosen = {**file_settings, **cli}
+    spec = get_spec(chosen.get("model", TrainConfig.model))
+    layers = dict(spec.recipe)
+    if chosen.get("weights", "none") != "none":
+        layers.update(spec.finetune_recipe)
+    layers.update(chosen)
+    return TrainConfig(**layers).validate()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig | None, argparse.Namespace]:
+    """(config, raw args). The config is None when --list-models was asked."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "list_models", False):
+        return None, args
+    cli = {k: v for k, v in vars(args).items() if k not in ("config", "list_models")}
+    file_settings = read_config_file(args.config) if getattr(args, "config", None) else {}
+    return resolve(cli, file_settings), args

@@ -1,0 +1,164 @@
+"""Epoch functions and the fit loop. No tracking, printing or files in here: `fit` hands each
+epoch's metrics to a callback, so the training command, the tuner and tests share it."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from shared.batches import DeviceLoader
+
+Progress = Callable[[Iterable, str], Iterable]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def no_progress(batches: Iterable, desc: str) -> Iterable:
+    return batches
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of autocast contexts for bf16/fp16, or of null contexts for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def train_epoch(model: nn.Module, loader: DeviceLoader, optimizer: torch.optim.Optimizer,
+                loss_fn: nn.Module, *, scheduler=None, autocast=contextlib.nullcontext,
+                scaler: torch.amp.GradScaler | None = None, progress: Progress = no_progress,
+                desc: str = "train") -> dict[str, float]:
+    """One pass over `loader`. Sums stay on the device; the host reads them once, at the end."""
+    model.train()
+    device = loader.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for x, y in progress(loader, desc):
+        with autocast():
+            out = model(x)
+            loss = loss_fn(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.detach().float() * y.shape[0]
+        correct += (out.detach().argmax(1) == y).sum()
+        seen += y.shape[0]
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DeviceLoader, loss_fn: nn.Module, num_classes: int, *,
+             autocast=contextlib.nullcontext) -> dict:
+    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    model.eval()
+    device = loader.device
+    loss_sum = torch.zeros((), device=device)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    for x, y in loader:
+        with autocast():
+            out = model(x)
+            loss_sum += loss_fn(out, y).float() * y.shape[0]
+        confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes ** 2)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    seen = int(confusion.sum())
+    return {"loss": loss_sum.item() / seen, "acc": confusion.diag().sum().item() / seen,
+            "confusion": confusion}
+
+
+class EarlyStopping:
+    """Stops after `patience` epochs without improvement of `monitor` by more than `min_delta`,
+    keeping a copy of the best weights to restore. patience=0 never stops, but still keeps the
+    best weights."""
+
+    def __init__(self, monitor: str = "val_acc", patience: int = 10, min_delta: float = 0.0):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.sign = -1.0 if monitor.endswith("loss") else 1.0
+        self.best_value: float | None = None
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stopped_epoch: int | None = None
+
+    def step(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
+        """Record an epoch; True when training should stop."""
+        value = metrics[self.monitor]
+        if self.best_value is None or self.sign * (value - self.best_value) > self.min_delta:
+            self.best_value, self.best_epoch = value, epoch
+            self.best_state = copy.deepcopy(model.state_dict())
+        elif self.patience and epoch - self.best_epoch >= self.patience:
+            self.stopped_epoch = epoch
+            return True
+        return False
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_value: float | None = None
+    stopped_epoch: int | None = None  # None: ran every requested epoch
+    train_seconds: float = 0.0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    @property
+    def best(self) -> dict[str, float]:
+        return self.history[self.best_epoch - 1]
+
+
+def fit(model: nn.Module, train_loader: DeviceLoader, val_loader: DeviceLoader,
+        optimizer: torch.optim.Optimizer, loss_fn: nn.Module, epochs: int, num_classes: int, *,
+        scheduler=None, stopper: EarlyStopping | None = None, precision: str = "fp32",
+        on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None,
+        progress: Progress = no_progress) -> FitResult:
+    """Train for up to `epochs`, validating after each; restores the best weights at the end."""
+    stopper = stopper or EarlyStopping(patience=0)
+    device = train_loader.device
+    autocast = autocast_for(device, precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    result = FitResult()
+    for epoch in range(1, epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        metrics = train_epoch(model, train_loader, optimizer, loss_fn, scheduler=scheduler,
+                              autocast=autocast, scaler=scaler, progress=progress,
+                              desc=f"epoch {epoch}/{epochs}")
+        train_seconds = time.perf_counter() - start
+        if not math.isfinite(metrics["train_loss"]):
+            raise NonFiniteLossError(f"the training loss became {metrics['train_loss']} in epoch "
+                                     f"{epoch} (lr {lr:g}); lower the learning rate")
+        val = evaluate(model, val_loader, loss_fn, num_classes, autocast=autocast)
+        seconds = time.perf_counter() - start
+        metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, epoch_seconds=seconds,
+                       images_per_second=train_loader.num_images / train_seconds)
+        result.history.append(metrics)
+        result.train_seconds += seconds
+        on_epoch(epoch, metrics)
+        if stopper.step(epoch, metrics, model):
+            result.stopped_epoch = epoch
+            break
+    stopper.restore(model)
+    result.best_epoch, result.best_value = stopper.best_epoch, stopper.best_value
+    return result

@@ -1,0 +1,80 @@
+"""Figures and tables of a finished run: learning curves, confusion matrix, per-class scores."""
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from shared.models import count_parameters  # noqa: E402
+
+
+def curves_figure(history: list[dict[str, float]], best_epoch: int) -> plt.Figure:
+    epochs = range(1, len(history) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], label="train")
+        ax.plot(epochs, [h[f"val_{metric}"] for h in history], label="validation")
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
+        ax.set(xlabel="epoch", ylabel=label, title=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion: torch.Tensor, classes: list[str]) -> plt.Figure:
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
+    rates = confusion.float() / confusion.sum(1, keepdim=True).clamp_min(1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="test set confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_csv(confusion: torch.Tensor, classes: list[str]) -> str:
+    rows = ["true\\predicted," + ",".join(classes)]
+    rows += [f"{c}," + ",".join(str(int(v)) for v in confusion[i]) for i, c in enumerate(classes)]
+    return "\n".join(rows) + "\n"
+
+
+def per_class_scores(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support per class."""
+    c = confusion.double()
+    tp = c.diag()
+    precision = tp / c.sum(0).clamp_min(1)
+    recall = tp / c.sum(1).clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    return [{"class": name, "precision": round(precision[i].item(), 4),
+             "recall": round(recall[i].item(), 4), "f1": round(f1[i].item(), 4),
+             "support": int(c[i].sum())} for i, name in enumerate(classes)]
+
+
+def scores_csv(scores: list[dict]) -> str:
+    header = list(scores[0])
+    return "\n".join([",".join(header)] + [",".join(str(s[k]) for k in header) for s in scores]) + "\n"
+
+
+def model_summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    trainable, total = count_parameters(model)
+    out = io.StringIO()
+    out.write(f"input: {input_shape}\nparameters: {total:,} total, {trainable:,} trainable\n\n")
+    out.write(f"{'layer':<40} {'parameters':>12} {'trainable':>10}\n")
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own:
+            count = sum(p.numel() for p in own)
+            out.write(f"{name:<40} {count:>12,} {str(all(p.requires_grad for p in own)):>10}\n")
+    out.write(f"\n{model}\n")
+    return out.getvalue()

@@ -1,0 +1,63 @@
+"""What a training run writes to MLflow: params, tags, per-epoch metrics and the final report."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import mlflow
+import torch
+import torchvision
+
+from shared.data import ImageData
+from training import report
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
+def run_tags(data: ImageData) -> dict[str, str]:
+    return {
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "cuda_version": torch.version.cuda or "none",
+        "dataset": data.name,
+        "dataset_form": data.form,
+        "dataset_root": str(data.root),
+        "dataset_fingerprint": data.fingerprint,
+    }
+
+
+def log_params(params: dict) -> None:
+    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+
+
+def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(metrics, step=epoch)
+
+
+def log_final_report(history: list[dict[str, float]], best_epoch: int, test: dict,
+                     classes: list[str], summary: str, config: dict) -> list[dict]:
+    """Curves, confusion matrix, per-class scores, model summary and config as artifacts.
+    Returns the per-class scores."""
+    import matplotlib.pyplot as plt
+
+    for name, fig in (("curves.png", report.curves_figure(history, best_epoch)),
+                      ("confusion_matrix.png", report.confusion_figure(test["confusion"], classes))):
+        mlflow.log_figure(fig, name)
+        plt.close(fig)
+    mlflow.log_text(report.confusion_csv(test["confusion"], classes), "confusion_matrix.csv")
+    scores = report.per_class_scores(test["confusion"], classes)
+    mlflow.log_text(report.scores_csv(scores), "per_class_metrics.csv")
+    mlflow.log_text(summary, "model_summary.txt")
+    mlflow.log_dict(config, "config.yaml")
+    return scores

@@ -1,0 +1,251 @@
+"""Train a classifier: python -m training.train --model cnn --data-dir ~/data/cifar10
+
+config -> data -> model -> fit -> test -> MLflow (params, per-epoch metrics, report, model,
+registry). `train(cfg)` is the importable entry; `main()` adds the CLI and its error handling.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import mlflow
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from shared.batches import DeviceLoader
+from shared.data import DatasetError, channel_stats, load_dataset, split_indices
+from shared.device import DeviceError, describe_device, resolve_device
+from shared.models import ModelError, build_model, count_parameters, get_spec, input_size_for
+from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
+from shared.tracking import (ensure_experiment, log_classifier, register_version, tracking_uri,
+                             ui_command, use_store)
+from training import tracking
+from training.config import ConfigError, TrainConfig, parse_args
+from training.loop import EarlyStopping, NonFiniteLossError, autocast_for, evaluate, fit
+from training.report import model_summary
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the run was marked KILLED with what it had logged."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    test_acc: float
+    test_loss: float
+    best_val_acc: float
+    epochs_run: int
+    stopped_epoch: int | None
+    model_uri: str
+    registered_name: str | None = None
+    version: str | None = None
+    promoted: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision != "fp32" and device.type == "cpu" and precision == "fp16":
+            raise ConfigError("fp16 training needs a GPU; use --precision bf16 or fp32 on the CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    opt_class = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return opt_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Stepped once per batch."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=0.25)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return None
+
+
+def default_model_name(dataset: str, model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{dataset}-{model}")
+
+
+def epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    return (f"epoch {epoch:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+            f"  val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}  lr {m['lr']:.3g}"
+            f"  {m['epoch_seconds']:.1f} s  {m['images_per_second']:,.0f} img/s")
+
+
+def train(cfg: TrainConfig, log=print) -> TrainResult:
+    """Run one tracked training run. Bad input raises before any MLflow run is created."""
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+
+    data = load_dataset(cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir, log=log)
+    train_idx, val_idx = split_indices(len(data.train_labels), cfg.val_fraction, cfg.split_seed)
+    num_classes = len(data.classes)
+    if int(data.train_labels.max()) >= num_classes:
+        raise DatasetError(f"{data.root}: labels exceed the {num_classes} classes found")
+
+    spec = get_spec(cfg.model)
+    model = build_model(cfg.model, num_classes, data.image_size, weights=cfg.weights,
+                        freeze=cfg.freeze)
+    if cfg.weights != "none":  # pretrained features expect the inputs they were trained on
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = channel_stats(data.train_images[train_idx])
+    prep = Preprocessing(data.image_size, cfg.input_size or input_size_for(cfg.model, data.image_size),
+                         mean, std)
+    conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    channels_last = cfg.channels_last and conv
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+    images, labels = data.train_images.to(device), data.train_labels.to(device)
+    transform = InputTransform(prep)
+    common = {"transform": transform, "channels_last": channels_last}
+    train_loader = DeviceLoader(images[train_idx.to(device)], labels[train_idx.to(device)],
+                                cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                crop_padding=cfg.crop_padding if cfg.augment else 0,
+                                flip=cfg.flip and cfg.augment,
+                                drop_last=len(train_idx) > cfg.batch_size, **common)
+    val_loader = DeviceLoader(images[val_idx.to(device)], labels[val_idx.to(device)],
+                              cfg.eval_batch_size, **common)
+    test_loader = DeviceLoader(data.test_images.to(device), data.test_labels.to(device),
+                               cfg.eval_batch_size, **common)
+    del images, labels
+
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
+    trainable, total = count_parameters(model)
+    info = describe_device(device)
+
+    uri = tracking_uri(cfg.tracking_uri)
+    use_store(uri)
+    experiment_id = ensure_experiment(cfg.experiment, uri)
+    weights_source = ("scratch" if cfg.weights == "none" else cfg.weights if cfg.weights == "imagenet"
+                      else f"checkpoint:{cfg.weights}")
+    run_name = cfg.run_name or f"{cfg.model}-{'scratch' if cfg.weights == 'none' else 'finetuned'}"
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                           log_system_metrics=cfg.system_metrics)
+    run_id = run.info.run_id
+    log(f"MLflow run {run_id} ({run_name}) in experiment '{cfg.experiment}' at {uri}")
+    log(f"{data.name}: {len(train_idx)} train / {len(val_idx)} val / {len(data.test_labels)} test, "
+        f"{num_classes} classes; {cfg.model} ({trainable:,} trainable of {total:,} params) on "
+        f"{info['device_name']}, {precision}")
+    status = "FAILED"
+    try:
+        mlflow.set_tags(tracking.run_tags(data))
+        tracking.log_params({
+            **cfg.to_dict(),
+            "weights_source": weights_source, "fine_tuned": cfg.weights != "none",
+            "frozen_layers": "none" if cfg.freeze == "none" else f"all but {spec.head}",
+            **info, "precision_resolved": precision, "epochs_requested": cfg.epochs,
+            "early_stopping": (f"patience={cfg.patience},min_delta={cfg.min_delta},"
+                               f"monitor={cfg.monitor}") if cfg.patience else "off",
+            "train_size": len(train_idx), "val_size": len(val_idx),
+            "test_size": len(data.test_labels), "num_classes": num_classes,
+            "classes": ",".join(data.classes), "image_size_resolved": prep.image_size,
+            "input_size_resolved": prep.input_size, "normalize_mean": list(mean),
+            "normalize_std": list(std), "trainable_params": trainable, "total_params": total,
+        })
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            tracking.log_epoch(epoch, metrics)
+            log(epoch_line(epoch, cfg.epochs, metrics))
+
+        def progress(batches, desc):
+            return tqdm(batches, desc=desc, leave=False, disable=not cfg.progress, unit="batch",
+                        dynamic_ncols=True)
+
+        result = fit(model, train_loader, val_loader, optimizer, loss_fn, cfg.epochs, num_classes,
+                     scheduler=scheduler, stopper=stopper, precision=precision, on_epoch=on_epoch,
+                     progress=progress)
+        stop_note = (f"stopped early at epoch {result.stopped_epoch} (best epoch {result.best_epoch})"
+                     if result.stopped_epoch else "ran every requested epoch")
+        log(f"{stop_note}; best weights from epoch {result.best_epoch} restored")
+        tracking.log_params({"epochs_run": result.epochs_run,
+                             "stopped_early": result.stopped_epoch is not None,
+                             "stop_epoch": result.stopped_epoch or "none",
+                             "best_epoch": result.best_epoch})
+
+        test = evaluate(model, test_loader, loss_fn, num_classes, autocast=autocast_for(device, precision))
+        best_val_acc = max(h["val_acc"] for h in result.history)
+        mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"],
+                            "best_val_acc": best_val_acc, "best_epoch": result.best_epoch,
+                            "train_seconds": result.train_seconds})
+        summary = model_summary(model, (1, 3, prep.input_size, prep.input_size))
+        tracking.log_final_report(result.history, result.best_epoch, test, data.classes, summary,
+                                  {**cfg.to_dict(), "resolved_precision": precision})
+        model_info = log_classifier(model, prep, data.classes, data.test_images[:2],
+                                    extra={"model": cfg.model, "weights_source": weights_source,
+                                           "dataset": data.name})
+        outcome = TrainResult(run_id, test["acc"], test["loss"], best_val_acc, result.epochs_run,
+                              result.stopped_epoch, model_info.model_uri, history=result.history)
+        if not cfg.no_register:
+            outcome.registered_name = cfg.register or default_model_name(data.name, cfg.model)
+            outcome.version, outcome.promoted = register_version(
+                model_info.model_uri, outcome.registered_name, best_val_acc,
+                tags={"test_acc": f"{test['acc']:.6f}", "model": cfg.model, "run_id": run_id})
+        status = "FINISHED"
+        return outcome
+    except NonFiniteLossError as exc:
+        mlflow.set_tag("failure_reason", str(exc))
+        raise
+    except KeyboardInterrupt:
+        status = "KILLED"
+        mlflow.set_tag("stop_reason", "interrupted by the user (Ctrl-C); metrics logged so far are kept")
+        raise TrainingInterrupted(f"interrupted: run {run_id} marked KILLED; the epochs it "
+                                  "finished stay logged") from None
+    except Exception as exc:
+        mlflow.set_tag("failure_reason", f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, args = parse_args(argv)
+        if cfg is None:
+            from shared.models import describe_models
+            print(describe_models())
+            return 0
+        print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+        start = time.perf_counter()
+        result = train(cfg)
+    except (ConfigError, DatasetError, DeviceError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}. The run was marked FAILED.", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    print(f"\nrun {result.run_id}: test accuracy {result.test_acc:.4f} "
+          f"(best val {result.best_val_acc:.4f}, {result.epochs_run} epochs, "
+          f"{time.perf_counter() - start:.0f} s)")
+    if result.registered_name:
+        champion = "now champion" if result.promoted else "champion unchanged (it scores higher)"
+        print(f"registered {result.registered_name} version {result.version}: {champion}")
+    print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
