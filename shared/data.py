@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from shared.preprocess import IMAGE_SUFFIXES, decode_image
 
@@ -175,7 +176,7 @@ def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
     path, size = args
     try:
         return decode_image(path, size)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is reported per file
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return f"{type(exc).__name__}: {exc}"
 
 
@@ -216,7 +217,6 @@ def _decode_folder(root: Path, sources, image_size: int | None, workers: int, lo
 
 
 def _first_image_size(per_class: dict[str, list[Path]]) -> int:
-    from PIL import Image
     first = next(iter(per_class.values()))[0]
     try:
         with Image.open(first) as img:

@@ -61,7 +61,12 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to `size` and center-crop to size x size."""
     if img.size == (size, size):
         return img
-    return ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR, reducing_gap=3.0)
+    width, height = img.size
+    scale = size / min(width, height)
+    width, height = max(size, round(width * scale)), max(size, round(height * scale))
+    img = img.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    left, top = (width - size) // 2, (height - size) // 2
+    return img.crop((left, top, left + size, top + size))
 
 
 def decode_image(source: str | Path | BinaryIO, size: int) -> np.ndarray:

@@ -106,4 +106,4 @@ def register_version(model_uri: str, name: str, score: float,
     promoted = previous is None or score > previous
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    return version.version, promoted
+    return str(version.version), promoted

@@ -29,7 +29,8 @@ def curves_figure(history: list[dict[str, float]], best_epoch: int) -> plt.Figur
 
 def confusion_figure(confusion: torch.Tensor, classes: list[str]) -> plt.Figure:
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
+    side = max(4.5, 1.5 + 0.6 * n)
+    fig, ax = plt.subplots(figsize=(side, side - 0.4))
     rates = confusion.float() / confusion.sum(1, keepdim=True).clamp_min(1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):

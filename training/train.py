@@ -45,6 +45,8 @@ class TrainResult:
     version: str | None = None
     promoted: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    model: nn.Module | None = None  # the trained network, best weights restored
+    prep: Preprocessing | None = None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -70,9 +72,10 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """Stepped once per batch."""
     total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total > 2:
+        # warm up over a quarter of the steps, and over at least two
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
-                                                   pct_start=0.25)
+                                                   pct_start=max(0.25, 2 / total))
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return None
@@ -195,7 +198,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                                     extra={"model": cfg.model, "weights_source": weights_source,
                                            "dataset": data.name})
         outcome = TrainResult(run_id, test["acc"], test["loss"], best_val_acc, result.epochs_run,
-                              result.stopped_epoch, model_info.model_uri, history=result.history)
+                              result.stopped_epoch, model_info.model_uri, history=result.history,
+                              model=model, prep=prep)
         if not cfg.no_register:
             outcome.registered_name = cfg.register or default_model_name(data.name, cfg.model)
             outcome.version, outcome.promoted = register_version(

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from datagen import make_image_folder  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """No test reads the user's MLflow store, torch hub or dataset cache, or the network."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def _store_template(tmp_path_factory) -> Path:
+    """A migrated SQLite store, made once: creating one runs every schema migration (seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def store(tmp_path, _store_template) -> str:
+    """A fresh tracking URI for one test; its artifacts land beside the database."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(_store_template, db)
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture
+def train_config(image_folder, store, tmp_path):
+    """A TrainConfig for a seconds-long run on the tiny image folder."""
+    from training.config import resolve
+
+    def make(**overrides):
+        settings = dict(model="cnn", data_dir=str(image_folder), cache_dir=str(tmp_path / "cache"),
+                        tracking_uri=store, epochs=2, batch_size=16, val_fraction=0.2,
+                        progress=False, system_metrics=False, device="cpu")
+        settings.update(overrides)
+        return resolve(settings)
+
+    return make
+
+
+@pytest.fixture
+def cifar_mirror(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 download, pointed at a miniature archive served on loopback."""
+    from torchvision.datasets import CIFAR10
+
+    from datagen import make_cifar_archive
+    from mirror import serve
+
+    archive, train_list, test_list, meta, md5 = make_cifar_archive(tmp_path / "mirror",
+                                                                   n_train_per_batch=8)
+    with serve(archive.parent) as base:
+        for name, value in (("url", f"{base}/{archive.name}"), ("tgz_md5", md5),
+                            ("train_list", train_list), ("test_list", test_list), ("meta", meta)):
+            monkeypatch.setattr(CIFAR10, name, value)
+        yield archive
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """CIFAR-10's download URL refuses connections, as on a machine without network."""
+    from torchvision.datasets import CIFAR10
+
+    from mirror import closed_port_url
+
+    monkeypatch.setattr(CIFAR10, "url", closed_port_url())

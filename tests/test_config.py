@@ -1,0 +1,66 @@
+import pytest
+
+from training.config import ConfigError, parse_args, read_config_file, resolve
+
+
+def test_the_models_recipe_replaces_the_general_defaults():
+    cfg = resolve({"model": "mlp"})
+    assert cfg.optimizer == "adam" and cfg.batch_size == 512
+
+
+def test_the_fine_tuning_recipe_applies_when_pretrained_weights_are_used():
+    assert resolve({"model": "vgg16", "weights": "imagenet"}).lr == pytest.approx(1e-3)
+    assert resolve({"model": "vgg16"}).lr == pytest.approx(1e-2)
+
+
+def test_config_file_overrides_the_recipe_and_flags_override_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('model = "mlp"\nlr = 0.01\nbatch-size = 64\n')
+    cfg, _ = parse_args(["--config", str(path), "--lr", "0.02"])
+    assert (cfg.model, cfg.lr, cfg.batch_size) == ("mlp", 0.02, 64)
+
+
+def test_yaml_config_files_are_read(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: cnn\naugment: false\nepochs: 5\n")
+    cfg, _ = parse_args(["--config", str(path)])
+    assert cfg.augment is False and cfg.epochs == 5
+
+
+def test_unknown_setting_in_a_config_file_lists_the_valid_ones(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("learning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'learning_rate'.*lr"):
+        read_config_file(path)
+
+
+def test_wrongly_typed_setting_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: many\n")
+    with pytest.raises(ConfigError, match="epochs must be int"):
+        read_config_file(path)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"lr": -0.1}, "lr must be a positive number"),
+    ({"lr": float("nan")}, "lr must be a positive number"),
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"val_fraction": 1.5}, "val_fraction must be between 0 and 1"),
+    ({"label_smoothing": 1.0}, "label_smoothing must be in"),
+    ({"weight_decay": -1.0}, "weight_decay must not be negative"),
+    ({"optimizer": "lbfgs"}, "optimizer = 'lbfgs' is not one of sgd, adam, adamw"),
+])
+def test_invalid_values_are_refused_with_what_is_allowed(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(setting)
+
+
+def test_boolean_flags_have_a_negative_form():
+    cfg, _ = parse_args(["--no-augment", "--no-channels-last"])
+    assert cfg.augment is False and cfg.channels_last is False
+
+
+def test_list_models_needs_no_other_settings():
+    cfg, args = parse_args(["--list-models"])
+    assert cfg is None and args.list_models

@@ -1,0 +1,87 @@
+"""Bad input through the command line: a clear message, the right exit status, nothing lost."""
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import training.tracking
+from datagen import make_image_folder
+from training.train import main
+
+
+def args(image_folder, store, tmp_path, *extra):
+    return ["--data-dir", str(image_folder), "--tracking-uri", store, "--cache-dir",
+            str(tmp_path / "cache"), "--epochs", "2", "--batch-size", "16", "--val-fraction", "0.2",
+            "--no-progress", "--no-system-metrics", "--device", "cpu", *extra]
+
+
+def runs(store):
+    return MlflowClient(store).search_runs(
+        [e.experiment_id for e in MlflowClient(store).search_experiments()])
+
+
+def test_unknown_model_lists_the_valid_ones(image_folder, store, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args(image_folder, store, tmp_path, "--model", "vgg19"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "vgg19" in err and "resnet18" in err and "mlp" in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "-0.1", "lr must be a positive number"),
+    ("--epochs", "0", "epochs must be at least 1"),
+])
+def test_invalid_values_exit_2_before_any_run(image_folder, store, tmp_path, capsys, flag, value, message):
+    assert main(args(image_folder, store, tmp_path, flag, value)) == 2
+    assert message in capsys.readouterr().err
+    assert runs(store) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_asked_for_but_absent(image_folder, store, tmp_path, capsys):
+    assert main(args(image_folder, store, tmp_path, "--device", "cuda")) == 2
+    assert "--device cuda was asked for" in capsys.readouterr().err
+
+
+def test_missing_dataset_offline_says_how_to_fix_it(offline, store, tmp_path, capsys):
+    assert main(args(tmp_path / "no-data", store, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR-10 is not in" in err and "--data-dir" in err
+    assert runs(store) == []
+
+
+def test_corrupt_image_names_the_file(store, tmp_path, capsys):
+    root = make_image_folder(tmp_path / "d", n_train=3, n_test=2)
+    (root / "test" / "ship" / "0000.png").write_bytes(b"")
+    assert main(args(root, store, tmp_path)) == 2
+    assert "0000.png" in capsys.readouterr().err
+
+
+def test_nan_loss_marks_the_run_failed_with_the_reason(image_folder, store, tmp_path, capsys):
+    code = main(args(image_folder, store, tmp_path, "--model", "mlp", "--optimizer", "sgd",
+                     "--lr", "1e30", "--schedule", "none"))
+    assert code == 1
+    assert "training loss became nan" in capsys.readouterr().err.lower()
+    (run,) = runs(store)
+    assert run.info.status == "FAILED"
+    assert "lower the learning rate" in run.data.tags["failure_reason"]
+
+
+def test_ctrl_c_marks_the_run_killed_and_keeps_what_was_logged(image_folder, store, tmp_path,
+                                                              capsys, monkeypatch):
+    original = training.tracking.log_epoch
+
+    def interrupted_in_epoch_2(epoch, metrics):
+        original(epoch, metrics)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.tracking, "log_epoch", interrupted_in_epoch_2)
+    assert main(args(image_folder, store, tmp_path, "--epochs", "5")) == 130
+    assert "marked KILLED" in capsys.readouterr().err
+    (run,) = runs(store)
+    assert run.info.status == "KILLED"
+    history = MlflowClient(store).get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history] == [1, 2]
+    assert mlflow.get_run(run.info.run_id).data.params["model"] == "cnn"
