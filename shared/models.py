@@ -93,7 +93,7 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec("mlp", "the seed MLP: 3072-128-64-10, LeakyReLU, log-softmax", SeedMLP,
               recipe={"optimizer": "adam", "lr": 2e-3, "batch_size": 512, "weight_decay": 0.0,
-                      "schedule": "cosine", "crop_padding": 0, "label_smoothing": 0.0,
+                      "schedule": "cosine", "crop_padding": 2, "label_smoothing": 0.0,
                       "epochs": 30}),
     ModelSpec("cnn", "the seed CNN: 3 conv blocks (32/64/128) + FC 512-256-10, dropout", SeedCNN,
               recipe={**_SGD, "lr": 0.05, "batch_size": 128, "weight_decay": 5e-4,
