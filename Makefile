@@ -1,4 +1,4 @@
-# Each target sets up what it needs: a fresh machine needs only Python 3.10+.
+# Each target sets up what it needs: a fresh machine needs only Python 3.11+.
 #   make train                       train the default model (cnn) on CIFAR-10, log and register it
 #   make train DATA=~/data/cifar10   the same on an already-extracted copy (offline machines)
 #   make test                        run the test suite
