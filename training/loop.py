@@ -21,6 +21,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class StopTraining(Exception):
+    """Raised from an epoch callback to end training on purpose (the tuner's pruning)."""
+
+
 def no_progress(batches: Iterable, desc: str) -> Iterable:
     return batches
 

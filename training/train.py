@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import mlflow
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shared.batches import DeviceLoader
-from shared.data import DatasetError, channel_stats, load_dataset, split_indices
+from shared.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
 from shared.device import DeviceError, describe_device, resolve_device
 from shared.models import ModelError, build_model, count_parameters, get_spec, input_size_for
 from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
@@ -24,7 +25,8 @@ from shared.tracking import (ensure_experiment, log_classifier, register_version
                              ui_command, use_store)
 from training import tracking
 from training.config import ConfigError, TrainConfig, parse_args
-from training.loop import EarlyStopping, NonFiniteLossError, autocast_for, evaluate, fit
+from training.loop import (EarlyStopping, NonFiniteLossError, StopTraining, autocast_for,
+                           evaluate, fit)
 from training.report import model_summary
 
 
@@ -35,18 +37,19 @@ class TrainingInterrupted(Exception):
 @dataclass
 class TrainResult:
     run_id: str
-    test_acc: float
-    test_loss: float
     best_val_acc: float
+    best_epoch: int
     epochs_run: int
-    stopped_epoch: int | None
-    model_uri: str
+    stopped_epoch: int | None  # None: ran every requested epoch
+    history: list[dict[str, float]]
+    model: nn.Module  # the trained network, best weights restored
+    prep: Preprocessing
+    test_acc: float = float("nan")  # the test set is evaluated by full runs only, not trials
+    test_loss: float = float("nan")
+    model_uri: str | None = None
     registered_name: str | None = None
     version: str | None = None
     promoted: bool = False
-    history: list[dict[str, float]] = field(default_factory=list)
-    model: nn.Module | None = None  # the trained network, best weights restored
-    prep: Preprocessing | None = None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -91,44 +94,71 @@ def epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
             f"  {m['epoch_seconds']:.1f} s  {m['images_per_second']:,.0f} img/s")
 
 
-def train(cfg: TrainConfig, log=print) -> TrainResult:
-    """Run one tracked training run. Bad input raises before any MLflow run is created."""
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
+@dataclass
+class Prepared:
+    """A dataset, split and moved to the training device once; the trials of a study share it."""
 
+    data: ImageData
+    device: torch.device
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    scratch_stats: tuple[tuple[float, ...], tuple[float, ...]]  # mean, std of the train split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.classes)
+
+
+def prepare(cfg: TrainConfig, log=print) -> Prepared:
+    """Device, dataset, split. Raises DeviceError / DatasetError on bad input."""
+    device = resolve_device(cfg.device)
     data = load_dataset(cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir, log=log)
     train_idx, val_idx = split_indices(len(data.train_labels), cfg.val_fraction, cfg.split_seed)
-    num_classes = len(data.classes)
-    if int(data.train_labels.max()) >= num_classes:
-        raise DatasetError(f"{data.root}: labels exceed the {num_classes} classes found")
+    if int(data.train_labels.max()) >= len(data.classes):
+        raise DatasetError(f"{data.root}: labels exceed the {len(data.classes)} classes found")
+    images, labels = data.train_images.to(device), data.train_labels.to(device)
+    train_idx_d, val_idx_d = train_idx.to(device), val_idx.to(device)
+    return Prepared(data, device, (images[train_idx_d], labels[train_idx_d]),
+                    (images[val_idx_d], labels[val_idx_d]),
+                    (data.test_images.to(device), data.test_labels.to(device)),
+                    channel_stats(data.train_images[train_idx]))
+
+
+def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
+          epoch_hook: Callable[[int, dict[str, float]], None] | None = None,
+          trial: bool = False, parent_run_id: str | None = None,
+          tags: dict[str, str] | None = None) -> TrainResult:
+    """Run one tracked training run. Bad input raises before any MLflow run is created.
+
+    `epoch_hook(epoch, metrics)` runs after each logged epoch and may raise StopTraining (the
+    tuner prunes this way). A `trial` run is a child of `parent_run_id` and stops after
+    validation: no test set, no model, no registry, as tuning must never see the test set.
+    """
+    prepared = prepared or prepare(cfg, log)
+    device, data, num_classes = prepared.device, prepared.data, prepared.num_classes
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
 
     spec = get_spec(cfg.model)
     model = build_model(cfg.model, num_classes, data.image_size, weights=cfg.weights,
                         freeze=cfg.freeze)
-    if cfg.weights != "none":  # pretrained features expect the inputs they were trained on
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    else:
-        mean, std = channel_stats(data.train_images[train_idx])
+    # pretrained features expect the inputs they were trained on
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.weights != "none" else prepared.scratch_stats
     prep = Preprocessing(data.image_size, cfg.input_size or input_size_for(cfg.model, data.image_size),
                          mean, std)
     conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     channels_last = cfg.channels_last and conv
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
-    images, labels = data.train_images.to(device), data.train_labels.to(device)
-    transform = InputTransform(prep)
-    common = {"transform": transform, "channels_last": channels_last}
-    train_loader = DeviceLoader(images[train_idx.to(device)], labels[train_idx.to(device)],
-                                cfg.batch_size, shuffle=True, seed=cfg.seed,
+    common = {"transform": InputTransform(prep), "channels_last": channels_last}
+    n_train = len(prepared.train[1])
+    train_loader = DeviceLoader(*prepared.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                 crop_padding=cfg.crop_padding if cfg.augment else 0,
-                                flip=cfg.flip and cfg.augment,
-                                drop_last=len(train_idx) > cfg.batch_size, **common)
-    val_loader = DeviceLoader(images[val_idx.to(device)], labels[val_idx.to(device)],
-                              cfg.eval_batch_size, **common)
-    test_loader = DeviceLoader(data.test_images.to(device), data.test_labels.to(device),
-                               cfg.eval_batch_size, **common)
-    del images, labels
+                                flip=cfg.flip and cfg.augment, drop_last=n_train > cfg.batch_size,
+                                **common)
+    val_loader = DeviceLoader(*prepared.val, cfg.eval_batch_size, **common)
+    test_loader = DeviceLoader(*prepared.test, cfg.eval_batch_size, **common)
 
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
@@ -144,15 +174,16 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                       else f"checkpoint:{cfg.weights}")
     run_name = cfg.run_name or f"{cfg.model}-{'scratch' if cfg.weights == 'none' else 'finetuned'}"
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                           parent_run_id=parent_run_id, nested=parent_run_id is not None,
                            log_system_metrics=cfg.system_metrics)
     run_id = run.info.run_id
     log(f"MLflow run {run_id} ({run_name}) in experiment '{cfg.experiment}' at {uri}")
-    log(f"{data.name}: {len(train_idx)} train / {len(val_idx)} val / {len(data.test_labels)} test, "
+    log(f"{data.name}: {n_train} train / {len(prepared.val[1])} val / {len(prepared.test[1])} test, "
         f"{num_classes} classes; {cfg.model} ({trainable:,} trainable of {total:,} params) on "
         f"{info['device_name']}, {precision}")
     status = "FAILED"
     try:
-        mlflow.set_tags(tracking.run_tags(data))
+        mlflow.set_tags({**tracking.run_tags(data), **(tags or {})})
         tracking.log_params({
             **cfg.to_dict(),
             "weights_source": weights_source, "fine_tuned": cfg.weights != "none",
@@ -160,8 +191,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             **info, "precision_resolved": precision, "epochs_requested": cfg.epochs,
             "early_stopping": (f"patience={cfg.patience},min_delta={cfg.min_delta},"
                                f"monitor={cfg.monitor}") if cfg.patience else "off",
-            "train_size": len(train_idx), "val_size": len(val_idx),
-            "test_size": len(data.test_labels), "num_classes": num_classes,
+            "train_size": n_train, "val_size": len(prepared.val[1]),
+            "test_size": len(prepared.test[1]), "num_classes": num_classes,
             "classes": ",".join(data.classes), "image_size_resolved": prep.image_size,
             "input_size_resolved": prep.input_size, "normalize_mean": list(mean),
             "normalize_std": list(std), "trainable_params": trainable, "total_params": total,
@@ -170,10 +201,13 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             tracking.log_epoch(epoch, metrics)
             log(epoch_line(epoch, cfg.epochs, metrics))
+            if epoch_hook is not None:
+                epoch_hook(epoch, metrics)
 
         def progress(batches, desc):
-            return tqdm(batches, desc=desc, leave=False, disable=not cfg.progress, unit="batch",
-                        dynamic_ncols=True)
+            # disable=None: no bar when the output is not a terminal (logs, CI)
+            return tqdm(batches, desc=desc, leave=False, disable=None if cfg.progress else True,
+                        unit="batch", dynamic_ncols=True)
 
         result = fit(model, train_loader, val_loader, optimizer, loss_fn, cfg.epochs, num_classes,
                      scheduler=scheduler, stopper=stopper, precision=precision, on_epoch=on_epoch,
@@ -185,28 +219,19 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                              "stopped_early": result.stopped_epoch is not None,
                              "stop_epoch": result.stopped_epoch or "none",
                              "best_epoch": result.best_epoch})
-
-        test = evaluate(model, test_loader, loss_fn, num_classes, autocast=autocast_for(device, precision))
         best_val_acc = max(h["val_acc"] for h in result.history)
-        mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"],
-                            "best_val_acc": best_val_acc, "best_epoch": result.best_epoch,
+        mlflow.log_metrics({"best_val_acc": best_val_acc, "best_epoch": result.best_epoch,
                             "train_seconds": result.train_seconds})
-        summary = model_summary(model, (1, 3, prep.input_size, prep.input_size))
-        tracking.log_final_report(result.history, result.best_epoch, test, data.classes, summary,
-                                  {**cfg.to_dict(), "resolved_precision": precision})
-        model_info = log_classifier(model, prep, data.classes, data.test_images[:2],
-                                    extra={"model": cfg.model, "weights_source": weights_source,
-                                           "dataset": data.name})
-        outcome = TrainResult(run_id, test["acc"], test["loss"], best_val_acc, result.epochs_run,
-                              result.stopped_epoch, model_info.model_uri, history=result.history,
-                              model=model, prep=prep)
-        if not cfg.no_register:
-            outcome.registered_name = cfg.register or default_model_name(data.name, cfg.model)
-            outcome.version, outcome.promoted = register_version(
-                model_info.model_uri, outcome.registered_name, best_val_acc,
-                tags={"test_acc": f"{test['acc']:.6f}", "model": cfg.model, "run_id": run_id})
+        outcome = TrainResult(run_id, best_val_acc, result.best_epoch, result.epochs_run,
+                              result.stopped_epoch, result.history, model, prep)
+        if not trial:
+            finish(cfg, outcome, test_loader, loss_fn, precision, data, weights_source)
         status = "FINISHED"
         return outcome
+    except StopTraining as exc:
+        status = "KILLED"
+        mlflow.set_tag("stop_reason", str(exc))
+        raise
     except NonFiniteLossError as exc:
         mlflow.set_tag("failure_reason", str(exc))
         raise
@@ -220,6 +245,29 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         raise
     finally:
         mlflow.end_run(status)
+
+
+def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, loss_fn: nn.Module,
+           precision: str, data: ImageData, weights_source: str) -> None:
+    """The end of a full run: test set once, report, model, registry. Fills `outcome`."""
+    model, prep = outcome.model, outcome.prep
+    test = evaluate(model, test_loader, loss_fn, len(data.classes),
+                    autocast=autocast_for(test_loader.device, precision))
+    outcome.test_acc, outcome.test_loss = test["acc"], test["loss"]
+    mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"]})
+    summary = model_summary(model, (1, 3, prep.input_size, prep.input_size))
+    tracking.log_final_report(outcome.history, outcome.best_epoch, test, data.classes, summary,
+                              {**cfg.to_dict(), "resolved_precision": precision})
+    model_info = log_classifier(model, prep, data.classes, data.test_images[:2],
+                                extra={"model": cfg.model, "weights_source": weights_source,
+                                       "dataset": data.name})
+    outcome.model_uri = model_info.model_uri
+    if not cfg.no_register:
+        outcome.registered_name = cfg.register or default_model_name(data.name, cfg.model)
+        outcome.version, outcome.promoted = register_version(
+            model_info.model_uri, outcome.registered_name, outcome.best_val_acc,
+            tags={"test_acc": f"{test['acc']:.6f}", "model": cfg.model,
+                  "run_id": outcome.run_id})
 
 
 def main(argv: list[str] | None = None) -> int:
