@@ -101,9 +101,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _types() -> dict[str, type]:
+def _types(cls: type = TrainConfig) -> dict[str, type]:
     kinds = {}
-    for f in fields(TrainConfig):
+    for f in fields(cls):
         text = str(f.type)
         kinds[f.name] = bool if text == "bool" else int if "int" in text else \
             float if "float" in text else str
@@ -125,7 +125,7 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
         raise ConfigError(f"{source}: {name} must be {kind.__name__} (got {value!r})") from None
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
     """A TOML or YAML file of settings named like the dataclass fields (dashes allowed)."""
     path = Path(path)
     try:
@@ -138,7 +138,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting: value")
-    kinds = _types()
+    kinds = _types(cls)
     settings = {}
     for key, value in data.items():
         name = key.replace("-", "_")
@@ -149,17 +149,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return settings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.train",
-        description="Train an image classifier; every run is tracked in MLflow and its model "
-                    "registered. Settings resolve as: defaults < the model's recipe < --config "
-                    "file < flags.",
-        argument_default=argparse.SUPPRESS)
+TRAIN_DESCRIPTION = ("Train an image classifier; every run is tracked in MLflow and its model "
+                     "registered. Settings resolve as: defaults < the model's recipe < --config "
+                     "file < flags.")
+
+
+def build_parser(cls: type = TrainConfig, prog: str = "python -m training.train",
+                 description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="TOML or YAML file of settings")
     parser.add_argument("--list-models", action="store_true", help="list the models and exit")
-    kinds = _types()
-    for f in fields(TrainConfig):
+    kinds = _types(cls)
+    for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
         if kinds[f.name] is bool and f.name != "no_register":
@@ -173,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(cli: dict[str, Any], file_settings: dict[str, Any] | None = None) -> TrainConfig:
+def resolve(cli: dict[str, Any], file_settings: dict[str, Any] | None = None,
+            cls: type = TrainConfig) -> Any:
     """defaults < model recipe (< fine-tuning recipe) < file < CLI."""
     file_settings = file_settings or {}
     chosen = {**file_settings, **cli}
@@ -182,14 +185,15 @@ def resolve(cli: dict[str, Any], file_settings: dict[str, Any] | None = None) ->
     if chosen.get("weights", "none") != "none":
         layers.update(spec.finetune_recipe)
     layers.update(chosen)
-    return TrainConfig(**layers).validate()
+    return cls(**layers).validate()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig | None, argparse.Namespace]:
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None,
+               cls: type = TrainConfig) -> tuple[Any, argparse.Namespace]:
     """(config, raw args). The config is None when --list-models was asked."""
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser(cls)).parse_args(argv)
     if getattr(args, "list_models", False):
         return None, args
     cli = {k: v for k, v in vars(args).items() if k not in ("config", "list_models")}
-    file_settings = read_config_file(args.config) if getattr(args, "config", None) else {}
-    return resolve(cli, file_settings), args
+    file_settings = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
+    return resolve(cli, file_settings, cls), args

@@ -128,7 +128,8 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
 def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
           epoch_hook: Callable[[int, dict[str, float]], None] | None = None,
           trial: bool = False, parent_run_id: str | None = None,
-          tags: dict[str, str] | None = None) -> TrainResult:
+          tags: dict[str, str] | None = None,
+          on_run_start: Callable[[str], None] | None = None) -> TrainResult:
     """Run one tracked training run. Bad input raises before any MLflow run is created.
 
     `epoch_hook(epoch, metrics)` runs after each logged epoch and may raise StopTraining (the
@@ -177,11 +178,14 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
                            parent_run_id=parent_run_id, nested=parent_run_id is not None,
                            log_system_metrics=cfg.system_metrics)
     run_id = run.info.run_id
+    if on_run_start is not None:
+        on_run_start(run_id)
     log(f"MLflow run {run_id} ({run_name}) in experiment '{cfg.experiment}' at {uri}")
     log(f"{data.name}: {n_train} train / {len(prepared.val[1])} val / {len(prepared.test[1])} test, "
         f"{num_classes} classes; {cfg.model} ({trainable:,} trainable of {total:,} params) on "
         f"{info['device_name']}, {precision}")
     status = "FAILED"
+    epochs_done: list[int] = []
     try:
         mlflow.set_tags({**tracking.run_tags(data), **(tags or {})})
         tracking.log_params({
@@ -199,6 +203,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         })
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            epochs_done.append(epoch)
             tracking.log_epoch(epoch, metrics)
             log(epoch_line(epoch, cfg.epochs, metrics))
             if epoch_hook is not None:
@@ -230,18 +235,17 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         return outcome
     except StopTraining as exc:
         status = "KILLED"
-        mlflow.set_tag("stop_reason", str(exc))
-        raise
-    except NonFiniteLossError as exc:
-        mlflow.set_tag("failure_reason", str(exc))
+        mlflow.set_tags({"stop_reason": str(exc), "epochs_run": len(epochs_done)})
         raise
     except KeyboardInterrupt:
         status = "KILLED"
-        mlflow.set_tag("stop_reason", "interrupted by the user (Ctrl-C); metrics logged so far are kept")
+        mlflow.set_tags({"stop_reason": "interrupted by the user (Ctrl-C); metrics logged so far "
+                                        "are kept", "epochs_run": len(epochs_done)})
         raise TrainingInterrupted(f"interrupted: run {run_id} marked KILLED; the epochs it "
                                   "finished stay logged") from None
     except Exception as exc:
-        mlflow.set_tag("failure_reason", f"{type(exc).__name__}: {exc}")
+        reason = str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
+        mlflow.set_tags({"failure_reason": reason, "epochs_run": len(epochs_done)})
         raise
     finally:
         mlflow.end_run(status)
