@@ -1,6 +1,7 @@
 # Each target sets up what it needs: a fresh machine needs only Python 3.11+.
 #   make train                       train the default model (cnn) on CIFAR-10, log and register it
 #   make train DATA=~/data/cifar10   the same on an already-extracted copy (offline machines)
+#   make tune / make app             tune lr and epochs with Optuna / open the desktop app
 #   make test                        run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test benchmark ui clean-venv
+.PHONY: setup train tune app test benchmark ui clean-venv
 
 setup: $(STAMP)
 
@@ -26,6 +27,12 @@ $(STAMP): pyproject.toml
 
 train: $(STAMP)
 	$(BIN)/python -m training.train --model $(MODEL) --data-dir $(DATA) $(ARGS)
+
+tune: $(STAMP)
+	$(BIN)/python -m training.tune --model $(MODEL) --data-dir $(DATA) $(ARGS)
+
+app: $(STAMP)
+	$(BIN)/python -m gui $(ARGS)
 
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -n 2 $(ARGS)

@@ -1,14 +1,36 @@
 """Loading a logged classifier and running it on image files, without unpickling anything."""
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from shared.preprocess import Preprocessing, decode_image
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be found, read or used; the message says which and why."""
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), most likely first; empty on error
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.top[0][0] if self.top else ""
+
+    @property
+    def confidence(self) -> float:
+        return self.top[0][1] if self.top else 0.0
 
 
 @dataclass
@@ -24,7 +46,7 @@ class LoadedClassifier:
         scores = self.module(images.float().div(255))
         return torch.softmax(scores.float(), dim=1)
 
-    def load_images(self, paths: list[str | Path]) -> torch.Tensor:
+    def load_images(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """Decode files exactly as the training data was decoded."""
         size = self.prep.image_size
         return torch.from_numpy(np.stack([decode_image(p, size) for p in paths]))
@@ -32,11 +54,74 @@ class LoadedClassifier:
 
 def load_classifier(model_uri: str) -> LoadedClassifier:
     """Load `models:/name@alias`, `models:/name/version` or `runs:/id/model`."""
-    info = mlflow.models.get_model_info(model_uri)
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception as exc:  # noqa: BLE001 - missing artifacts, bad URIs, store errors
+        raise ModelLoadError(f"cannot read the model {model_uri}: it does not exist, or its "
+                             f"artifacts are missing or unreachable ({exc})") from exc
     meta = info.metadata or {}
     if "class_names" not in meta or "preprocessing" not in meta:
-        raise ValueError(f"{model_uri} was not logged by this project's training: its metadata "
-                         "lacks class names and preprocessing")
-    module = mlflow.pytorch.load_model(model_uri)
+        raise ModelLoadError(f"{model_uri} was not logged by this project's training: its metadata "
+                             "lacks class names and preprocessing. Retrain it with training.train.")
+    with tempfile.TemporaryDirectory(prefix="cifarlab-model-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        except Exception as exc:  # noqa: BLE001 - missing artifacts, store errors
+            raise ModelLoadError(f"cannot download the model {model_uri}: its artifacts are "
+                                 f"missing or unreachable ({exc})") from exc
+        if not (local / "data" / "model.pt2").is_file():
+            raise ModelLoadError(f"{model_uri} has no pt2 (torch.export) file; loading it would "
+                                 "need unpickling, which this project refuses. Retrain it with "
+                                 "training.train.")
+        try:
+            module = mlflow.pytorch.load_model(str(local))
+        except Exception as exc:  # noqa: BLE001 - broken files, incompatible torch versions
+            raise ModelLoadError(f"cannot load the model {model_uri} (damaged, or made by an "
+                                 f"incompatible PyTorch): {exc}") from exc
     return LoadedClassifier(model_uri, module, list(meta["class_names"]),
                             Preprocessing.from_dict(meta["preprocessing"]))
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, human reason why a file could not be classified."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (or a format Pillow cannot read)"
+    if isinstance(exc, Image.DecompressionBombError) or isinstance(exc, ValueError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, OSError) and "truncated" in str(exc):
+        return f"truncated image: {exc}"
+    return f"unreadable image: {exc}"
+
+
+def classify_files(clf: LoadedClassifier, paths: Sequence[str | Path], batch_size: int = 64,
+                   top_k: int = 5, cancelled: Callable[[], bool] = lambda: False
+                   ) -> Iterator[list[Prediction]]:
+    """Classify files batch by batch, one Prediction per file in order. A file that cannot be
+    read gets its reason, never stops the batch. Stops between batches once `cancelled()`."""
+    k = min(top_k, len(clf.classes))
+    for start in range(0, len(paths), batch_size):
+        if cancelled():
+            return
+        chunk = [str(p) for p in paths[start:start + batch_size]]
+        images, readable, results = [], [], {}
+        for path in chunk:
+            try:
+                images.append(decode_image(path, clf.prep.image_size))
+                readable.append(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                results[path] = Prediction(path, [], describe_error(exc))
+        if images:
+            probs = clf.probabilities(torch.from_numpy(np.stack(images)))
+            values, indices = probs.topk(k, dim=1)
+            for path, vals, idxs in zip(readable, values.tolist(), indices.tolist()):
+                results[path] = Prediction(path, [(clf.classes[i], v) for i, v in zip(idxs, vals)])
+        yield [results[p] for p in chunk]
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Every file in `folder` (not recursive, hidden files skipped), sorted by name: the app
+    lists non-image files too, so the user sees why they were not classified."""
+    return sorted((p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")),
+                  key=lambda p: p.name.lower())

@@ -21,6 +21,7 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+MAX_MEGAPIXELS = 64  # larger images are refused rather than decoded into gigabytes of memory
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,13 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
 
 
 def decode_image(source: str | Path | BinaryIO, size: int) -> np.ndarray:
-    """Decode an image file to a (3, size, size) uint8 array. Raises PIL/OSError on bad files."""
+    """Decode an image file to a (3, size, size) uint8 array. Raises OSError (not an image,
+    truncated, corrupt) or ValueError (too large) on bad files."""
     with Image.open(source) as img:
+        megapixels = img.width * img.height / 1e6
+        if megapixels > MAX_MEGAPIXELS:
+            raise ValueError(f"image is {img.width}x{img.height} ({megapixels:.0f} megapixels), "
+                             f"over the {MAX_MEGAPIXELS}-megapixel limit")
         img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster for photos
         rgb = fit_square(to_rgb(img), size)
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()

@@ -85,3 +85,31 @@ def offline(monkeypatch):
     from mirror import closed_port_url
 
     monkeypatch.setattr(CIFAR10, "url", closed_port_url())
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory, image_folder, _store_template):
+    """A store holding 'tiny-cnn': version 1 (champion) and version 2 (not champion)."""
+    from shared.tracking import register_version
+    from training.config import resolve
+    from training.train import train
+
+    folder = tmp_path_factory.mktemp("registered")
+    db = folder / "mlflow.db"
+    shutil.copy(_store_template, db)
+    uri = f"sqlite:///{db}"
+    cfg = resolve(dict(model="cnn", data_dir=str(image_folder), cache_dir=str(folder / "cache"),
+                       tracking_uri=uri, epochs=2, batch_size=16, val_fraction=0.2,
+                       progress=False, system_metrics=False, device="cpu"))
+    result = train(cfg, log=lambda *_: None)
+    register_version(result.model_uri, result.registered_name, score=0.0)
+    return uri, result
+
+
+@pytest.fixture
+def registered_store(registered, tmp_path) -> str:
+    """A private copy of the registered store's database (artifacts stay shared, read-only)."""
+    uri, _ = registered
+    db = tmp_path / "registered.db"
+    shutil.copy(uri.removeprefix("sqlite:///"), db)
+    return f"sqlite:///{db}"

@@ -67,3 +67,29 @@ def make_cifar_archive(folder: Path, n_train_per_batch: int = 6, n_test: int = 1
     test_list = [["test_batch", md5(src / "test_batch")]]
     meta = {"filename": "batches.meta", "key": "label_names", "md5": md5(src / "batches.meta")}
     return archive, train_list, test_list, meta, md5(archive)
+
+
+def make_odd_images(folder: Path) -> dict[str, str | None]:
+    """One file per awkward case. Returns file name -> expected error substring (None: readable)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "plain.png")
+    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+    rgba = np.dstack([rgb, np.full((40, 60), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(folder / "sixteen.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to show upright
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    Image.new("RGB", (3000, 1000), (10, 200, 30)).save(folder / "huge.png")
+    (folder / "notes.txt").write_text("not an image")
+    whole = (folder / "plain.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    return {"plain.png": None, "gray.png": None, "alpha.png": None, "palette.png": None,
+            "sixteen.png": None, "cmyk.jpg": None, "rotated.jpg": None,
+            "huge.png": "megapixel limit", "notes.txt": "not an image",
+            "truncated.png": "truncated", "empty.jpg": "not an image"}

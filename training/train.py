@@ -19,7 +19,8 @@ from tqdm import tqdm
 from shared.batches import DeviceLoader
 from shared.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
 from shared.device import DeviceError, describe_device, resolve_device
-from shared.models import ModelError, build_model, count_parameters, get_spec, input_size_for
+from shared.models import (ModelError, build_model, count_parameters, describe_models, get_spec,
+                           input_size_for)
 from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
 from shared.tracking import (ensure_experiment, log_classifier, register_version, tracking_uri,
                              ui_command, use_store)
@@ -54,7 +55,7 @@ class TrainResult:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
-        if precision != "fp32" and device.type == "cpu" and precision == "fp16":
+        if precision == "fp16" and device.type == "cpu":
             raise ConfigError("fp16 training needs a GPU; use --precision bf16 or fp32 on the CPU")
         return precision
     if device.type == "cuda":
@@ -278,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_args(argv)
         if cfg is None:
-            from shared.models import describe_models
             print(describe_models())
             return 0
         print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))

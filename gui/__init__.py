@@ -1,0 +1,1 @@
+"""The desktop app: classify photos with models from the MLflow Model Registry."""

@@ -1,0 +1,378 @@
+"""The main window: model picker, thumbnail grid, detail panel. No inference happens here:
+requests go to the InferenceWorker by signal, results come back by signal."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, QSize, Qt, QThread, QThreadPool, Signal, Slot
+from PySide6.QtGui import QAction, QKeySequence, QPixmap
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
+                               QLabel, QListView, QMainWindow, QMessageBox, QProgressBar,
+                               QSplitter, QToolBar, QVBoxLayout, QWidget)
+
+from gui.export import write_csv
+from gui.image_list import ImageListModel, ItemRole
+from gui.workers import InferenceWorker, ThumbnailSignals, ThumbnailTask, read_scaled
+from shared.inference import image_files
+from shared.tracking import CHAMPION
+
+THUMBNAIL = 128
+FACTS = ["model", "training", "weights", "dataset", "device", "epochs run", "test accuracy",
+         "registered"]
+
+
+class MainWindow(QMainWindow):
+    request_models = Signal()
+    request_load = Signal(str)
+    request_classify = Signal(int, list)
+
+    def __init__(self, tracking_uri: str, settings: QSettings, folder: Path | None = None):
+        super().__init__()
+        self.tracking_uri, self.settings = tracking_uri, settings
+        self.setWindowTitle("cifarlab — classify photos")
+        self.setAcceptDrops(True)
+        self.versions = []
+        self.model_uri: str | None = None
+        self.loading = False
+        self.job, self.running = 0, False
+        self.folder: Path | None = None
+
+        self.images = ImageListModel(self)
+        self._build_widgets()
+        self._create_actions()
+        self._start_workers()
+        if not self.restoreGeometry(settings.value("geometry", b"")):
+            self.resize(1200, 760)
+        start = folder or Path(settings.value("folder", "inputs"))
+        if start.is_dir():
+            self.open_folder(start)
+        self.refresh_models()
+
+    # --- layout -------------------------------------------------------------------------
+
+    def _build_widgets(self) -> None:
+        self.model_box = QComboBox()
+        self.model_box.setMinimumContentsLength(28)
+        self.model_box.currentIndexChanged.connect(self._model_chosen)
+
+        self.grid = QListView()
+        self.grid.setViewMode(QListView.ViewMode.IconMode)
+        self.grid.setResizeMode(QListView.ResizeMode.Adjust)
+        self.grid.setIconSize(QSize(THUMBNAIL, THUMBNAIL))
+        self.grid.setGridSize(QSize(THUMBNAIL + 48, THUMBNAIL + 56))
+        self.grid.setWordWrap(True)
+        self.grid.setUniformItemSizes(True)
+        self.grid.setModel(self.images)
+        self.grid.selectionModel().currentChanged.connect(self._show_detail)
+
+        self.facts = {name: QLabel("—") for name in FACTS}
+        facts_box = QGroupBox("Model")
+        form = QFormLayout(facts_box)
+        for name, label in self.facts.items():
+            label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            form.addRow(name, label)
+
+        self.preview = QLabel("Select an image")
+        self.preview.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.preview.setMinimumSize(280, 280)
+        self.detail_title = QLabel()
+        self.detail_title.setWordWrap(True)
+        self.bars = []
+        bars_box = QGroupBox("Top 5")
+        bars_layout = QFormLayout(bars_box)
+        for _ in range(5):
+            bar = QProgressBar()
+            bar.setRange(0, 1000)
+            bar.setTextVisible(True)
+            name = QLabel()
+            bars_layout.addRow(name, bar)
+            self.bars.append((name, bar))
+
+        side = QWidget()
+        side_layout = QVBoxLayout(side)
+        side_layout.addWidget(facts_box)
+        side_layout.addWidget(self.preview, 1)
+        side_layout.addWidget(self.detail_title)
+        side_layout.addWidget(bars_box)
+
+        splitter = QSplitter()
+        splitter.addWidget(self.grid)
+        splitter.addWidget(side)
+        splitter.setStretchFactor(0, 3)
+        splitter.setStretchFactor(1, 1)
+        self.setCentralWidget(splitter)
+
+        self.message = QLabel()
+        self.progress = QProgressBar()
+        self.progress.setMaximumWidth(240)
+        self.progress.hide()
+        self.statusBar().addWidget(self.message, 1)
+        self.statusBar().addPermanentWidget(self.progress)
+
+    def _create_actions(self) -> None:
+        self.refresh_action = QAction("&Refresh models", self, shortcut=QKeySequence.StandardKey.Refresh,
+                                      triggered=self.refresh_models)
+        self.open_action = QAction("&Open folder…", self, shortcut=QKeySequence.StandardKey.Open,
+                                   triggered=self._choose_folder)
+        self.add_action = QAction("&Add files…", self, triggered=self._choose_files)
+        self.classify_action = QAction("&Classify", self, shortcut="Ctrl+R",
+                                       triggered=self.classify)
+        self.cancel_action = QAction("&Cancel", self, shortcut="Esc", triggered=self.cancel)
+        self.export_action = QAction("&Export CSV…", self, shortcut=QKeySequence.StandardKey.Save,
+                                     triggered=self._choose_export)
+        toolbar = QToolBar("Main")
+        toolbar.setObjectName("main-toolbar")
+        self.addToolBar(toolbar)
+        toolbar.addWidget(QLabel(" Model: "))
+        toolbar.addWidget(self.model_box)
+        for action in (self.refresh_action, None, self.open_action, self.add_action, None,
+                       self.classify_action, self.cancel_action, self.export_action):
+            toolbar.addSeparator() if action is None else toolbar.addAction(action)
+        self._update_actions()
+
+    def _update_actions(self) -> None:
+        """Every action's enabled state, decided in one place."""
+        ready = self.model_uri is not None and not self.loading
+        has_images = self.images.rowCount() > 0
+        self.classify_action.setEnabled(ready and has_images and not self.running)
+        self.cancel_action.setEnabled(self.running)
+        self.export_action.setEnabled(bool(self.images.predictions()) and not self.running)
+        self.model_box.setEnabled(not self.loading)
+        self.refresh_action.setEnabled(not self.loading)
+
+    # --- workers ------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        self.thread = QThread(self)
+        self.worker = InferenceWorker(self.tracking_uri)
+        self.worker.moveToThread(self.thread)
+        self.request_models.connect(self.worker.list_models)
+        self.request_load.connect(self.worker.load)
+        self.request_classify.connect(self.worker.classify)
+        self.worker.models_listed.connect(self._models_listed)
+        self.worker.models_failed.connect(self._models_failed)
+        self.worker.loaded.connect(self._loaded)
+        self.worker.load_failed.connect(self._load_failed)
+        self.worker.progress.connect(self._progress)
+        self.worker.results.connect(self._results)
+        self.worker.finished.connect(self._finished)
+        self.thread.start()
+        self.thumbnails = QThreadPool(self)
+        self.thumbnail_signals = ThumbnailSignals()
+        self.thumbnail_signals.ready.connect(self.images.set_thumbnail)
+        self.thumbnail_signals.failed.connect(self.images.set_display_error)
+
+    def closeEvent(self, event) -> None:
+        self.settings.setValue("geometry", self.saveGeometry())
+        if self.folder:
+            self.settings.setValue("folder", str(self.folder))
+        if self.model_uri:
+            self.settings.setValue("model", self.model_uri)
+        self.worker.cancel()
+        self.thumbnails.clear()
+        self.thumbnails.waitForDone(2000)
+        self.thread.quit()
+        self.thread.wait(5000)
+        super().closeEvent(event)
+
+    # --- models -------------------------------------------------------------------------
+
+    @Slot()
+    def refresh_models(self) -> None:
+        self.message.setText("Reading the model registry…")
+        self.request_models.emit()
+
+    @Slot(list)
+    def _models_listed(self, versions: list) -> None:
+        self.versions = versions
+        wanted = self.model_uri or self.settings.value("model", "")
+        self.model_box.blockSignals(True)
+        self.model_box.clear()
+        for v in versions:
+            self.model_box.addItem(v.label, v.uri)
+        uris = [v.uri for v in versions]
+        champions = [i for i, v in enumerate(versions) if CHAMPION in v.aliases]
+        index = uris.index(wanted) if wanted in uris else (champions[0] if champions else 0)
+        self.model_box.setCurrentIndex(index)
+        self.model_box.blockSignals(False)
+        self.message.setText(f"{len(versions)} model version(s) in the registry")
+        if versions[index].uri != self.model_uri:
+            self._model_chosen(index)
+
+    @Slot(str)
+    def _models_failed(self, message: str) -> None:
+        self.versions = []
+        self.model_box.clear()
+        self.message.setText("No model available — see the message")
+        QMessageBox.information(self, "No model", message)
+
+    @Slot(int)
+    def _model_chosen(self, index: int) -> None:
+        if not 0 <= index < len(self.versions):
+            return
+        version = self.versions[index]
+        for name, label in self.facts.items():
+            label.setText(version.facts.get(name, "—"))
+        self.model_uri, self.loading = version.uri, True
+        self.cancel()
+        self.images.clear_predictions()
+        self.message.setText(f"Loading {version.label}…")
+        self.progress.setRange(0, 0)  # busy indicator
+        self.progress.show()
+        self._update_actions()
+        self.request_load.emit(version.uri)
+
+    @Slot(str, list)
+    def _loaded(self, uri: str, classes: list) -> None:
+        if uri != self.model_uri:
+            return
+        self.loading = False
+        self.progress.hide()
+        self.message.setText(f"Ready: {uri} ({len(classes)} classes)")
+        self._update_actions()
+        self.classify()
+
+    @Slot(str, str)
+    def _load_failed(self, uri: str, message: str) -> None:
+        if uri != self.model_uri:
+            return
+        self.loading, self.model_uri = False, None
+        self.progress.hide()
+        self.message.setText("The model could not be loaded — choose another")
+        self._update_actions()
+        QMessageBox.warning(self, "Model not loaded", message)
+
+    # --- images -------------------------------------------------------------------------
+
+    def open_folder(self, folder: Path) -> None:
+        self.cancel()
+        self.folder = Path(folder)
+        self.settings.setValue("folder", str(self.folder))
+        paths = [str(p) for p in image_files(self.folder)]
+        self.images.set_paths(paths)
+        self._load_thumbnails(paths)
+        self.setWindowTitle(f"cifarlab — {self.folder}")
+        self.message.setText(f"{len(paths)} file(s) in {self.folder}")
+        self._update_actions()
+        self.classify()
+
+    def add_paths(self, paths: list[Path]) -> None:
+        files = []
+        for p in paths:
+            files += [str(f) for f in image_files(p)] if p.is_dir() else [str(p)] if p.is_file() else []
+        new = self.images.add_paths(files)
+        self._load_thumbnails(new)
+        self._update_actions()
+        if new and not self.running:
+            self.classify(new)
+
+    def _load_thumbnails(self, paths: list[str]) -> None:
+        for path in paths:
+            self.thumbnails.start(ThumbnailTask(path, THUMBNAIL, self.thumbnail_signals))
+
+    def _choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open folder", str(self.folder or "."))
+        if folder:
+            self.open_folder(Path(folder))
+
+    def _choose_files(self) -> None:
+        files, _ = QFileDialog.getOpenFileNames(self, "Add images", str(self.folder or "."))
+        self.add_paths([Path(f) for f in files])
+
+    def dragEnterEvent(self, event) -> None:
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        self.add_paths([Path(u.toLocalFile()) for u in event.mimeData().urls() if u.isLocalFile()])
+
+    # --- classification -----------------------------------------------------------------
+
+    @Slot()
+    def classify(self, paths: list[str] | None = None) -> None:
+        if self.model_uri is None or self.loading or self.running:
+            return
+        paths = self.images.paths() if not paths else paths
+        if not paths:
+            return
+        self.job += 1
+        self.running = True
+        self.progress.setRange(0, len(paths))
+        self.progress.setValue(0)
+        self.progress.show()
+        self.message.setText(f"Classifying {len(paths)} file(s)…")
+        self._update_actions()
+        self.request_classify.emit(self.job, paths)
+
+    @Slot()
+    def cancel(self) -> None:
+        if self.running:
+            self.worker.cancel()
+            self.job += 1  # results of the cancelled job are ignored from now on
+            self.running = False
+            self.progress.hide()
+            self.message.setText("Cancelled")
+            self._update_actions()
+
+    @Slot(int, int, int)
+    def _progress(self, job: int, done: int, total: int) -> None:
+        if job == self.job:
+            self.progress.setValue(done)
+
+    @Slot(int, list)
+    def _results(self, job: int, predictions: list) -> None:
+        if job != self.job:
+            return
+        for p in predictions:
+            self.images.set_prediction(p)
+        self._show_detail(self.grid.currentIndex())
+
+    @Slot(int, bool)
+    def _finished(self, job: int, cancelled: bool) -> None:
+        if job != self.job:
+            return
+        self.running = False
+        self.progress.hide()
+        predictions = self.images.predictions()
+        failed = sum(p.error is not None for p in predictions)
+        self.message.setText(f"{len(predictions) - failed} classified"
+                             + (f", {failed} unreadable (marked ⚠)" if failed else "")
+                             + (" — cancelled" if cancelled else ""))
+        self._update_actions()
+
+    # --- detail and export --------------------------------------------------------------
+
+    @Slot()
+    def _show_detail(self, index) -> None:
+        item = self.images.data(index, ItemRole) if index is not None and index.isValid() else None
+        if item is None:
+            return
+        image = read_scaled(item.path, max(self.preview.width(), self.preview.height(), 280))
+        if image.isNull():
+            self.preview.setText("(cannot be shown)")
+        else:
+            self.preview.setPixmap(QPixmap.fromImage(image))
+        prediction = item.prediction
+        self.detail_title.setText(Path(item.path).name + (f" — {prediction.error}" if prediction and
+                                                          prediction.error else ""))
+        top = prediction.top if prediction else []
+        for i, (name, bar) in enumerate(self.bars):
+            label, probability = top[i] if i < len(top) else ("", 0.0)
+            name.setText(label)
+            bar.setValue(round(probability * 1000))
+            bar.setFormat(f"{probability:.1%}" if label else "")
+
+    def _choose_export(self) -> None:
+        default = str((self.folder or Path(".")) / "predictions.csv")
+        path, _ = QFileDialog.getSaveFileName(self, "Export CSV", default, "CSV files (*.csv)")
+        if path:
+            self.export_csv(Path(path))
+
+    def export_csv(self, path: Path) -> None:
+        try:
+            with open(path, "w", newline="") as out:
+                count = write_csv(self.images.predictions(), out)
+        except OSError as exc:
+            QMessageBox.warning(self, "Export failed", f"Cannot write {path}: {exc.strerror}")
+            return
+        self.message.setText(f"Exported {count} row(s) to {path}")

@@ -1,0 +1,98 @@
+"""Work off the UI thread. Workers hold no widgets; windows hold no inference logic.
+
+`InferenceWorker` lives on one QThread for the app's lifetime and owns the loaded model, so
+calls into it never overlap. Thumbnails decode on a QThreadPool as QImages; the window turns
+them into pixmaps on the GUI thread.
+"""
+from __future__ import annotations
+
+import threading
+
+from PySide6.QtCore import QObject, QRunnable, QSize, Qt, Signal, Slot
+from PySide6.QtGui import QImage, QImageReader
+
+from shared.inference import ModelLoadError, classify_files, load_classifier
+from shared.registry import RegistryError, list_versions
+from shared.tracking import use_store
+
+
+class InferenceWorker(QObject):
+    models_listed = Signal(list)  # [ModelVersionInfo]
+    models_failed = Signal(str)
+    loaded = Signal(str, list)  # uri, class names
+    load_failed = Signal(str, str)  # uri, message
+    progress = Signal(int, int, int)  # job, done, total
+    results = Signal(int, list)  # job, [Prediction]
+    finished = Signal(int, bool)  # job, cancelled
+
+    def __init__(self, tracking_uri: str, batch_size: int = 32):
+        super().__init__()
+        self.tracking_uri, self.batch_size = tracking_uri, batch_size
+        self.classifier = None
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Thread-safe: called directly from the GUI thread while a job runs."""
+        self._cancel.set()
+
+    @Slot()
+    def list_models(self) -> None:
+        try:
+            self.models_listed.emit(list_versions(self.tracking_uri))
+        except RegistryError as exc:
+            self.models_failed.emit(str(exc))
+
+    @Slot(str)
+    def load(self, uri: str) -> None:
+        use_store(self.tracking_uri)
+        try:
+            self.classifier = load_classifier(uri)
+        except ModelLoadError as exc:
+            self.classifier = None
+            self.load_failed.emit(uri, str(exc))
+            return
+        self.loaded.emit(uri, self.classifier.classes)
+
+    @Slot(int, list)
+    def classify(self, job: int, paths: list) -> None:
+        self._cancel.clear()
+        if self.classifier is None:
+            self.finished.emit(job, True)
+            return
+        done = 0
+        for batch in classify_files(self.classifier, paths, self.batch_size,
+                                    cancelled=self._cancel.is_set):
+            done += len(batch)
+            self.results.emit(job, batch)
+            self.progress.emit(job, done, len(paths))
+        self.finished.emit(job, self._cancel.is_set() or done < len(paths))
+
+
+class ThumbnailSignals(QObject):
+    ready = Signal(str, QImage)
+    failed = Signal(str, str)
+
+
+class ThumbnailTask(QRunnable):
+    """Decode one image, upright by its EXIF orientation, scaled down to `size`."""
+
+    def __init__(self, path: str, size: int, signals: ThumbnailSignals):
+        super().__init__()
+        self.path, self.size, self.signals = path, size, signals
+
+    def run(self) -> None:
+        image = read_scaled(self.path, self.size)
+        if image.isNull():
+            self.signals.failed.emit(self.path, "cannot be shown")
+        else:
+            self.signals.ready.emit(self.path, image)
+
+
+def read_scaled(path: str, size: int) -> QImage:
+    """A QImage no larger than size x size (a null image if unreadable)."""
+    reader = QImageReader(path)
+    reader.setAutoTransform(True)
+    original = reader.size()
+    if original.isValid() and max(original.width(), original.height()) > size:
+        reader.setScaledSize(original.scaled(QSize(size, size), Qt.AspectRatioMode.KeepAspectRatio))
+    return reader.read()

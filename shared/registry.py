@@ -1,0 +1,93 @@
+"""What the Model Registry holds, with each version's key facts, for the app and the CLI."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from shared.tracking import CHAMPION
+
+
+class RegistryError(Exception):
+    """The store cannot be read, or holds no model; the message says what to do."""
+
+
+@dataclass
+class ModelVersionInfo:
+    name: str
+    version: str
+    aliases: list[str]
+    run_id: str | None
+    facts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def label(self) -> str:
+        aliases = f" @{', @'.join(self.aliases)}" if self.aliases else ""
+        return f"{self.name} v{self.version}{aliases}"
+
+
+def _facts(client: MlflowClient, run_id: str | None, created_ms: int) -> dict[str, str]:
+    facts = {"registered": dt.datetime.fromtimestamp(created_ms / 1000).strftime("%Y-%m-%d %H:%M")}
+    if not run_id:
+        return facts
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return facts
+    p, m = run.data.params, run.data.metrics
+    facts.update({
+        "model": p.get("model", "?"),
+        "training": "fine-tuned" if p.get("fine_tuned") == "True" else "from scratch",
+        "weights": p.get("weights_source", "?"),
+        "device": p.get("device_name", p.get("device", "?")),
+        "epochs run": p.get("epochs_run", "?"),
+        "test accuracy": f"{m['test_acc']:.2%}" if "test_acc" in m else "?",
+        "dataset": run.data.tags.get("dataset", "?"),
+    })
+    return facts
+
+
+def list_versions(tracking_uri: str) -> list[ModelVersionInfo]:
+    """Every registered version, champions first, then newest first."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        versions = client.search_model_versions(max_results=1000)
+        aliases: dict[tuple[str, str], list[str]] = {}
+        for model in client.search_registered_models(max_results=1000):
+            for alias, version in (model.aliases or {}).items():
+                aliases.setdefault((model.name, str(version)), []).append(alias)
+    except Exception as exc:  # noqa: BLE001 - connection and database errors of many kinds
+        raise RegistryError(f"cannot read the MLflow store at {tracking_uri}: {exc}. Point the app "
+                            "at your store with MLFLOW_TRACKING_URI (or --tracking-uri), or start "
+                            "it from the folder whose mlruns/ holds your runs.") from exc
+    if not versions:
+        raise RegistryError(f"no registered model in {tracking_uri} yet. Train one first, e.g. "
+                            "`make train` or `python -m training.train --model cnn`, from the folder "
+                            "that holds mlruns/, or point MLFLOW_TRACKING_URI at your store.")
+    infos = []
+    for v in versions:
+        infos.append(ModelVersionInfo(v.name, str(v.version),
+                                      sorted(aliases.get((v.name, str(v.version)), [])), v.run_id,
+                                      _facts(client, v.run_id, v.creation_timestamp)))
+    infos.sort(key=lambda i: (i.name, CHAMPION not in i.aliases, -int(i.version)))
+    return infos
+
+
+def resolve_model_uri(spec: str | None, tracking_uri: str) -> str:
+    """NAME@ALIAS, NAME/VERSION or NAME (its champion); None: the champion of the newest model."""
+    if spec:
+        if spec.startswith(("models:/", "runs:/")):
+            return spec
+        if "@" in spec or "/" in spec:
+            return f"models:/{spec}"
+        return f"models:/{spec}@{CHAMPION}"
+    versions = list_versions(tracking_uri)
+    champions = [v for v in versions if CHAMPION in v.aliases] or versions
+    newest = max(champions, key=lambda v: v.facts.get("registered", ""))
+    return newest.uri

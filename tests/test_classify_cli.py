@@ -1,0 +1,60 @@
+"""python -m gui.classify: the app's inference without a window."""
+import csv
+
+import pytest
+
+import shared.preprocess
+from datagen import make_odd_images
+from gui.classify import main
+from shared.inference import classify_files, image_files, load_classifier
+
+
+@pytest.fixture
+def odd_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(shared.preprocess, "MAX_MEGAPIXELS", 2)
+    return tmp_path / "odd", make_odd_images(tmp_path / "odd")
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_one_row_per_file_with_the_class_or_the_reason(registered_store, odd_folder, tmp_path):
+    folder, cases = odd_folder
+    out = tmp_path / "out.csv"
+    assert main([str(folder), "--tracking-uri", registered_store, "--csv", str(out)]) == 0
+    by_file = {r["file"].rsplit("/", 1)[-1]: r for r in rows(out)}
+    assert set(by_file) == set(cases)
+    for name, error in cases.items():
+        if error is None:
+            assert by_file[name]["predicted_class"] in {"cat", "dog", "ship"}, name
+            assert by_file[name]["error"] == ""
+            assert len(by_file[name]["top5"].split("; ")) == 3  # 3 classes in the tiny model
+        else:
+            assert error in by_file[name]["error"] and by_file[name]["predicted_class"] == ""
+
+
+def test_cli_predictions_equal_the_model_loaded_directly(registered_store, image_folder, tmp_path):
+    import mlflow
+    mlflow.set_tracking_uri(registered_store)
+    folder = image_folder / "test" / "dog"
+    out = tmp_path / "out.csv"
+    assert main([str(folder), "--tracking-uri", registered_store, "--model", "tiny-cnn@champion",
+                 "--csv", str(out)]) == 0
+    clf = load_classifier("models:/tiny-cnn@champion")
+    direct = [p for batch in classify_files(clf, image_files(folder)) for p in batch]
+    got = rows(out)
+    assert [r["predicted_class"] for r in got] == [p.label for p in direct]
+    assert [float(r["confidence"]) for r in got] == pytest.approx([p.confidence for p in direct], abs=1e-4)
+
+
+def test_an_empty_registry_says_how_to_train(store, image_folder, capsys):
+    assert main([str(image_folder / "test" / "cat"), "--tracking-uri", store]) == 2
+    assert "no registered model" in capsys.readouterr().err
+
+
+def test_an_unknown_model_is_reported(registered_store, image_folder, capsys):
+    assert main([str(image_folder / "test" / "cat"), "--tracking-uri", registered_store,
+                 "--model", "nope@champion"]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -1,0 +1,207 @@
+"""The desktop app, offscreen, against a temporary store with a tiny registered model."""
+import csv
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import QMimeData, QPointF, QSettings, Qt, QUrl
+from PySide6.QtGui import QDropEvent
+
+import gui.main_window
+import gui.workers
+import shared.preprocess
+from datagen import make_odd_images
+from gui.main_window import MainWindow
+from shared.inference import classify_files, image_files, load_classifier
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    """Message boxes are recorded instead of shown (they would block the test)."""
+    shown = []
+    for kind in ("information", "warning"):
+        monkeypatch.setattr(gui.main_window.QMessageBox, kind,
+                            lambda parent, title, text, _kind=kind: shown.append((_kind, title, text)))
+    return shown
+
+
+@pytest.fixture
+def open_window(qtbot, tmp_path, messages):
+    windows = []
+
+    def make(uri, folder=None, settings_file="settings.ini"):
+        settings = QSettings(str(tmp_path / settings_file), QSettings.Format.IniFormat)
+        window = MainWindow(uri, settings, folder)
+        qtbot.addWidget(window)
+        windows.append(window)
+        return window
+
+    yield make
+    for window in windows:
+        window.close()
+
+
+def wait_classified(qtbot, window, count, timeout=30_000):
+    qtbot.waitUntil(lambda: not window.running and len(window.images.predictions()) == count,
+                    timeout=timeout)
+
+
+def test_picker_lists_the_registered_versions_and_selects_champion(open_window, qtbot,
+                                                                   registered_store):
+    window = open_window(registered_store)
+    qtbot.waitUntil(lambda: window.model_box.count() == 2, timeout=20_000)
+    assert "@champion" in window.model_box.currentText()
+    assert window.model_uri == "models:/tiny-cnn/1"
+    assert window.facts["model"].text() == "cnn"
+    assert window.facts["training"].text() == "from scratch"
+    assert window.facts["epochs run"].text() == "2"
+    assert window.facts["test accuracy"].text().endswith("%")
+
+
+def test_classifying_a_folder_fills_every_item_with_the_models_predictions(
+        open_window, qtbot, registered_store, image_folder):
+    folder = image_folder / "test" / "ship"
+    window = open_window(registered_store, folder)
+    wait_classified(qtbot, window, 6)
+    import mlflow
+    mlflow.set_tracking_uri(registered_store)
+    clf = load_classifier("models:/tiny-cnn/1")
+    direct = [p for batch in classify_files(clf, image_files(folder)) for p in batch]
+    shown = {p.path: p for p in window.images.predictions()}
+    for p in direct:
+        assert [c for c, _ in shown[p.path].top] == [c for c, _ in p.top]
+        assert [v for _, v in shown[p.path].top] == pytest.approx([v for _, v in p.top])
+    assert all(item.caption.count("\n") == 1 for item in window.images.items)
+
+
+def test_each_bad_file_is_marked_and_the_rest_of_the_batch_finishes(
+        open_window, qtbot, registered_store, tmp_path, monkeypatch, messages):
+    monkeypatch.setattr(shared.preprocess, "MAX_MEGAPIXELS", 2)
+    cases = make_odd_images(tmp_path / "odd")
+    window = open_window(registered_store, tmp_path / "odd")
+    wait_classified(qtbot, window, len(cases))
+    by_name = {Path(p.path).name: p for p in window.images.predictions()}
+    for name, error in cases.items():
+        if error is None:
+            assert by_name[name].error is None and by_name[name].label, name
+        else:
+            assert error in by_name[name].error, name
+    assert "unreadable" in window.message.text()
+    assert messages == []  # per-file problems are shown in the grid, not in dialogs
+
+
+def test_selecting_an_image_shows_its_top_classes_as_bars(open_window, qtbot, registered_store,
+                                                          image_folder):
+    window = open_window(registered_store, image_folder / "test" / "cat")
+    wait_classified(qtbot, window, 6)
+    window.grid.setCurrentIndex(window.images.index(0))
+    prediction = window.images.items[0].prediction
+    names = [name.text() for name, _ in window.bars[:3]]
+    assert names == [c for c, _ in prediction.top]
+    assert window.bars[0][1].value() == round(prediction.top[0][1] * 1000)
+    assert not window.preview.pixmap().isNull()
+
+
+def test_export_writes_one_row_per_file(open_window, qtbot, registered_store, image_folder, tmp_path):
+    window = open_window(registered_store, image_folder / "test" / "dog")
+    wait_classified(qtbot, window, 6)
+    window.export_csv(tmp_path / "out.csv")
+    with open(tmp_path / "out.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == window.images.paths()
+    assert all(r["predicted_class"] in {"cat", "dog", "ship"} and r["top5"] for r in rows)
+
+
+def test_cancel_stops_the_batch(open_window, qtbot, registered_store, image_folder, tmp_path,
+                                monkeypatch):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    source = next((image_folder / "test" / "cat").iterdir())
+    for i in range(60):
+        shutil.copy(source, folder / f"{i:03d}.png")
+    real = gui.workers.classify_files
+
+    def slow(clf, paths, batch_size, cancelled):
+        for batch in real(clf, paths, 2, cancelled=cancelled):
+            time.sleep(0.05)
+            yield batch
+
+    monkeypatch.setattr(gui.workers, "classify_files", slow)
+    window = open_window(registered_store, folder)
+    qtbot.waitUntil(lambda: window.running and window.progress.value() >= 2, timeout=20_000)
+    with qtbot.waitSignal(window.worker.finished, timeout=10_000) as finished:
+        window.cancel_action.trigger()
+    assert finished.args[1] is True  # cancelled
+    assert not window.running and window.message.text() == "Cancelled"
+    assert len(window.images.predictions()) < 60
+    assert window.classify_action.isEnabled()
+
+
+def test_switching_model_classifies_again(open_window, qtbot, registered_store, image_folder):
+    window = open_window(registered_store, image_folder / "test" / "cat")
+    wait_classified(qtbot, window, 6)
+    first_job = window.job
+    window.model_box.setCurrentIndex(1)
+    qtbot.waitUntil(lambda: window.model_uri == "models:/tiny-cnn/2" and window.job > first_job
+                    and not window.running and len(window.images.predictions()) == 6,
+                    timeout=30_000)
+
+
+def test_dropped_files_are_added_and_classified(open_window, qtbot, registered_store, image_folder):
+    window = open_window(registered_store, image_folder / "test" / "cat")
+    wait_classified(qtbot, window, 6)
+    mime = QMimeData()
+    dog = sorted((image_folder / "test" / "dog").iterdir())[:2]
+    mime.setUrls([QUrl.fromLocalFile(str(p)) for p in dog])
+    event = QDropEvent(QPointF(5, 5), Qt.DropAction.CopyAction, mime,
+                       Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
+    window.dropEvent(event)
+    wait_classified(qtbot, window, 8)
+    assert window.images.paths()[-2:] == [str(p) for p in dog]
+
+
+def test_an_empty_registry_says_how_to_train(open_window, qtbot, store, messages):
+    window = open_window(store)
+    qtbot.waitUntil(lambda: bool(messages), timeout=20_000)
+    kind, _, text = messages[0]
+    assert "no registered model" in text and "training.train" in text
+    assert not window.classify_action.isEnabled()
+
+
+def test_an_unreachable_store_says_where_to_point_the_app(open_window, qtbot, tmp_path, messages):
+    open_window(f"sqlite:///{tmp_path}/missing/dir/mlflow.db")
+    qtbot.waitUntil(lambda: bool(messages), timeout=20_000)
+    assert "MLFLOW_TRACKING_URI" in messages[0][2]
+
+
+def test_a_version_with_missing_artifacts_is_reported_and_the_app_keeps_working(
+        open_window, qtbot, registered_store, tmp_path, messages, image_folder):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(registered_store, registry_uri=registered_store)
+    from shared.tracking import use_store
+    use_store(registered_store)
+    model_uri = client.get_model_version("tiny-cnn", "1").source
+    broken = client.create_model_version("tiny-cnn", source=str(tmp_path / "gone"), run_id=None)
+    window = open_window(registered_store, image_folder / "test" / "cat")
+    qtbot.waitUntil(lambda: window.model_box.count() == 3, timeout=20_000)
+    index = [i for i, v in enumerate(window.versions) if v.version == str(broken.version)][0]
+    window.model_box.setCurrentIndex(index)
+    qtbot.waitUntil(lambda: bool(messages), timeout=20_000)
+    assert messages[0][0] == "warning" and "missing" in messages[0][2]
+    assert window.model_box.isEnabled() and window.model_uri is None
+    window.model_box.setCurrentIndex(0)
+    wait_classified(qtbot, window, 6)
+    assert model_uri
+
+
+def test_the_window_remembers_its_folder_and_model(open_window, qtbot, registered_store, image_folder):
+    window = open_window(registered_store, image_folder / "test" / "dog")
+    qtbot.waitUntil(lambda: window.model_box.count() == 2, timeout=20_000)
+    window.model_box.setCurrentIndex(1)
+    wait_classified(qtbot, window, 6)
+    window.close()
+    again = open_window(registered_store)
+    qtbot.waitUntil(lambda: again.model_uri is not None, timeout=20_000)
+    assert again.folder == image_folder / "test" / "dog"
+    assert again.model_uri == "models:/tiny-cnn/2"
