@@ -25,17 +25,17 @@ class ImageItem:
         if self.prediction is None:
             return name
         if self.prediction.error:
-            return f"{name}\n⚠ {self.prediction.error}"
-        return f"{name}\n{self.prediction.label} {self.prediction.confidence:.0%}"
+            return f"⚠ {self.prediction.error}\n{name}"
+        return f"{self.prediction.label} {self.prediction.confidence:.0%}\n{name}"
 
 
 class ImageListModel(QAbstractListModel):
-    def __init__(self, parent=None):
+    def __init__(self, thumbnail_size: int, parent=None):
         super().__init__(parent)
         self.items: list[ImageItem] = []
         self._rows: dict[str, int] = {}
-        self.placeholder = QPixmap(16, 16)
-        self.placeholder.fill(QColor("lightgray"))
+        self.placeholder = QPixmap(thumbnail_size, thumbnail_size)
+        self.placeholder.fill(QColor("gainsboro"))
 
     def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:
         return 0 if parent.isValid() else len(self.items)

@@ -26,18 +26,20 @@ class MainWindow(QMainWindow):
     request_load = Signal(str)
     request_classify = Signal(int, list)
 
-    def __init__(self, tracking_uri: str, settings: QSettings, folder: Path | None = None):
+    def __init__(self, tracking_uri: str, settings: QSettings, folder: Path | None = None,
+                 model: str | None = None):
         super().__init__()
         self.tracking_uri, self.settings = tracking_uri, settings
         self.setWindowTitle("cifarlab — classify photos")
         self.setAcceptDrops(True)
         self.versions = []
         self.model_uri: str | None = None
+        self.wanted_model = model or settings.value("model", "")  # else the newest champion
         self.loading = False
         self.job, self.running = 0, False
         self.folder: Path | None = None
 
-        self.images = ImageListModel(self)
+        self.images = ImageListModel(THUMBNAIL, self)
         self._build_widgets()
         self._create_actions()
         self._start_workers()
@@ -59,9 +61,9 @@ class MainWindow(QMainWindow):
         self.grid.setViewMode(QListView.ViewMode.IconMode)
         self.grid.setResizeMode(QListView.ResizeMode.Adjust)
         self.grid.setIconSize(QSize(THUMBNAIL, THUMBNAIL))
-        self.grid.setGridSize(QSize(THUMBNAIL + 48, THUMBNAIL + 56))
+        self.grid.setGridSize(QSize(THUMBNAIL + 56, THUMBNAIL + 2 * self.fontMetrics().height() + 24))
+        self.grid.setSpacing(8)
         self.grid.setWordWrap(True)
-        self.grid.setUniformItemSizes(True)
         self.grid.setModel(self.images)
         self.grid.selectionModel().currentChanged.connect(self._show_detail)
 
@@ -185,19 +187,28 @@ class MainWindow(QMainWindow):
     @Slot(list)
     def _models_listed(self, versions: list) -> None:
         self.versions = versions
-        wanted = self.model_uri or self.settings.value("model", "")
         self.model_box.blockSignals(True)
         self.model_box.clear()
         for v in versions:
             self.model_box.addItem(v.label, v.uri)
-        uris = [v.uri for v in versions]
-        champions = [i for i, v in enumerate(versions) if CHAMPION in v.aliases]
-        index = uris.index(wanted) if wanted in uris else (champions[0] if champions else 0)
+        index = self._default_index(versions)
         self.model_box.setCurrentIndex(index)
         self.model_box.blockSignals(False)
         self.message.setText(f"{len(versions)} model version(s) in the registry")
         if versions[index].uri != self.model_uri:
             self._model_chosen(index)
+
+    def _default_index(self, versions: list) -> int:
+        """The model in use, else the one asked for or last used, else the newest champion."""
+        for wanted in (self.model_uri, self.wanted_model):
+            if not wanted:
+                continue
+            wanted = wanted if wanted.startswith("models:/") else f"models:/{wanted}"
+            for i, v in enumerate(versions):
+                if wanted == v.uri or wanted in {f"models:/{v.name}@{a}" for a in v.aliases}:
+                    return i
+        champions = [i for i, v in enumerate(versions) if CHAMPION in v.aliases] or range(len(versions))
+        return max(champions, key=lambda i: versions[i].facts.get("registered", ""))
 
     @Slot(str)
     def _models_failed(self, message: str) -> None:

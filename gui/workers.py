@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 from PySide6.QtCore import QObject, QRunnable, QSize, Qt, Signal, Slot
-from PySide6.QtGui import QImage, QImageReader
+from PySide6.QtGui import QImage, QImageReader, QPainter
 
 from shared.inference import ModelLoadError, classify_files, load_classifier
 from shared.registry import RegistryError, list_versions
@@ -81,7 +81,7 @@ class ThumbnailTask(QRunnable):
         self.path, self.size, self.signals = path, size, signals
 
     def run(self) -> None:
-        image = read_scaled(self.path, self.size)
+        image = thumbnail(self.path, self.size)
         if image.isNull():
             self.signals.failed.emit(self.path, "cannot be shown")
         else:
@@ -96,3 +96,19 @@ def read_scaled(path: str, size: int) -> QImage:
     if original.isValid() and max(original.width(), original.height()) > size:
         reader.setScaledSize(original.scaled(QSize(size, size), Qt.AspectRatioMode.KeepAspectRatio))
     return reader.read()
+
+
+def thumbnail(path: str, size: int) -> QImage:
+    """The image fitted into a size x size square (small images scaled up), centered on a
+    transparent canvas, so every cell of the grid lines up."""
+    image = read_scaled(path, size)
+    if image.isNull():
+        return image
+    image = image.scaled(size, size, Qt.AspectRatioMode.KeepAspectRatio,
+                         Qt.TransformationMode.SmoothTransformation)
+    canvas = QImage(size, size, QImage.Format.Format_ARGB32_Premultiplied)
+    canvas.fill(Qt.GlobalColor.transparent)
+    painter = QPainter(canvas)
+    painter.drawImage((size - image.width()) // 2, (size - image.height()) // 2, image)
+    painter.end()
+    return canvas

@@ -1,6 +1,7 @@
 """Loading a logged classifier and running it on image files, without unpickling anything."""
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from shared.preprocess import Preprocessing, decode_image
+
+# a model is fetched from a local or tracking-server store on every load; no progress bars
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class ModelLoadError(Exception):

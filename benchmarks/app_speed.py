@@ -1,0 +1,103 @@
+"""The desktop app's speed: launch to usable window, model load, images classified per second.
+
+    python benchmarks/app_speed.py --tracking-uri sqlite:///mlruns/mlflow.db \\
+        --models cifar10-cnn@champion,cifar10-resnet18@champion --images ~/data/cifar10/test/cat
+
+- launch: a fresh `python` process (imports included) until the window is shown, and until the
+  registry is listed and the champion model is loaded (the window is usable); median of 3.
+- load: `load_classifier` (download the pt2 archive, torch.export load); median of 3.
+- classify: files per second through `classify_files` (decode + preprocessing + forward, batch
+  64, the app's path) and forward-only images per second, on the CPU, over every file in
+  --images.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def probe(start: float, uri: str, folder: str) -> None:
+    """Runs in a fresh process: print seconds from `start` to shown and to usable."""
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QApplication
+
+    from gui.main_window import MainWindow
+
+    app = QApplication([sys.argv[0]])
+    settings = QSettings(str(Path(folder) / ".bench-settings.ini"), QSettings.Format.IniFormat)
+    window = MainWindow(uri, settings, Path(folder))
+    window.show()
+    app.processEvents()
+    shown = time.time() - start
+    while window.model_uri is None or window.loading:
+        app.processEvents()
+        time.sleep(0.005)
+    print(f"{shown:.3f} {time.time() - start:.3f}")
+    window.close()
+
+
+def launch_times(uri: str, folder: str, rounds: int) -> tuple[float, float]:
+    shown, usable = [], []
+    env = {**os.environ, "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen")}
+    for _ in range(rounds):
+        out = subprocess.run([sys.executable, __file__, "--probe", str(time.time()), uri, folder],
+                             capture_output=True, text=True, env=env, check=True).stdout
+        a, b = map(float, out.split()[-2:])
+        shown.append(a)
+        usable.append(b)
+    return statistics.median(shown), statistics.median(usable)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe":
+        probe(float(sys.argv[2]), sys.argv[3], sys.argv[4])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tracking-uri", required=True)
+    parser.add_argument("--models", required=True, help="comma-separated NAME@ALIAS or NAME/VERSION")
+    parser.add_argument("--images", required=True, type=Path, help="a folder of images")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+
+    from shared.inference import classify_files, image_files, load_classifier
+    from shared.registry import resolve_model_uri
+    from shared.tracking import use_store
+
+    use_store(args.tracking_uri)
+    files = image_files(args.images)
+    shown, usable = launch_times(args.tracking_uri, str(args.images), args.rounds)
+    print(f"device: CPU, {torch.get_num_threads()} threads; {len(files)} files in {args.images}")
+    print(f"launch: window shown {shown:.2f} s, usable (registry listed, champion loaded) "
+          f"{usable:.2f} s (median of {args.rounds}, imports included)\n")
+    print("| model | load (s) | files/s (decode + classify) | images/s (forward only) |")
+    print("|---|---|---|---|")
+    for spec in args.models.split(","):
+        uri = resolve_model_uri(spec, args.tracking_uri)
+        loads = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            clf = load_classifier(uri)
+            loads.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        count = sum(len(b) for b in classify_files(clf, files, 64))
+        end_to_end = count / (time.perf_counter() - start)
+        batch = clf.load_images(files[:256])
+        clf.probabilities(batch[:8])
+        start = time.perf_counter()
+        for _ in range(3):
+            clf.probabilities(batch)
+        forward = 3 * len(batch) / (time.perf_counter() - start)
+        print(f"| {spec} | {statistics.median(loads):.2f} | {end_to_end:,.0f} | {forward:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
