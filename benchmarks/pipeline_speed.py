@@ -138,7 +138,7 @@ def main() -> None:
                          "s_per_epoch_45k": round(45_000 / rate, 2), "ratio": round(rate / base, 2),
                          "spread": f"{min(values):.0f}-{max(values):.0f}"})
 
-    print(f"\n| model | pipeline | images/s (median) | s per 45k-image epoch | vs seed | range |")
+    print("\n| model | pipeline | images/s (median) | s per 45k-image epoch | vs seed | range |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['pipeline']} | {r['images_per_s']:,} | {r['s_per_epoch_45k']} | "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, QSize, Qt, QThread, QThreadPool, Signal, Slot
 from PySide6.QtGui import QAction, QKeySequence, QPixmap
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox,
                                QLabel, QListView, QMainWindow, QMessageBox, QProgressBar,
                                QSplitter, QToolBar, QVBoxLayout, QWidget)
 

@@ -275,16 +275,15 @@ def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, lo
                   "run_id": outcome.run_id})
 
 
-def main(argv: list[str] | None = None) -> int:
+BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError)
+
+
+def run_command(body: Callable[[], int]) -> int:
+    """Run a command, turning its known failures into one message and an exit status:
+    2 bad input (nothing was started), 1 a run that failed, 130 interrupted."""
     try:
-        cfg, args = parse_args(argv)
-        if cfg is None:
-            print(describe_models())
-            return 0
-        print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
-        start = time.perf_counter()
-        result = train(cfg)
-    except (ConfigError, DatasetError, DeviceError, ModelError) as exc:
+        return body()
+    except BAD_INPUT as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
@@ -293,14 +292,27 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return 130
-    print(f"\nrun {result.run_id}: test accuracy {result.test_acc:.4f} "
-          f"(best val {result.best_val_acc:.4f}, {result.epochs_run} epochs, "
-          f"{time.perf_counter() - start:.0f} s)")
-    if result.registered_name:
-        champion = "now champion" if result.promoted else "champion unchanged (it scores higher)"
-        print(f"registered {result.registered_name} version {result.version}: {champion}")
-    print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri))}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        cfg, _ = parse_args(argv)
+        if cfg is None:
+            print(describe_models())
+            return 0
+        print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+        start = time.perf_counter()
+        result = train(cfg)
+        print(f"\nrun {result.run_id}: test accuracy {result.test_acc:.4f} "
+              f"(best val {result.best_val_acc:.4f}, {result.epochs_run} epochs, "
+              f"{time.perf_counter() - start:.0f} s)")
+        if result.registered_name:
+            champion = "now champion" if result.promoted else "champion unchanged (it scores higher)"
+            print(f"registered {result.registered_name} version {result.version}: {champion}")
+        print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri))}")
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

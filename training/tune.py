@@ -19,13 +19,11 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from shared.data import DatasetError
-from shared.device import DeviceError
-from shared.models import ModelError, describe_models
+from shared.models import describe_models
 from shared.tracking import ensure_experiment, tracking_uri, ui_command, use_store
 from training.config import ConfigError, TrainConfig, build_parser, opt, parse_args
 from training.loop import NonFiniteLossError, StopTraining
-from training.train import TrainingInterrupted, prepare, train
+from training.train import TrainingInterrupted, prepare, run_command, train
 
 SEARCHABLE = ("lr", "epochs", "weight_decay", "batch_size")
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -393,30 +391,26 @@ def tune(cfg: TuneConfig, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(TuneConfig, "python -m training.tune", __doc__.split("\n\n")[0])
-    try:
+    def body() -> int:
+        parser = build_parser(TuneConfig, "python -m training.tune", __doc__.split("\n\n")[0])
         cfg, _ = parse_args(argv, parser, TuneConfig)
         if cfg is None:
             print(describe_models())
             return 0
         print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
         summary = tune(cfg)
-    except (ConfigError, DatasetError, DeviceError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return 130
-    print(f"\ntrials: {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
-          f"{summary['trials_failed']} failed; {summary['epochs_trained']} epochs trained, "
-          f"{summary['epochs_saved_by_pruning']} saved by pruning")
-    if "test_acc" in summary:
-        name, version, promoted = summary["registered"]
-        print(f"best settings retrained: test accuracy {summary['test_acc']:.4f}"
-              + (f"; registered {name} version {version}"
-                 f"{' (now champion)' if promoted else ''}" if name else ""))
-    print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri))}")
-    return 0
+        print(f"\ntrials: {summary['trials_complete']} complete, {summary['trials_pruned']} "
+              f"pruned, {summary['trials_failed']} failed; {summary['epochs_trained']} epochs "
+              f"trained, {summary['epochs_saved_by_pruning']} saved by pruning")
+        if "test_acc" in summary:
+            name, version, promoted = summary["registered"]
+            print(f"best settings retrained: test accuracy {summary['test_acc']:.4f}"
+                  + (f"; registered {name} version {version}"
+                     f"{' (now champion)' if promoted else ''}" if name else ""))
+        print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri))}")
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
