@@ -14,7 +14,7 @@ from gui.export import write_csv
 from gui.image_list import ImageListModel, ItemRole
 from gui.workers import InferenceWorker, ThumbnailSignals, ThumbnailTask, read_scaled
 from shared.inference import image_files
-from shared.tracking import CHAMPION
+from shared.registry import newest_champion
 
 THUMBNAIL = 128
 FACTS = ["model", "training", "weights", "dataset", "device", "epochs run", "test accuracy",
@@ -207,8 +207,7 @@ class MainWindow(QMainWindow):
             for i, v in enumerate(versions):
                 if wanted == v.uri or wanted in {f"models:/{v.name}@{a}" for a in v.aliases}:
                     return i
-        champions = [i for i, v in enumerate(versions) if CHAMPION in v.aliases] or range(len(versions))
-        return max(champions, key=lambda i: versions[i].facts.get("registered", ""))
+        return versions.index(newest_champion(versions))
 
     @Slot(str)
     def _models_failed(self, message: str) -> None:

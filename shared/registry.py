@@ -20,6 +20,7 @@ class ModelVersionInfo:
     version: str
     aliases: list[str]
     run_id: str | None
+    created_ms: int = 0
     facts: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -74,6 +75,7 @@ def list_versions(tracking_uri: str) -> list[ModelVersionInfo]:
     for v in versions:
         infos.append(ModelVersionInfo(v.name, str(v.version),
                                       sorted(aliases.get((v.name, str(v.version)), [])), v.run_id,
+                                      v.creation_timestamp or 0,
                                       _facts(client, v.run_id, v.creation_timestamp)))
     infos.sort(key=lambda i: (i.name, CHAMPION not in i.aliases, -int(i.version)))
     return infos
@@ -88,6 +90,10 @@ def resolve_model_uri(spec: str | None, tracking_uri: str) -> str:
             return f"models:/{spec}"
         return f"models:/{spec}@{CHAMPION}"
     versions = list_versions(tracking_uri)
+    return newest_champion(versions).uri
+
+
+def newest_champion(versions: list[ModelVersionInfo]) -> ModelVersionInfo:
+    """The most recently registered champion (or version, if none is champion)."""
     champions = [v for v in versions if CHAMPION in v.aliases] or versions
-    newest = max(champions, key=lambda v: v.facts.get("registered", ""))
-    return newest.uri
+    return max(champions, key=lambda v: v.created_ms)
