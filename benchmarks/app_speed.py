@@ -68,7 +68,8 @@ def main() -> None:
 
     import torch
 
-    from shared.inference import classify_files, image_files, load_classifier
+    from shared.files import image_files
+    from shared.inference import classify_files, load_classifier
     from shared.registry import resolve_model_uri
     from shared.tracking import use_store
 

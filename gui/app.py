@@ -9,7 +9,7 @@ from PySide6.QtCore import QSettings
 from PySide6.QtWidgets import QApplication
 
 from gui.main_window import MainWindow
-from shared.tracking import tracking_uri
+from shared.store import tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:

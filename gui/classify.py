@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 from gui.export import write_csv
-from shared.inference import ModelLoadError, classify_files, image_files, load_classifier
+from shared.files import image_files
+from shared.inference import ModelLoadError, classify_files, load_classifier
 from shared.registry import RegistryError, resolve_model_uri
-from shared.tracking import tracking_uri, use_store
+from shared.store import tracking_uri
+from shared.tracking import use_store
 
 
 def main(argv: list[str] | None = None) -> int:

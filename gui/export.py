@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from shared.inference import Prediction
+if TYPE_CHECKING:
+    from shared.inference import Prediction
 
 HEADER = ["file", "predicted_class", "confidence", "top5", "error"]
 

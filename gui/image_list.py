@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QAbstractListModel, QModelIndex, QPersistentModelIndex, Qt
 from PySide6.QtGui import QColor, QImage, QPixmap
 
-from shared.inference import Prediction
+if TYPE_CHECKING:
+    from shared.inference import Prediction
 
 ItemRole = Qt.ItemDataRole.UserRole + 1
 

@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox,
 from gui.export import write_csv
 from gui.image_list import ImageListModel, ItemRole
 from gui.workers import InferenceWorker, ThumbnailSignals, ThumbnailTask, read_scaled
-from shared.inference import image_files
+from shared.files import image_files
 from shared.registry import newest_champion
 
 THUMBNAIL = 128

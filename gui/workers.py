@@ -11,9 +11,7 @@ import threading
 from PySide6.QtCore import QObject, QRunnable, QSize, Qt, Signal, Slot
 from PySide6.QtGui import QImage, QImageReader, QPainter
 
-from shared.inference import ModelLoadError, classify_files, load_classifier
 from shared.registry import RegistryError, list_versions
-from shared.tracking import use_store
 
 
 class InferenceWorker(QObject):
@@ -44,6 +42,10 @@ class InferenceWorker(QObject):
 
     @Slot(str)
     def load(self, uri: str) -> None:
+        # torch and MLflow are imported here, on this thread, so the window shows at once
+        from shared.inference import ModelLoadError, load_classifier
+        from shared.tracking import use_store
+
         use_store(self.tracking_uri)
         try:
             self.classifier = load_classifier(uri)
@@ -55,6 +57,8 @@ class InferenceWorker(QObject):
 
     @Slot(int, list)
     def classify(self, job: int, paths: list) -> None:
+        from shared.inference import classify_files
+
         self._cancel.clear()
         if self.classifier is None:
             self.finished.emit(job, True)

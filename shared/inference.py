@@ -122,10 +122,3 @@ def classify_files(clf: LoadedClassifier, paths: Sequence[str | Path], batch_siz
             for path, vals, idxs in zip(readable, values.tolist(), indices.tolist()):
                 results[path] = Prediction(path, [(clf.classes[i], v) for i, v in zip(idxs, vals)])
         yield [results[p] for p in chunk]
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    """Every file in `folder` (not recursive, hidden files skipped), sorted by name: the app
-    lists non-image files too, so the user sees why they were not classified."""
-    return sorted((p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")),
-                  key=lambda p: p.name.lower())

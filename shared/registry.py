@@ -4,10 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-
-from shared.tracking import CHAMPION
+from shared.store import CHAMPION
 
 
 class RegistryError(Exception):
@@ -33,13 +30,13 @@ class ModelVersionInfo:
         return f"{self.name} v{self.version}{aliases}"
 
 
-def _facts(client: MlflowClient, run_id: str | None, created_ms: int) -> dict[str, str]:
+def _facts(client, run_id: str | None, created_ms: int) -> dict[str, str]:
     facts = {"registered": dt.datetime.fromtimestamp(created_ms / 1000).strftime("%Y-%m-%d %H:%M")}
     if not run_id:
         return facts
     try:
         run = client.get_run(run_id)
-    except MlflowException:
+    except Exception:  # noqa: BLE001 - a deleted or unreadable run leaves the facts short
         return facts
     p, m = run.data.params, run.data.metrics
     facts.update({
@@ -56,6 +53,8 @@ def _facts(client: MlflowClient, run_id: str | None, created_ms: int) -> dict[st
 
 def list_versions(tracking_uri: str) -> list[ModelVersionInfo]:
     """Every registered version, champions first, then newest first."""
+    from mlflow.tracking import MlflowClient  # imported here: the app calls this off its UI thread
+
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         versions = client.search_model_versions(max_results=1000)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import re
 from pathlib import Path
 
@@ -16,30 +15,12 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from shared.preprocess import Classifier, Preprocessing
-
-CHAMPION = "champion"
-SCORE_TAG = "best_val_acc"
-
-
-def tracking_uri(explicit: str | None = None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns."""
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    store = Path.cwd() / "mlruns"
-    store.mkdir(exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+from shared.store import CHAMPION, SCORE_TAG
 
 
 def use_store(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-
-
-def ui_command(uri: str) -> str:
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def ensure_experiment(name: str, uri: str) -> str:

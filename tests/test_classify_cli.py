@@ -6,7 +6,8 @@ import pytest
 import shared.preprocess
 from datagen import make_odd_images
 from gui.classify import main
-from shared.inference import classify_files, image_files, load_classifier
+from shared.files import image_files
+from shared.inference import classify_files, load_classifier
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ from PySide6.QtCore import QMimeData, QPointF, QSettings, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 
 import gui.main_window
-import gui.workers
+import shared.inference
 import shared.preprocess
 from datagen import make_odd_images
 from gui.main_window import MainWindow
-from shared.inference import classify_files, image_files, load_classifier
+from shared.files import image_files
+from shared.inference import classify_files, load_classifier
 
 
 @pytest.fixture
@@ -120,14 +121,14 @@ def test_cancel_stops_the_batch(open_window, qtbot, registered_store, image_fold
     source = next((image_folder / "test" / "cat").iterdir())
     for i in range(60):
         shutil.copy(source, folder / f"{i:03d}.png")
-    real = gui.workers.classify_files
+    real = shared.inference.classify_files
 
     def slow(clf, paths, batch_size, cancelled):
         for batch in real(clf, paths, 2, cancelled=cancelled):
             time.sleep(0.05)
             yield batch
 
-    monkeypatch.setattr(gui.workers, "classify_files", slow)
+    monkeypatch.setattr(shared.inference, "classify_files", slow)
     window = open_window(registered_store, folder)
     qtbot.waitUntil(lambda: window.running and window.progress.value() >= 2, timeout=20_000)
     with qtbot.waitSignal(window.worker.finished, timeout=10_000) as finished:

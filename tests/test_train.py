@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from shared.inference import load_classifier
 from shared.preprocess import Classifier
-from shared.tracking import CHAMPION, register_version
+from shared.store import CHAMPION
+from shared.tracking import register_version
 from training.train import train
 
 EPOCH_METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",

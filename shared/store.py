@@ -1,0 +1,25 @@
+"""Where the MLflow store is. Standard library only, so the app's window can start without
+importing MLflow or PyTorch."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CHAMPION = "champion"  # the registry alias of each model's best version
+SCORE_TAG = "best_val_acc"  # the model-version tag the champion rule compares
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = Path.cwd() / "mlruns"
+    store.mkdir(exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
