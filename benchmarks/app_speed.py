@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--tracking-uri", required=True)
     parser.add_argument("--models", required=True, help="comma-separated NAME@ALIAS or NAME/VERSION")
     parser.add_argument("--images", required=True, type=Path, help="a folder of images")
+    parser.add_argument("--launch-folder", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "inputs",
+                        help="folder the launched window opens (default: inputs/)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
@@ -71,14 +74,14 @@ def main() -> None:
     from shared.files import image_files
     from shared.inference import classify_files, load_classifier
     from shared.registry import resolve_model_uri
-    from shared.tracking import use_store
+    from shared.store import use_store
 
     use_store(args.tracking_uri)
     files = image_files(args.images)
-    shown, usable = launch_times(args.tracking_uri, str(args.images), args.rounds)
+    shown, usable = launch_times(args.tracking_uri, str(args.launch_folder), args.rounds)
     print(f"device: CPU, {torch.get_num_threads()} threads; {len(files)} files in {args.images}")
-    print(f"launch: window shown {shown:.2f} s, usable (registry listed, champion loaded) "
-          f"{usable:.2f} s (median of {args.rounds}, imports included)\n")
+    print(f"launch on {args.launch_folder}: window shown {shown:.2f} s, usable (registry listed, "
+          f"champion loaded) {usable:.2f} s (median of {args.rounds}, imports included)\n")
     print("| model | load (s) | files/s (decode + classify) | images/s (forward only) |")
     print("|---|---|---|---|")
     for spec in args.models.split(","):

@@ -15,8 +15,7 @@ from gui.export import write_csv
 from shared.files import image_files
 from shared.inference import ModelLoadError, classify_files, load_classifier
 from shared.registry import RegistryError, resolve_model_uri
-from shared.store import tracking_uri
-from shared.tracking import use_store
+from shared.store import tracking_uri, use_store
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from PySide6.QtCore import QObject, QRunnable, QSize, Qt, Signal, Slot
 from PySide6.QtGui import QImage, QImageReader, QPainter
 
 from shared.registry import RegistryError, list_versions
+from shared.store import use_store
 
 
 class InferenceWorker(QObject):
@@ -44,7 +45,6 @@ class InferenceWorker(QObject):
     def load(self, uri: str) -> None:
         # torch and MLflow are imported here, on this thread, so the window shows at once
         from shared.inference import ModelLoadError, load_classifier
-        from shared.tracking import use_store
 
         use_store(self.tracking_uri)
         try:

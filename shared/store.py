@@ -19,6 +19,14 @@ def tracking_uri(explicit: str | None = None) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def use_store(uri: str) -> None:
+    """Point MLflow's tracking and registry at `uri`."""
+    import mlflow  # here, not at the top: see the module docstring
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"

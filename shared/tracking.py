@@ -1,4 +1,4 @@
-"""The MLflow store, logged models and the registry, as training and the app both use them."""
+"""Experiments, logged models and the registry, as training writes them."""
 from __future__ import annotations
 
 import copy
@@ -16,11 +16,6 @@ from torch import nn
 
 from shared.preprocess import Classifier, Preprocessing
 from shared.store import CHAMPION, SCORE_TAG
-
-
-def use_store(uri: str) -> None:
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
 
 
 def ensure_experiment(name: str, uri: str) -> str:

@@ -180,7 +180,7 @@ def test_a_version_with_missing_artifacts_is_reported_and_the_app_keeps_working(
         open_window, qtbot, registered_store, tmp_path, messages, image_folder):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(registered_store, registry_uri=registered_store)
-    from shared.tracking import use_store
+    from shared.store import use_store
     use_store(registered_store)
     model_uri = client.get_model_version("tiny-cnn", "1").source
     broken = client.create_model_version("tiny-cnn", source=str(tmp_path / "gone"), run_id=None)

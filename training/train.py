@@ -22,8 +22,8 @@ from shared.device import DeviceError, describe_device, resolve_device
 from shared.models import (ModelError, build_model, count_parameters, describe_models, get_spec,
                            input_size_for)
 from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
-from shared.store import tracking_uri, ui_command
-from shared.tracking import ensure_experiment, log_classifier, register_version, use_store
+from shared.store import tracking_uri, ui_command, use_store
+from shared.tracking import ensure_experiment, log_classifier, register_version
 from training import tracking
 from training.config import ConfigError, TrainConfig, parse_args
 from training.loop import (EarlyStopping, NonFiniteLossError, StopTraining, autocast_for,

@@ -20,8 +20,8 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from shared.models import describe_models
-from shared.store import tracking_uri, ui_command
-from shared.tracking import ensure_experiment, use_store
+from shared.store import tracking_uri, ui_command, use_store
+from shared.tracking import ensure_experiment
 from training.config import ConfigError, TrainConfig, build_parser, opt, parse_args
 from training.loop import NonFiniteLossError, StopTraining
 from training.train import TrainingInterrupted, prepare, run_command, train
