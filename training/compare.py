@@ -23,7 +23,8 @@ from shared.store import tracking_uri, ui_command, use_store
 
 COLUMNS = ["run", "name", "model", "training", "frozen", "trainable_params", "total_params",
            "epochs_run", "stopped_at", "best_train_acc", "final_train_acc", "best_val_acc",
-           "final_val_acc", "final_train_loss", "final_val_loss", "test_acc", "train_seconds",
+           "final_val_acc", "best_train_loss", "final_train_loss", "best_val_loss", "final_val_loss",
+           "test_acc", "train_seconds",
            "seconds_per_epoch", "device", "status"]
 
 
@@ -69,8 +70,9 @@ def _history(client, run_id: str, key: str) -> list[float]:
 def comparison_row(client, run) -> dict:
     """One row; a value the run did not log is an empty string."""
     p, m = run.data.params, run.data.metrics
-    train_acc = _history(client, run.info.run_id, "train_acc")
-    epoch_seconds = _history(client, run.info.run_id, "epoch_seconds")
+    history = {key: _history(client, run.info.run_id, key)
+               for key in ("train_acc", "train_loss", "val_loss", "epoch_seconds")}
+    train_acc, epoch_seconds = history["train_acc"], history["epoch_seconds"]
     stop = p.get("stop_epoch", "")
     return {
         "run": run.info.run_id[:8],
@@ -86,7 +88,9 @@ def comparison_row(client, run) -> dict:
         "final_train_acc": m.get("train_acc", ""),
         "best_val_acc": m.get("best_val_acc", ""),
         "final_val_acc": m.get("val_acc", ""),
+        "best_train_loss": min(history["train_loss"]) if history["train_loss"] else "",
         "final_train_loss": m.get("train_loss", ""),
+        "best_val_loss": min(history["val_loss"]) if history["val_loss"] else "",
         "final_val_loss": m.get("val_loss", ""),
         "test_acc": m.get("test_acc", ""),
         "train_seconds": m.get("train_seconds", ""),
