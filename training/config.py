@@ -63,6 +63,10 @@ class TrainConfig:
     patience: int = opt(10, "early stopping: epochs without improvement before stopping (0: off)")
     min_delta: float = opt(0.0, "early stopping: smallest change that counts as improvement")
     monitor: str = opt("val_acc", "early stopping: metric to watch", ("val_acc", "val_loss"))
+    checkpoint_every: int = opt(1, "save a checkpoint every N epochs (0: never); epoch metrics "
+                                   "reach MLflow with each checkpoint")
+    resume: str | None = opt(None, "RUN_ID or 'last': continue that run from its checkpoint "
+                                   "(its own settings are used)")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
                                          "else sqlite:///mlruns/mlflow.db)")
     experiment: str = opt("training", "MLflow experiment name")
@@ -85,7 +89,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number (got {self.lr})")
-        for name in ("weight_decay", "momentum", "min_delta", "crop_padding", "patience"):
+        for name in ("weight_decay", "momentum", "min_delta", "crop_padding", "patience",
+                     "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
         if not 0 <= self.label_smoothing < 1:

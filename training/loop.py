@@ -25,6 +25,14 @@ class StopTraining(Exception):
     """Raised from an epoch callback to end training on purpose (the tuner's pruning)."""
 
 
+class StopRequested(Exception):
+    """`stop_requested()` became true (SIGINT/SIGTERM): raised after the step in progress."""
+
+
+def never() -> bool:
+    return False
+
+
 def no_progress(batches: Iterable, desc: str) -> Iterable:
     return batches
 
@@ -40,7 +48,7 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], contextli
 def train_epoch(model: nn.Module, loader: DeviceLoader, optimizer: torch.optim.Optimizer,
                 loss_fn: nn.Module, *, scheduler=None, autocast=contextlib.nullcontext,
                 scaler: torch.amp.GradScaler | None = None, progress: Progress = no_progress,
-                desc: str = "train") -> dict[str, float]:
+                desc: str = "train", stop_requested: Callable[[], bool] = never) -> dict[str, float]:
     """One pass over `loader`. Sums stay on the device; the host reads them once, at the end."""
     model.train()
     device = loader.device
@@ -64,6 +72,8 @@ def train_epoch(model: nn.Module, loader: DeviceLoader, optimizer: torch.optim.O
         loss_sum += loss.detach().float() * y.shape[0]
         correct += (out.detach().argmax(1) == y).sum()
         seen += y.shape[0]
+        if stop_requested():
+            raise StopRequested
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
 
 
@@ -114,6 +124,14 @@ class EarlyStopping:
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
 
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.best_state = state["best_state"]
+
 
 @dataclass
 class FitResult:
@@ -136,19 +154,23 @@ def fit(model: nn.Module, train_loader: DeviceLoader, val_loader: DeviceLoader,
         optimizer: torch.optim.Optimizer, loss_fn: nn.Module, epochs: int, num_classes: int, *,
         scheduler=None, stopper: EarlyStopping | None = None, precision: str = "fp32",
         on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None,
-        progress: Progress = no_progress) -> FitResult:
-    """Train for up to `epochs`, validating after each; restores the best weights at the end."""
+        progress: Progress = no_progress, scaler: torch.amp.GradScaler | None = None,
+        start: FitResult | None = None, stop_requested: Callable[[], bool] = never) -> FitResult:
+    """Train for up to `epochs`, validating after each; restores the best weights at the end.
+
+    `start` continues a resumed run after the epochs in its history. `on_epoch` runs once the
+    epoch is recorded everywhere, early stopping included, so a checkpoint taken there is whole.
+    """
     stopper = stopper or EarlyStopping(patience=0)
     device = train_loader.device
     autocast = autocast_for(device, precision)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    result = FitResult()
-    for epoch in range(1, epochs + 1):
+    result = start or FitResult()
+    for epoch in range(result.epochs_run + 1, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         metrics = train_epoch(model, train_loader, optimizer, loss_fn, scheduler=scheduler,
                               autocast=autocast, scaler=scaler, progress=progress,
-                              desc=f"epoch {epoch}/{epochs}")
+                              desc=f"epoch {epoch}/{epochs}", stop_requested=stop_requested)
         train_seconds = time.perf_counter() - start
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"the training loss became {metrics['train_loss']} in epoch "
@@ -159,9 +181,11 @@ def fit(model: nn.Module, train_loader: DeviceLoader, val_loader: DeviceLoader,
                        images_per_second=train_loader.num_images / train_seconds)
         result.history.append(metrics)
         result.train_seconds += seconds
-        on_epoch(epoch, metrics)
-        if stopper.step(epoch, metrics, model):
+        stop = stopper.step(epoch, metrics, model)
+        if stop:
             result.stopped_epoch = epoch
+        on_epoch(epoch, metrics)
+        if stop:
             break
     stopper.restore(model)
     result.best_epoch, result.best_value = stopper.best_epoch, stopper.best_value

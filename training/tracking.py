@@ -45,6 +45,16 @@ def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
 
+def log_missing_epochs(run_id: str, history: list[dict[str, float]]) -> None:
+    """Log the epochs of `history` that the run lacks (a crash between checkpoint and log)."""
+    from mlflow.tracking import MlflowClient
+
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")}
+    for epoch, metrics in enumerate(history, start=1):
+        if epoch not in logged:
+            log_epoch(epoch, metrics)
+
+
 def log_final_report(history: list[dict[str, float]], best_epoch: int, test: dict,
                      classes: list[str], summary: str, config: dict) -> list[dict]:
     """Curves, confusion matrix, per-class scores, model summary and config as artifacts.

@@ -6,6 +6,8 @@ registry). `train(cfg)` is the importable entry; `main()` adds the CLI and its e
 from __future__ import annotations
 
 import re
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -26,8 +28,9 @@ from shared.store import tracking_uri, ui_command, use_store
 from shared.tracking import ensure_experiment, log_classifier, register_version
 from training import tracking
 from training.config import ConfigError, TrainConfig, parse_args
-from training.loop import (EarlyStopping, NonFiniteLossError, StopTraining, autocast_for,
-                           evaluate, fit)
+from training import checkpoint
+from training.loop import (EarlyStopping, NonFiniteLossError, StopRequested, StopTraining,
+                           autocast_for, evaluate, fit, never)
 from training.report import model_summary
 
 
@@ -130,12 +133,16 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
           epoch_hook: Callable[[int, dict[str, float]], None] | None = None,
           trial: bool = False, parent_run_id: str | None = None,
           tags: dict[str, str] | None = None,
-          on_run_start: Callable[[str], None] | None = None) -> TrainResult:
+          on_run_start: Callable[[str], None] | None = None,
+          resume_from: dict | None = None, run_id: str | None = None,
+          stop_requested: Callable[[], bool] = never) -> TrainResult:
     """Run one tracked training run. Bad input raises before any MLflow run is created.
 
     `epoch_hook(epoch, metrics)` runs after each logged epoch and may raise StopTraining (the
     tuner prunes this way). A `trial` run is a child of `parent_run_id` and stops after
     validation: no test set, no model, no registry, as tuning must never see the test set.
+    `resume_from` (a checkpoint) with `run_id` continues that run where the checkpoint ends.
+    Once `stop_requested()` is true, the step in progress finishes and the run ends KILLED.
     """
     prepared = prepared or prepare(cfg, log)
     device, data, num_classes = prepared.device, prepared.data, prepared.num_classes
@@ -166,6 +173,11 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    start = None
+    if resume_from is not None:
+        start = checkpoint.restore(resume_from, model, optimizer, scheduler, scaler, stopper,
+                                   train_loader)
     trainable, total = count_parameters(model)
     info = describe_device(device)
 
@@ -175,10 +187,14 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     weights_source = ("scratch" if cfg.weights == "none" else cfg.weights if cfg.weights == "imagenet"
                       else f"checkpoint:{cfg.weights}")
     run_name = cfg.run_name or f"{cfg.model}-{'scratch' if cfg.weights == 'none' else 'finetuned'}"
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                           parent_run_id=parent_run_id, nested=parent_run_id is not None,
-                           log_system_metrics=cfg.system_metrics)
-    run_id = run.info.run_id
+    if run_id is None:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                               parent_run_id=parent_run_id, nested=parent_run_id is not None,
+                               log_system_metrics=cfg.system_metrics)
+        run_id = run.info.run_id
+    else:  # resuming: the same run goes back to RUNNING
+        mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics)
+    ckpt_path = checkpoint.checkpoint_path(uri, run_id)
     if on_run_start is not None:
         on_run_start(run_id)
     log(f"MLflow run {run_id} ({run_name}) in experiment '{cfg.experiment}' at {uri}")
@@ -187,25 +203,46 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         f"{info['device_name']}, {precision}")
     status = "FAILED"
     epochs_done: list[int] = []
+    history = list(start.history) if start else []
+    unlogged: list[tuple[int, dict[str, float]]] = []
+    saved_epoch = [start.epochs_run] if start else [0]  # the last epoch in a checkpoint
     try:
-        mlflow.set_tags({**tracking.run_tags(data), **(tags or {})})
-        tracking.log_params({
-            **cfg.to_dict(),
-            "weights_source": weights_source, "fine_tuned": cfg.weights != "none",
-            "frozen_layers": "none" if cfg.freeze == "none" else f"all but {spec.head}",
-            **info, "precision_resolved": precision, "epochs_requested": cfg.epochs,
-            "early_stopping": (f"patience={cfg.patience},min_delta={cfg.min_delta},"
-                               f"monitor={cfg.monitor}") if cfg.patience else "off",
-            "train_size": n_train, "val_size": len(prepared.val[1]),
-            "test_size": len(prepared.test[1]), "num_classes": num_classes,
-            "classes": ",".join(data.classes), "image_size_resolved": prep.image_size,
-            "input_size_resolved": prep.input_size, "normalize_mean": list(mean),
-            "normalize_std": list(std), "trainable_params": trainable, "total_params": total,
-        })
+        if start is not None:
+            log(f"resumed after epoch {start.epochs_run} from {ckpt_path}")
+            tracking.log_missing_epochs(run_id, start.history)
+        else:
+            mlflow.set_tags({**tracking.run_tags(data), **(tags or {}),
+                             **({checkpoint.CHECKPOINT_TAG: str(ckpt_path)} if cfg.checkpoint_every else {})})
+            tracking.log_params({
+                **cfg.to_dict(),
+                "weights_source": weights_source, "fine_tuned": cfg.weights != "none",
+                "frozen_layers": "none" if cfg.freeze == "none" else f"all but {spec.head}",
+                **info, "precision_resolved": precision, "epochs_requested": cfg.epochs,
+                "early_stopping": (f"patience={cfg.patience},min_delta={cfg.min_delta},"
+                                   f"monitor={cfg.monitor}") if cfg.patience else "off",
+                "train_size": n_train, "val_size": len(prepared.val[1]),
+                "test_size": len(prepared.test[1]), "num_classes": num_classes,
+                "classes": ",".join(data.classes), "image_size_resolved": prep.image_size,
+                "input_size_resolved": prep.input_size, "normalize_mean": list(mean),
+                "normalize_std": list(std), "trainable_params": trainable, "total_params": total,
+            })
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             epochs_done.append(epoch)
-            tracking.log_epoch(epoch, metrics)
+            history.append(metrics)
+            unlogged.append((epoch, metrics))
+            # checkpoint first, then log: after a crash, MLflow never holds an epoch that the
+            # checkpoint lacks, so a resumed run logs no epoch twice
+            if not cfg.checkpoint_every:
+                tracking.log_epoch(epoch, metrics)
+                unlogged.clear()
+            elif epoch % cfg.checkpoint_every == 0 or stopper.stopped_epoch == epoch:
+                checkpoint.save(ckpt_path, checkpoint.state(cfg, epoch, history, model, optimizer,
+                                                            scheduler, scaler, stopper, train_loader))
+                saved_epoch.append(epoch)
+                for done, values in unlogged:
+                    tracking.log_epoch(done, values)
+                unlogged.clear()
             log(epoch_line(epoch, cfg.epochs, metrics))
             if epoch_hook is not None:
                 epoch_hook(epoch, metrics)
@@ -217,7 +254,9 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
 
         result = fit(model, train_loader, val_loader, optimizer, loss_fn, cfg.epochs, num_classes,
                      scheduler=scheduler, stopper=stopper, precision=precision, on_epoch=on_epoch,
-                     progress=progress)
+                     progress=progress, scaler=scaler, start=start, stop_requested=stop_requested)
+        for done, values in unlogged:
+            tracking.log_epoch(done, values)
         stop_note = (f"stopped early at epoch {result.stopped_epoch} (best epoch {result.best_epoch})"
                      if result.stopped_epoch else "ran every requested epoch")
         log(f"{stop_note}; best weights from epoch {result.best_epoch} restored")
@@ -233,17 +272,20 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         if not trial:
             finish(cfg, outcome, test_loader, loss_fn, precision, data, weights_source)
         status = "FINISHED"
+        shutil.rmtree(ckpt_path.parent, ignore_errors=True)  # nothing left to resume
         return outcome
     except StopTraining as exc:
         status = "KILLED"
         mlflow.set_tags({"stop_reason": str(exc), "epochs_run": len(epochs_done)})
         raise
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopRequested):
         status = "KILLED"
-        mlflow.set_tags({"stop_reason": "interrupted by the user (Ctrl-C); metrics logged so far "
-                                        "are kept", "epochs_run": len(epochs_done)})
-        raise TrainingInterrupted(f"interrupted: run {run_id} marked KILLED; the epochs it "
-                                  "finished stay logged") from None
+        saved = saved_epoch[-1]
+        how = (f"resume after epoch {saved}: python -m training.train --resume {run_id}"
+               if saved else "no checkpoint was saved yet, so it cannot be resumed")
+        mlflow.set_tags({"stop_reason": f"interrupted; {how}", "epochs_run": len(epochs_done)})
+        raise TrainingInterrupted(f"interrupted: run {run_id} marked KILLED, the epochs it "
+                                  f"logged are kept; {how}") from None
     except Exception as exc:
         reason = str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
         mlflow.set_tags({"failure_reason": reason, "epochs_run": len(epochs_done)})
@@ -275,7 +317,7 @@ def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, lo
                   "run_id": outcome.run_id})
 
 
-BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError)
+BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError)
 
 
 def run_command(body: Callable[[], int]) -> int:
@@ -294,15 +336,59 @@ def run_command(body: Callable[[], int]) -> int:
         return 130
 
 
+class StopSignals:
+    """SIGINT/SIGTERM: the first asks training to stop after the step in progress; a second
+    exits at once. Installed by the command, never by the importable `train()`."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict, str]:
+    """The resumed run's own config, its checkpoint and its id."""
+    uri = tracking_uri(cfg.tracking_uri)
+    run_id = checkpoint.find_resumable(uri, cfg.resume)
+    ckpt = checkpoint.load(checkpoint.checkpoint_path(uri, run_id))
+    settings = {**ckpt["config"], "resume": None, "tracking_uri": cfg.tracking_uri or ckpt["config"]["tracking_uri"]}
+    return TrainConfig(**settings), ckpt, run_id
+
+
 def main(argv: list[str] | None = None) -> int:
+    signals = StopSignals()
+
     def body() -> int:
         cfg, _ = parse_args(argv)
         if cfg is None:
             print(describe_models())
             return 0
+        resume_from = run_id = None
+        if cfg.resume:
+            cfg, resume_from, run_id = resume_config(cfg)
+            print(f"resuming run {run_id} after epoch {resume_from['epoch']}")
         print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
         start = time.perf_counter()
-        result = train(cfg)
+        with signals:
+            result = train(cfg, resume_from=resume_from, run_id=run_id,
+                           stop_requested=signals.requested)
         print(f"\nrun {result.run_id}: test accuracy {result.test_acc:.4f} "
               f"(best val {result.best_val_acc:.4f}, {result.epochs_run} epochs, "
               f"{time.perf_counter() - start:.0f} s)")
@@ -312,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri))}")
         return 0
 
-    return run_command(body)
+    code = run_command(body)
+    return 128 + signals.received if code == 130 and signals.received else code
 
 
 if __name__ == "__main__":

@@ -179,8 +179,9 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.space)
+        # a trial is short and the study itself resumes: no checkpoints
         trial_cfg = training_settings(self.cfg, **params, run_name=f"trial-{trial.number}",
-                                      no_register=True)
+                                      no_register=True, checkpoint_every=0)
         self.log(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
                                                        else f"{k}={v}" for k, v in params.items()))
 

@@ -1,0 +1,139 @@
+"""Nothing lost: checkpoints, resume, and real processes interrupted by signals."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import training.train
+from training import checkpoint
+from training.train import TrainingInterrupted, resume_config, train
+
+
+def quiet(*_):
+    pass
+
+
+def steps(store, run_id, key="val_acc"):
+    return [m.step for m in sorted(MlflowClient(store).get_metric_history(run_id, key),
+                                   key=lambda m: m.step)]
+
+
+def values(store, run_id, key):
+    return [m.value for m in sorted(MlflowClient(store).get_metric_history(run_id, key),
+                                    key=lambda m: m.step)]
+
+
+def stop_after_steps(n):
+    calls = []
+
+    def requested():
+        calls.append(1)
+        return len(calls) > n
+    return requested
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one(train_config, store):
+    cfg = train_config(epochs=4, seed=3)
+    whole = train(cfg, log=quiet)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(cfg, log=quiet, stop_requested=stop_after_steps(8))  # 3 steps per epoch: mid-epoch 3
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("training").experiment_id
+    (killed,) = [r for r in client.search_runs([experiment]) if r.info.status == "KILLED"]
+    assert steps(store, killed.info.run_id) == [1, 2]
+    resumed_cfg, ckpt, run_id = resume_config(train_config(resume="last"))
+    assert run_id == killed.info.run_id and ckpt["epoch"] == 2
+    result = train(resumed_cfg, log=quiet, resume_from=ckpt, run_id=run_id)
+    assert MlflowClient(store).get_run(run_id).info.status == "FINISHED"
+    assert steps(store, run_id) == [1, 2, 3, 4]
+    assert values(store, run_id, "val_loss") == pytest.approx(values(store, whole.run_id, "val_loss"),
+                                                              abs=1e-5)
+    assert result.test_acc == pytest.approx(whole.test_acc)
+    assert not checkpoint.checkpoint_path(store, run_id).exists()  # removed once finished
+
+
+def test_a_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "run" / "last.pt"
+    checkpoint.save(path, {"epoch": 1})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(path, {"epoch": 2})
+    assert checkpoint.load(path) == {"epoch": 1}
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_resuming_a_finished_run_is_refused(train_config, store):
+    result = train(train_config(epochs=1), log=quiet)
+    with pytest.raises(checkpoint.ResumeError, match="already finished"):
+        resume_config(train_config(resume=result.run_id))
+
+
+def test_resume_last_without_any_checkpoint_says_so(train_config):
+    with pytest.raises(checkpoint.ResumeError, match="no unfinished run"):
+        resume_config(train_config(resume="last"))
+
+
+def command(image_folder, store, tmp_path, *extra):
+    return [sys.executable, "-m", "training.train", "--model", "cnn", "--data-dir", str(image_folder),
+            "--cache-dir", str(tmp_path / "cache"), "--tracking-uri", store, "--batch-size", "16",
+            "--val-fraction", "0.2", "--no-system-metrics", "--no-progress", "--device", "cpu",
+            "--patience", "0", *extra]
+
+
+def run_until_epoch(cmd, epoch):
+    """Start a training process and return it once it has printed `epoch`'s line."""
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith(f"epoch {epoch:>3}/"):
+            return process
+    process.wait()
+    pytest.fail(f"the process ended before epoch {epoch}")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+def test_a_killed_training_process_resumes_with_no_gap_or_duplicate(sig, code, image_folder, store,
+                                                                     tmp_path):
+    process = run_until_epoch(command(image_folder, store, tmp_path, "--epochs", "20"), 2)
+    process.send_signal(sig)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == code, output[-1500:]
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("training").experiment_id])
+    if sig != signal.SIGKILL:
+        assert run.info.status == "KILLED" and "--resume" in run.data.tags["stop_reason"]
+    else:
+        assert run.info.status == "RUNNING"  # no chance to clean up
+    resumed = subprocess.run(command(image_folder, store, tmp_path, "--resume", "last"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-1500:] + resumed.stderr[-1500:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "test_acc" in run.data.metrics
+    assert steps(store, run.info.run_id) == list(range(1, 21))
+    registry = MlflowClient(store, registry_uri=store)
+    assert registry.get_model_version_by_alias("tiny-cnn", "champion").run_id == run.info.run_id
+
+
+def test_four_concurrent_runs_on_one_store_lose_no_metric(image_folder, store, tmp_path):
+    from shared.tracking import ensure_experiment
+    ensure_experiment("training", store)  # as the README says: create the store before workers
+    cmds = [command(image_folder, store, tmp_path, "--model", "mlp", "--epochs", "5", "--seed", str(i),
+                    "--no-register") for i in range(4)]
+    processes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for c in cmds]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0] * 4, [o[-800:] for o in outputs]
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("training").experiment_id])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        for key in ("train_loss", "val_acc", "epoch_seconds"):
+            assert steps(store, run.info.run_id, key) == [1, 2, 3, 4, 5]
+        assert "test_acc" in run.data.metrics

@@ -1,0 +1,104 @@
+"""Checkpoints tied to MLflow runs: where they live, written atomically, found for --resume."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_TAG = "checkpoint"
+
+
+class ResumeError(Exception):
+    """A run that cannot be resumed; the message says why."""
+
+
+def checkpoint_path(uri: str, run_id: str) -> Path:
+    """<store folder>/checkpoints/<run id>/last.pt: beside the SQLite database, else ./mlruns."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+    else:
+        folder = Path.cwd() / "mlruns"
+    return folder / "checkpoints" / run_id / "last.pt"
+
+
+def save(path: Path, state: dict) -> None:
+    """Write to a temporary file, then rename: a crash mid-write never breaks the last one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".last-", suffix=".pt", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ResumeError(f"no checkpoint at {path}; the run saved none (was it started with "
+                          "--checkpoint-every 0, or did it fail before its first epoch ended?)") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file
+        raise ResumeError(f"the checkpoint {path} cannot be read: {exc}") from exc
+
+
+def find_resumable(uri: str, spec: str) -> str:
+    """The run id to resume: `spec` itself, or for "last" the newest unfinished run with a
+    checkpoint in the store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if spec != "last":
+        try:
+            run = client.get_run(spec)
+        except Exception as exc:  # noqa: BLE001 - unknown id
+            raise ResumeError(f"no run {spec!r} in {uri}: {exc}") from exc
+        if run.info.status == "FINISHED":
+            raise ResumeError(f"run {spec} already finished; nothing to resume")
+        return spec
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.{CHECKPOINT_TAG} != '' and "
+                                           "attributes.status != 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ResumeError(f"no unfinished run with a checkpoint in {uri}")
+    return runs[0].info.run_id
+
+
+def state(cfg, epoch: int, history: list[dict], model, optimizer, scheduler, scaler, stopper,
+          loader) -> dict:
+    """Everything a resumed run needs to go on as if it had not stopped."""
+    return {
+        "format": 1, "epoch": epoch, "config": cfg.to_dict(), "history": list(history),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "stopper": stopper.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "loader": loader.generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+
+
+def restore(ckpt: dict, model, optimizer, scheduler, scaler, stopper, loader):
+    """Load a checkpoint into freshly built training objects; returns the FitResult to start from."""
+    from training.loop import FitResult
+
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt["scheduler"] is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    stopper.load_state_dict(ckpt["stopper"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    loader.generator.set_state(ckpt["rng"]["loader"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    history = list(ckpt["history"])
+    return FitResult(history=history, train_seconds=sum(h["epoch_seconds"] for h in history))
