@@ -7,7 +7,6 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-import training.train
 from training import checkpoint
 from training.train import TrainingInterrupted, resume_config, train
 
