@@ -51,8 +51,9 @@ class ImageListModel(QAbstractListModel):
         if role == Qt.ItemDataRole.DecorationRole:
             return item.thumbnail or self.placeholder
         if role == Qt.ItemDataRole.ToolTipRole:
-            return item.path + (f"\n{item.prediction.error}" if item.prediction and
-                                item.prediction.error else "")
+            notes = [item.prediction.error if item.prediction else None, item.display_error and
+                     f"thumbnail {item.display_error}"]
+            return "\n".join([item.path, *filter(None, notes)])
         if role == Qt.ItemDataRole.ForegroundRole and item.prediction and item.prediction.error:
             return QColor("darkred")
         if role == ItemRole:

@@ -145,10 +145,6 @@ class FitResult:
     def epochs_run(self) -> int:
         return len(self.history)
 
-    @property
-    def best(self) -> dict[str, float]:
-        return self.history[self.best_epoch - 1]
-
 
 def fit(model: nn.Module, train_loader: DeviceLoader, val_loader: DeviceLoader,
         optimizer: torch.optim.Optimizer, loss_fn: nn.Module, epochs: int, num_classes: int, *,

@@ -218,8 +218,8 @@ class Objective:
             MlflowClient().set_tag(run_id, "optuna_state", state)
 
 
-def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study, bool]:
-    """(study, created). Workers only load; the lead creates or resumes."""
+def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    """Workers only load the study; the lead creates or resumes it."""
     direction = "maximize" if cfg.objective == "val_acc" else "minimize"
     sampler = optuna.samplers.TPESampler(seed=None if cfg.worker else cfg.seed)
     if cfg.worker:  # the lead may be starting at the same moment: give it time
@@ -227,7 +227,7 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage, name: str)
         while True:
             try:
                 return optuna.load_study(study_name=name, storage=storage, sampler=sampler,
-                                         pruner=make_pruner(cfg)), False
+                                         pruner=make_pruner(cfg))
             except KeyError:
                 if time.monotonic() > deadline:
                     raise ConfigError(f"--worker: no study {name!r} appeared in the storage within "
@@ -235,16 +235,15 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage, name: str)
                                       "--worker) first") from None
                 time.sleep(1)
     try:
-        study = optuna.create_study(study_name=name, storage=storage, direction=direction,
-                                    sampler=sampler, pruner=make_pruner(cfg))
-        return study, True
+        return optuna.create_study(study_name=name, storage=storage, direction=direction,
+                                   sampler=sampler, pruner=make_pruner(cfg))
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler,
                                   pruner=make_pruner(cfg))
     if study.direction.name.lower() != direction:
         raise ConfigError(f"study {name!r} {study.direction.name.lower()}s; --objective "
                           f"{cfg.objective} would {direction} it. Use another --study-name.")
-    return study, False
+    return study
 
 
 def wait_for_parent(study: optuna.Study, seconds: float = 120) -> str:
@@ -331,7 +330,7 @@ def tune(cfg: TuneConfig, log=print) -> dict:
     prepared = prepare(cfg, log)
     use_store(uri)
     experiment_id = ensure_experiment(cfg.experiment, uri)
-    study, created = open_study(cfg, storage, name)
+    study = open_study(cfg, storage, name)
     log(f"study {name!r} in {storage_url}: {finished_count(study)} of {cfg.trials} trials finished")
 
     if cfg.worker:
