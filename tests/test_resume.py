@@ -7,6 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+import training.train
 from training import checkpoint
 from training.train import TrainingInterrupted, resume_config, train
 
@@ -136,3 +137,51 @@ def test_four_concurrent_runs_on_one_store_lose_no_metric(image_folder, store, t
         for key in ("train_loss", "val_acc", "epoch_seconds"):
             assert steps(store, run.info.run_id, key) == [1, 2, 3, 4, 5]
         assert "test_acc" in run.data.metrics
+
+
+class Outage:
+    """mlflow.log_metrics fails while `down` is true, as with a tracking server gone away."""
+
+    def __init__(self, monkeypatch):
+        import mlflow
+        self.down, self.real = False, mlflow.log_metrics
+        monkeypatch.setattr(mlflow, "log_metrics", self)
+
+    def __call__(self, *args, **kwargs):
+        if self.down:
+            raise ConnectionError("tracking server unreachable")
+        return self.real(*args, **kwargs)
+
+
+def test_training_goes_on_while_the_store_is_down_and_logs_every_epoch_once_it_is_back(
+        train_config, store, monkeypatch):
+    outage = Outage(monkeypatch)
+    messages = []
+
+    def hook(epoch, metrics):
+        outage.down = epoch in (1, 2)  # fails while logging epochs 2 and 3
+
+    result = train(train_config(epochs=5, patience=0), log=messages.append, epoch_hook=hook)
+    assert steps(store, result.run_id) == [1, 2, 3, 4, 5]
+    assert any("did not take epoch 2" in m and "training goes on" in m for m in messages)
+    assert any("answers again" in m for m in messages)
+    assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_a_store_still_down_at_the_end_keeps_the_checkpoint_and_resume_finishes_the_run(
+        train_config, store, monkeypatch):
+    outage = Outage(monkeypatch)
+
+    def hook(epoch, metrics):
+        outage.down = epoch >= 2
+
+    with pytest.raises(training.train.StoreUnavailable, match="--resume"):
+        train(train_config(epochs=4, patience=0), log=quiet, epoch_hook=hook)
+    outage.down = False
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("training").experiment_id])
+    assert steps(store, run.info.run_id) == [1, 2]
+    cfg, ckpt, run_id = resume_config(train_config(resume=run.info.run_id))
+    result = train(cfg, log=quiet, resume_from=ckpt, run_id=run_id)
+    assert steps(store, run_id) == [1, 2, 3, 4] and result.epochs_run == 4
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -101,4 +101,5 @@ def restore(ckpt: dict, model, optimizer, scheduler, scaler, stopper, loader):
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     history = list(ckpt["history"])
-    return FitResult(history=history, train_seconds=sum(h["epoch_seconds"] for h in history))
+    return FitResult(history=history, train_seconds=sum(h["epoch_seconds"] for h in history),
+                     stopped_epoch=stopper.stopped_epoch)

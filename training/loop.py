@@ -126,11 +126,11 @@ class EarlyStopping:
 
     def state_dict(self) -> dict:
         return {"best_value": self.best_value, "best_epoch": self.best_epoch,
-                "best_state": self.best_state}
+                "best_state": self.best_state, "stopped_epoch": self.stopped_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
-        self.best_state = state["best_state"]
+        self.best_state, self.stopped_epoch = state["best_state"], state["stopped_epoch"]
 
 
 @dataclass
@@ -161,7 +161,8 @@ def fit(model: nn.Module, train_loader: DeviceLoader, val_loader: DeviceLoader,
     device = train_loader.device
     autocast = autocast_for(device, precision)
     result = start or FitResult()
-    for epoch in range(result.epochs_run + 1, epochs + 1):
+    first = result.epochs_run + 1 if result.stopped_epoch is None else epochs + 1
+    for epoch in range(first, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         metrics = train_epoch(model, train_loader, optimizer, loss_fn, scheduler=scheduler,

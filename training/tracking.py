@@ -45,6 +45,37 @@ def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
 
+class EpochLog:
+    """Per-epoch metrics on their way to MLflow. When the store does not take them (a tracking
+    server gone, a full or read-only disk) training goes on, and every later flush retries."""
+
+    def __init__(self, log=print):
+        self.pending: list[tuple[int, dict[str, float]]] = []
+        self.log, self.failing = log, False
+
+    def add(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.pending.append((epoch, metrics))
+
+    def flush(self) -> bool:
+        """Log what is pending, oldest first; False if the store still refuses."""
+        while self.pending:
+            epoch, metrics = self.pending[0]
+            try:
+                log_epoch(epoch, metrics)
+            except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
+                if not self.failing:
+                    self.log(f"warning: the tracking store did not take epoch {epoch}'s metrics "
+                             f"({type(exc).__name__}: {exc}); training goes on and retries "
+                             "after every epoch")
+                self.failing = True
+                return False
+            self.pending.pop(0)
+        if self.failing:
+            self.log("the tracking store answers again; every epoch so far is logged")
+            self.failing = False
+        return True
+
+
 def log_missing_epochs(run_id: str, history: list[dict[str, float]]) -> None:
     """Log the epochs of `history` that the run lacks (a crash between checkpoint and log)."""
     from mlflow.tracking import MlflowClient

@@ -38,6 +38,10 @@ class TrainingInterrupted(Exception):
     """Ctrl-C during training; the run was marked KILLED with what it had logged."""
 
 
+class StoreUnavailable(Exception):
+    """The tracking store stopped answering and did not come back before the run ended."""
+
+
 @dataclass
 class TrainResult:
     run_id: str
@@ -204,7 +208,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     status = "FAILED"
     epochs_done: list[int] = []
     history = list(start.history) if start else []
-    unlogged: list[tuple[int, dict[str, float]]] = []
+    epoch_log = tracking.EpochLog(log)
     saved_epoch = [start.epochs_run] if start else [0]  # the last epoch in a checkpoint
     try:
         if start is not None:
@@ -230,19 +234,16 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             epochs_done.append(epoch)
             history.append(metrics)
-            unlogged.append((epoch, metrics))
+            epoch_log.add(epoch, metrics)
             # checkpoint first, then log: after a crash, MLflow never holds an epoch that the
             # checkpoint lacks, so a resumed run logs no epoch twice
-            if not cfg.checkpoint_every:
-                tracking.log_epoch(epoch, metrics)
-                unlogged.clear()
-            elif epoch % cfg.checkpoint_every == 0 or stopper.stopped_epoch == epoch:
+            if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0
+                                         or stopper.stopped_epoch == epoch):
                 checkpoint.save(ckpt_path, checkpoint.state(cfg, epoch, history, model, optimizer,
                                                             scheduler, scaler, stopper, train_loader))
                 saved_epoch.append(epoch)
-                for done, values in unlogged:
-                    tracking.log_epoch(done, values)
-                unlogged.clear()
+            if not cfg.checkpoint_every or saved_epoch[-1] == epoch:
+                epoch_log.flush()
             log(epoch_line(epoch, cfg.epochs, metrics))
             if epoch_hook is not None:
                 epoch_hook(epoch, metrics)
@@ -255,8 +256,12 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         result = fit(model, train_loader, val_loader, optimizer, loss_fn, cfg.epochs, num_classes,
                      scheduler=scheduler, stopper=stopper, precision=precision, on_epoch=on_epoch,
                      progress=progress, scaler=scaler, start=start, stop_requested=stop_requested)
-        for done, values in unlogged:
-            tracking.log_epoch(done, values)
+        if not epoch_log.flush():
+            kept = (f"the trained state is in {ckpt_path}; once the store answers, "
+                    f"`python -m training.train --resume {run_id}` logs them and finishes the run"
+                    if cfg.checkpoint_every else "they are lost (checkpoints were off)")
+            raise StoreUnavailable(f"the tracking store still does not answer: "
+                                   f"{len(epoch_log.pending)} epoch(s) are not logged; {kept}")
         stop_note = (f"stopped early at epoch {result.stopped_epoch} (best epoch {result.best_epoch})"
                      if result.stopped_epoch else "ran every requested epoch")
         log(f"{stop_note}; best weights from epoch {result.best_epoch} restored")
@@ -276,22 +281,31 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         return outcome
     except StopTraining as exc:
         status = "KILLED"
-        mlflow.set_tags({"stop_reason": str(exc), "epochs_run": len(epochs_done)})
+        _quietly(mlflow.set_tags, {"stop_reason": str(exc), "epochs_run": len(epochs_done)})
         raise
     except (KeyboardInterrupt, StopRequested):
         status = "KILLED"
         saved = saved_epoch[-1]
         how = (f"resume after epoch {saved}: python -m training.train --resume {run_id}"
                if saved else "no checkpoint was saved yet, so it cannot be resumed")
-        mlflow.set_tags({"stop_reason": f"interrupted; {how}", "epochs_run": len(epochs_done)})
+        _quietly(mlflow.set_tags, {"stop_reason": f"interrupted; {how}",
+                                   "epochs_run": len(epochs_done)})
         raise TrainingInterrupted(f"interrupted: run {run_id} marked KILLED, the epochs it "
                                   f"logged are kept; {how}") from None
     except Exception as exc:
         reason = str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
-        mlflow.set_tags({"failure_reason": reason, "epochs_run": len(epochs_done)})
+        _quietly(mlflow.set_tags, {"failure_reason": reason, "epochs_run": len(epochs_done)})
         raise
     finally:
-        mlflow.end_run(status)
+        _quietly(mlflow.end_run, status)
+
+
+def _quietly(call: Callable, *args) -> None:
+    """Record an ending on a best-effort basis: the store may be the very thing that failed."""
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, loss_fn: nn.Module,
@@ -318,6 +332,7 @@ def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, lo
 
 
 BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError)
+RUN_FAILED = (NonFiniteLossError, StoreUnavailable)
 
 
 def run_command(body: Callable[[], int]) -> int:
@@ -328,8 +343,9 @@ def run_command(body: Callable[[], int]) -> int:
     except BAD_INPUT as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}. The run was marked FAILED.", file=sys.stderr)
+    except RUN_FAILED as exc:
+        print(f"error: {exc}. The run was marked FAILED (if the store could be told).",
+              file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
