@@ -1,6 +1,7 @@
 """What a training run writes to MLflow: params, tags, per-epoch metrics and the final report."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import torchvision
 
 from shared.data import ImageData
 from training import report
+
+# MLflow retries a failing HTTP call 7 times with doubling waits (minutes per call); a training
+# run retries its epoch metrics itself after every epoch, so a gone server should cost seconds
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
 def git_commit() -> str:
