@@ -335,7 +335,9 @@ class MainWindow(QMainWindow):
             return
         for p in predictions:
             self.images.set_prediction(p)
-        self._show_detail(self.grid.currentIndex())
+        current = self.images.data(self.grid.currentIndex(), ItemRole)
+        if current is not None and current.path in {p.path for p in predictions}:
+            self._show_prediction(current)  # the preview image itself is unchanged
 
     @Slot(int, bool)
     def _finished(self, job: int, cancelled: bool) -> None:
@@ -354,6 +356,7 @@ class MainWindow(QMainWindow):
 
     @Slot()
     def _show_detail(self, index) -> None:
+        """A newly selected image: decode its preview, then show its prediction."""
         item = self.images.data(index, ItemRole) if index is not None and index.isValid() else None
         if item is None:
             return
@@ -362,6 +365,9 @@ class MainWindow(QMainWindow):
             self.preview.setText("(cannot be shown)")
         else:
             self.preview.setPixmap(QPixmap.fromImage(image))
+        self._show_prediction(item)
+
+    def _show_prediction(self, item) -> None:
         prediction = item.prediction
         self.detail_title.setText(Path(item.path).name + (f" — {prediction.error}" if prediction and
                                                           prediction.error else ""))

@@ -64,3 +64,9 @@ def test_boolean_flags_have_a_negative_form():
 def test_list_models_needs_no_other_settings():
     cfg, args = parse_args(["--list-models"])
     assert cfg is None and args.list_models
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("configs/*")))
+def test_the_shipped_example_configs_are_valid(path):
+    cfg, _ = parse_args(["--config", str(path)])
+    assert cfg.model

@@ -17,6 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # reports are files: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
 import torch
 from torch import nn
 
@@ -93,10 +98,6 @@ def measure(model_name: str, device: torch.device, images: torch.Tensor, labels:
 
 def report(rows: list[dict], gpu: bool) -> tuple[str, object]:
     """Markdown table with speed-ups over the all-threads CPU, and a bar chart."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     base = {r["model"]: r["seconds_per_epoch"] for r in rows if r["setting"] == "cpu (all threads)"}
     lines = [] if gpu else ["No GPU (CUDA or MPS) is available on this machine, so this report "
                             "compares the CPU with 1 thread against all its threads.", ""]
@@ -126,7 +127,6 @@ def report(rows: list[dict], gpu: bool) -> tuple[str, object]:
 
 def benchmark(data_dir: str, models: list[str], devices: list[str], epochs: int, images: int,
               batch_size: int | None, out: Path, uri: str, seed: int = 0, log=print) -> list[dict]:
-    import matplotlib.pyplot as plt
     import mlflow
 
     from shared.tracking import ensure_experiment

@@ -19,6 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # reports are files: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
 from shared.store import tracking_uri, ui_command, use_store
 
 COLUMNS = ["run", "name", "model", "training", "frozen", "trainable_params", "total_params",
@@ -121,10 +126,6 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def curves_figure(client, runs, rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(9, 5))
     for run, row in zip(runs, rows):
         values = _history(client, run.info.run_id, "val_acc")
@@ -138,10 +139,6 @@ def curves_figure(client, runs, rows):
 
 
 def time_figure(rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
         accuracy = row["test_acc"] if row["test_acc"] != "" else row["best_val_acc"]
@@ -160,7 +157,6 @@ def time_figure(rows):
 def compare(uri: str, experiments: list[str], run_ids: list[str], filter_string: str,
             out: Path, experiment: str = "comparisons") -> tuple[list[dict], str]:
     """Build, write and log the comparison. Returns (rows, comparison run id)."""
-    import matplotlib.pyplot as plt
     import mlflow
     from mlflow.tracking import MlflowClient
 
