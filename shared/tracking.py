@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import random
 import re
+import time
 from pathlib import Path
 
 import mlflow
@@ -16,6 +18,8 @@ from torch import nn
 
 from shared.preprocess import Classifier, Preprocessing
 from shared.store import CHAMPION, SCORE_TAG
+
+SETTLED_TAG = "champion_checked"  # set once a version was compared with the champion
 
 
 def ensure_experiment(name: str, uri: str) -> str:
@@ -62,24 +66,37 @@ def log_classifier(net: nn.Module, prep: Preprocessing, classes: list[str],
     )
 
 
-def champion_score(name: str, client: MlflowClient | None = None) -> float | None:
-    """The champion version's validation accuracy, or None if the model has no champion."""
-    client = client or MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+def version_score(version) -> float:
     return float(version.tags.get(SCORE_TAG, "-inf"))
 
 
 def register_version(model_uri: str, name: str, score: float,
                      tags: dict[str, str] | None = None) -> tuple[str, bool]:
-    """Register a new version; move the champion alias to it only if it beats the champion's
-    validation accuracy. Returns (version, promoted)."""
+    """Register a new version; the champion alias moves to it only if it beats the champion's
+    validation accuracy (a tie keeps the champion). Returns (version, promoted)."""
     client = MlflowClient()
     version = mlflow.register_model(model_uri, name, tags={SCORE_TAG: f"{score:.6f}", **(tags or {})})
-    previous = champion_score(name, client)
-    promoted = previous is None or score > previous
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-    return str(version.version), promoted
+    champion = settle_champion(client, name)
+    client.set_model_version_tag(name, version.version, SETTLED_TAG, "true")
+    return str(version.version), champion == str(version.version)
+
+
+def settle_champion(client: MlflowClient, name: str) -> str | None:
+    """Point the champion alias at the best of the champion and every version not yet compared
+    with it (the older wins a tie). Runs registering at the same moment all re-read after each
+    move until the alias and the best agree, so they end on the same, right champion."""
+    for _ in range(50):
+        try:
+            champion = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException:
+            champion = None
+        candidates = [v for v in client.search_model_versions(f"name='{name}'")
+                      if str(v.version) == champion or SETTLED_TAG not in v.tags]
+        best = max(candidates, key=lambda v: (version_score(v), -int(v.version)), default=None)
+        if best is None or str(best.version) == champion:
+            return champion
+        try:
+            client.set_registered_model_alias(name, CHAMPION, best.version)
+        except MlflowException:  # another registration wrote the alias at the same moment
+            time.sleep(random.uniform(0.01, 0.1))
+    return champion

@@ -1,8 +1,10 @@
 """Nothing lost: checkpoints, resume, and real processes interrupted by signals."""
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -99,24 +101,29 @@ def run_until_epoch(cmd, epoch):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
-def test_a_killed_training_process_resumes_with_no_gap_or_duplicate(sig, code, image_folder, store,
-                                                                     tmp_path):
-    process = run_until_epoch(command(image_folder, store, tmp_path, "--epochs", "20"), 2)
+def test_a_training_process_killed_at_a_random_step_resumes_with_no_gap_or_duplicate(
+        sig, code, image_folder, store, tmp_path):
+    epochs = 30
+    process = run_until_epoch(command(image_folder, store, tmp_path, "--epochs", str(epochs)), 1)
+    delay = random.uniform(0, 1.0)  # anywhere: a step, a checkpoint write, a metrics write
+    time.sleep(delay)
     process.send_signal(sig)
     output = process.communicate(timeout=60)[0]
-    assert process.returncode == code, output[-1500:]
+    where = f"signal {delay:.3f} s after epoch 1"
+    assert process.returncode == code, (where, output[-1500:])
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("training").experiment_id])
     if sig != signal.SIGKILL:
-        assert run.info.status == "KILLED" and "--resume" in run.data.tags["stop_reason"]
+        assert run.info.status == "KILLED" and "--resume" in run.data.tags["stop_reason"], where
     else:
-        assert run.info.status == "RUNNING"  # no chance to clean up
+        assert run.info.status == "RUNNING", where  # no chance to clean up
     resumed = subprocess.run(command(image_folder, store, tmp_path, "--resume", "last"),
                              capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-1500:] + resumed.stderr[-1500:]
+    assert resumed.returncode == 0, (where, resumed.stdout[-1500:] + resumed.stderr[-1500:])
     run = client.get_run(run.info.run_id)
-    assert run.info.status == "FINISHED" and "test_acc" in run.data.metrics
-    assert steps(store, run.info.run_id) == list(range(1, 21))
+    assert run.info.status == "FINISHED" and "test_acc" in run.data.metrics, where
+    for key in ("train_loss", "val_acc", "epoch_seconds"):
+        assert steps(store, run.info.run_id, key) == list(range(1, epochs + 1)), where
     registry = MlflowClient(store, registry_uri=store)
     assert registry.get_model_version_by_alias("tiny-cnn", "champion").run_id == run.info.run_id
 

@@ -19,29 +19,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Server:
+    """`mlflow server` on loopback, over a SQLite store; it can be stopped and started again."""
+
+    def __init__(self, store: str, artifacts: Path):
+        self.store, self.artifacts, self.port = store, artifacts, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> None:
+        mlflow_cli = Path(sys.executable).with_name("mlflow")
+        self.process = subprocess.Popen(
+            [str(mlflow_cli), "server", "--backend-store-uri", self.store, "--artifacts-destination",
+             str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=1)
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.process.kill()
+                    pytest.fail("the MLflow server did not start")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
 @pytest.fixture
-def tracking_server(tmp_path, store):
-    port = free_port()
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow_cli), "server", "--backend-store-uri", store, "--artifacts-destination",
-         str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail("the MLflow server did not start")
-            time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=10)
+def server(tmp_path, store):
+    server = Server(store, tmp_path / "server-artifacts")
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
+@pytest.fixture
+def tracking_server(server):
+    return server.url
 
 
 def test_a_run_against_a_tracking_server_logs_and_registers_the_same(train_config, tracking_server,
@@ -54,3 +73,25 @@ def test_a_run_against_a_tracking_server_logs_and_registers_the_same(train_confi
     mlflow.set_tracking_uri(tracking_server)
     assert client.get_model_version_by_alias("tiny-cnn", "champion").run_id == result.run_id
     assert list((tmp_path / "server-artifacts").rglob("model.pt2"))  # stored by the server
+
+
+def test_a_tracking_server_that_goes_away_mid_run_and_comes_back_loses_no_epoch(
+        train_config, server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # fail fast: seconds per epoch
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    messages = []
+
+    def hook(epoch, metrics):
+        if epoch == 2:
+            server.stop()
+        if epoch == 4:
+            server.start()
+
+    result = train(train_config(tracking_uri=server.url, epochs=6, patience=0),
+                   log=messages.append, epoch_hook=hook)
+    client = MlflowClient(server.url)
+    history = client.get_metric_history(result.run_id, "val_acc")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    assert any("did not take epoch 3" in m for m in messages)
+    assert any("answers again" in m for m in messages)
+    assert client.get_run(result.run_id).info.status == "FINISHED"

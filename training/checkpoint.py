@@ -38,6 +38,39 @@ def save(path: Path, state: dict) -> None:
         raise
 
 
+class Saver:
+    """A run's checkpoints, written every `every` epochs and at the last one. A write that fails
+    (disk full, read-only) is reported once and retried after every epoch while training goes
+    on; until one succeeds, a stop resumes from the last checkpoint that was written."""
+
+    def __init__(self, path: Path, every: int, saved: int = 0, log=print):
+        self.path, self.every, self.saved, self.log = path, every, saved, log
+        self.failing = False
+
+    def due(self, epoch: int, last: bool) -> bool:
+        return bool(self.every) and (epoch % self.every == 0 or last or self.failing)
+
+    def save(self, epoch: int, state: dict) -> bool:
+        try:
+            save(self.path, state)
+        except OSError as exc:
+            if not self.failing:
+                self.log(f"warning: cannot write the checkpoint {self.path} ({exc}); training goes "
+                         f"on and retries after every epoch; until then a stopped run resumes "
+                         f"after epoch {self.saved}")
+            self.failing = True
+            return False
+        if self.failing:
+            self.log(f"the checkpoint is written again (epoch {epoch})")
+        self.saved, self.failing = epoch, False
+        return True
+
+    def covers(self, epoch: int) -> bool:
+        """Whether `epoch`'s metrics may go to MLflow: only epochs a checkpoint holds, so a
+        resumed run never logs an epoch twice."""
+        return not self.every or self.saved >= epoch
+
+
 def load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -47,6 +47,12 @@ def log_params(params: dict) -> None:
     mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
 
 
+def brief(exc: BaseException) -> str:
+    """An exception in one line: database errors carry their SQL statement on later lines."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
@@ -71,7 +77,7 @@ class EpochLog:
             except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
                 if not self.failing:
                     self.log(f"warning: the tracking store did not take epoch {epoch}'s metrics "
-                             f"({type(exc).__name__}: {exc}); training goes on and retries "
+                             f"({brief(exc)}); training goes on and retries "
                              "after every epoch")
                 self.failing = True
                 return False

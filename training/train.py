@@ -186,18 +186,10 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     info = describe_device(device)
 
     uri = tracking_uri(cfg.tracking_uri)
-    use_store(uri)
-    experiment_id = ensure_experiment(cfg.experiment, uri)
     weights_source = ("scratch" if cfg.weights == "none" else cfg.weights if cfg.weights == "imagenet"
                       else f"checkpoint:{cfg.weights}")
     run_name = cfg.run_name or f"{cfg.model}-{'scratch' if cfg.weights == 'none' else 'finetuned'}"
-    if run_id is None:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                               parent_run_id=parent_run_id, nested=parent_run_id is not None,
-                               log_system_metrics=cfg.system_metrics)
-        run_id = run.info.run_id
-    else:  # resuming: the same run goes back to RUNNING
-        mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics)
+    run_id = open_run(cfg, uri, run_name, run_id, parent_run_id)
     ckpt_path = checkpoint.checkpoint_path(uri, run_id)
     if on_run_start is not None:
         on_run_start(run_id)
@@ -209,7 +201,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     epochs_done: list[int] = []
     history = list(start.history) if start else []
     epoch_log = tracking.EpochLog(log)
-    saved_epoch = [start.epochs_run] if start else [0]  # the last epoch in a checkpoint
+    saver = checkpoint.Saver(ckpt_path, cfg.checkpoint_every, start.epochs_run if start else 0, log)
     try:
         if start is not None:
             log(f"resumed after epoch {start.epochs_run} from {ckpt_path}")
@@ -237,12 +229,10 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
             epoch_log.add(epoch, metrics)
             # checkpoint first, then log: after a crash, MLflow never holds an epoch that the
             # checkpoint lacks, so a resumed run logs no epoch twice
-            if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0
-                                         or stopper.stopped_epoch == epoch):
-                checkpoint.save(ckpt_path, checkpoint.state(cfg, epoch, history, model, optimizer,
-                                                            scheduler, scaler, stopper, train_loader))
-                saved_epoch.append(epoch)
-            if not cfg.checkpoint_every or saved_epoch[-1] == epoch:
+            if saver.due(epoch, last=epoch == cfg.epochs or stopper.stopped_epoch == epoch):
+                saver.save(epoch, checkpoint.state(cfg, epoch, history, model, optimizer,
+                                                   scheduler, scaler, stopper, train_loader))
+            if saver.covers(epoch):
                 epoch_log.flush()
             log(epoch_line(epoch, cfg.epochs, metrics))
             if epoch_hook is not None:
@@ -256,11 +246,14 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         result = fit(model, train_loader, val_loader, optimizer, loss_fn, cfg.epochs, num_classes,
                      scheduler=scheduler, stopper=stopper, precision=precision, on_epoch=on_epoch,
                      progress=progress, scaler=scaler, start=start, stop_requested=stop_requested)
+        resume_hint = (f"once it does, `python -m training.train --resume {run_id}` goes on "
+                       f"after epoch {saver.saved}, the last one in {ckpt_path}")
+        if not saver.covers(result.epochs_run):
+            raise StoreUnavailable(f"the checkpoint still cannot be written (is the disk full or "
+                                   f"read-only?); {resume_hint}")
         if not epoch_log.flush():
-            kept = (f"the trained state is in {ckpt_path}; once the store answers, "
-                    f"`python -m training.train --resume {run_id}` logs them and finishes the run"
-                    if cfg.checkpoint_every else "they are lost (checkpoints were off)")
-            raise StoreUnavailable(f"the tracking store still does not answer: "
+            kept = resume_hint if cfg.checkpoint_every else "they are lost (checkpoints were off)"
+            raise StoreUnavailable(f"the tracking store still does not take metrics: "
                                    f"{len(epoch_log.pending)} epoch(s) are not logged; {kept}")
         stop_note = (f"stopped early at epoch {result.stopped_epoch} (best epoch {result.best_epoch})"
                      if result.stopped_epoch else "ran every requested epoch")
@@ -275,7 +268,14 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         outcome = TrainResult(run_id, best_val_acc, result.best_epoch, result.epochs_run,
                               result.stopped_epoch, result.history, model, prep)
         if not trial:
-            finish(cfg, outcome, test_loader, loss_fn, precision, data, weights_source)
+            try:
+                finish(cfg, outcome, test_loader, loss_fn, precision, data, weights_source)
+            except Exception as exc:
+                if not saver.covers(result.epochs_run):
+                    raise
+                raise StoreUnavailable(f"training ended but its results could not be stored "
+                                       f"({tracking.brief(exc)}); fix the store (space, "
+                                       f"permissions, server); {resume_hint}") from exc
         status = "FINISHED"
         shutil.rmtree(ckpt_path.parent, ignore_errors=True)  # nothing left to resume
         return outcome
@@ -285,9 +285,8 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         raise
     except (KeyboardInterrupt, StopRequested):
         status = "KILLED"
-        saved = saved_epoch[-1]
-        how = (f"resume after epoch {saved}: python -m training.train --resume {run_id}"
-               if saved else "no checkpoint was saved yet, so it cannot be resumed")
+        how = (f"resume after epoch {saver.saved}: python -m training.train --resume {run_id}"
+               if saver.saved else "no checkpoint was saved yet, so it cannot be resumed")
         _quietly(mlflow.set_tags, {"stop_reason": f"interrupted; {how}",
                                    "epochs_run": len(epochs_done)})
         raise TrainingInterrupted(f"interrupted: run {run_id} marked KILLED, the epochs it "
@@ -298,6 +297,27 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         raise
     finally:
         _quietly(mlflow.end_run, status)
+
+
+class StoreError(Exception):
+    """The tracking store cannot take a new run (unreachable, full, read-only); nothing started."""
+
+
+def open_run(cfg: TrainConfig, uri: str, run_name: str, run_id: str | None,
+             parent_run_id: str | None) -> str:
+    """Start a new MLflow run, or reopen `run_id` (its status goes back to RUNNING)."""
+    try:
+        use_store(uri)
+        experiment_id = ensure_experiment(cfg.experiment, uri)
+        if run_id is not None:
+            return mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics).info.run_id
+        return mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                parent_run_id=parent_run_id, nested=parent_run_id is not None,
+                                log_system_metrics=cfg.system_metrics).info.run_id
+    except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
+        raise StoreError(f"the tracking store {uri} cannot take the run ({tracking.brief(exc)});"
+                         f" check that it is reachable and writable (disk space, "
+                         f"permissions, server), or pass another --tracking-uri") from exc
 
 
 def _quietly(call: Callable, *args) -> None:
@@ -331,7 +351,7 @@ def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, lo
                   "run_id": outcome.run_id})
 
 
-BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError)
+BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError, StoreError)
 RUN_FAILED = (NonFiniteLossError, StoreUnavailable)
 
 
