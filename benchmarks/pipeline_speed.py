@@ -57,7 +57,7 @@ def our_loader(images, labels, model: str, batch_size: int, channels_last: bool,
     augment = SEED[model]["augment"]
     prep = Preprocessing(32, 32, mean, std)
     return DeviceLoader(images, labels, batch_size, InputTransform(prep), shuffle=True,
-                        crop_padding=4 if augment else 0, flip=augment, drop_last=True,
+                        crop_padding=4 if augment else 0, flip="random" if augment else "none", drop_last=True,
                         channels_last=channels_last)
 
 

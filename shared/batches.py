@@ -13,12 +13,17 @@ import torch
 from shared.preprocess import InputTransform
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Pad each image by `padding` (zeros) and cut a random crop of the original size."""
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator,
+                fill: str = "zeros") -> torch.Tensor:
+    """Pad each image by `padding` (zeros, or its mirror image with fill="reflect") and cut a
+    random crop of the original size."""
     if padding <= 0:
         return x
     n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    if fill == "reflect":  # reflect padding works on float tensors only
+        padded = torch.nn.functional.pad(x.float(), (padding,) * 4, mode="reflect").to(x.dtype)
+    else:
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device, generator=generator)
     rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
@@ -34,6 +39,17 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def alternate_flip(x: torch.Tensor, first: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Mirror the images whose bit in `first` is set in even epochs and the others in odd
+    ones: every image is seen both ways in any two epochs in a row (airbench's alternating
+    flip), where a random flip repeats one view half the time."""
+    flip = first ^ bool(epoch % 2)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+FLIPS = ("none", "random", "alternate")
+
+
 class DeviceLoader:
     """Iterates (inputs, labels) batches over uint8 images already on `device`.
 
@@ -43,14 +59,21 @@ class DeviceLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  transform: InputTransform, *, shuffle: bool = False, crop_padding: int = 0,
-                 flip: bool = False, drop_last: bool = False, channels_last: bool = False,
-                 seed: int = 0):
+                 crop_fill: str = "zeros", flip: str = "none", drop_last: bool = False,
+                 channels_last: bool = False, seed: int = 0):
+        if flip not in FLIPS:
+            raise ValueError(f"flip must be one of {FLIPS} (got {flip!r})")
         self.images, self.labels = images, labels
         self.batch_size = batch_size
         self.transform = transform.to(images.device)
-        self.shuffle, self.crop_padding, self.flip = shuffle, crop_padding, flip
+        self.shuffle, self.crop_padding, self.crop_fill = shuffle, crop_padding, crop_fill
+        self.flip = flip
         self.drop_last, self.channels_last = drop_last, channels_last
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
+        self.epoch = 0  # passes started, for the alternating flip
+        self.first_flips = torch.rand(images.shape[0], device=images.device,
+                                      generator=torch.Generator(device=images.device)
+                                      .manual_seed(seed + 1)) < 0.5
 
     @property
     def device(self) -> torch.device:
@@ -70,16 +93,26 @@ class DeviceLoader:
             order = torch.randperm(n, device=self.device, generator=self.generator)
         else:
             order = torch.arange(n, device=self.device)
+        epoch, self.epoch = self.epoch, self.epoch + 1
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.prepare(self.images[idx]), self.labels[idx]
+            yield self.prepare(self.images[idx], idx, epoch), self.labels[idx]
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 batch -> augmented (when asked), normalized network input."""
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"]
+
+    def prepare(self, x: torch.Tensor, idx: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
+        """uint8 batch (the images at `idx`) -> augmented (when asked), normalized network input."""
         if self.crop_padding:
-            x = random_crop(x, self.crop_padding, self.generator)
-        if self.flip:
+            x = random_crop(x, self.crop_padding, self.generator, self.crop_fill)
+        if self.flip == "random":
             x = random_flip(x, self.generator)
+        elif self.flip == "alternate":
+            x = alternate_flip(x, self.first_flips[idx], epoch)
         x = self.transform(x.float().div_(255))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

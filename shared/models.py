@@ -58,6 +58,41 @@ class SeedCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class FastNet(nn.Module):
+    """A small net built for speed, after airbench94 (Jordan 2024): a 2x2 conv meant to be set
+    by whitening image patches (`--whiten-init`), then three groups of conv, 2x2 max-pool,
+    BatchNorm, GELU, conv, BatchNorm, GELU (64, 256, 256 channels); global max-pool and a
+    linear head whose scores are scaled by 1/9. BatchNorm scales are fixed at 1 (only shifts
+    train), and each conv starts as an identity on its first input channels."""
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32,
+                 widths: tuple[int, ...] = (64, 256, 256), bn_momentum: float = 0.4):
+        super().__init__()
+
+        def norm(c: int) -> nn.BatchNorm2d:
+            bn = nn.BatchNorm2d(c, eps=1e-12, momentum=bn_momentum)
+            bn.weight.requires_grad_(False)
+            return bn
+
+        def group(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                                 norm(c_out), nn.GELU(),
+                                 nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), norm(c_out),
+                                 nn.GELU())
+
+        self.whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)
+        channels = [24, *widths]
+        self.features = nn.Sequential(self.whiten, nn.GELU(),
+                                      *(group(a, b) for a, b in zip(channels, channels[1:])))
+        self.head = nn.Linear(channels[-1], num_classes, bias=False)
+        for m in self.features.modules():
+            if isinstance(m, nn.Conv2d) and m is not self.whiten:
+                nn.init.dirac_(m.weight.data[:m.in_channels])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).amax(dim=(2, 3))) / 9
+
+
 def _alexnet(num_classes: int, image_size: int) -> nn.Module:
     return torchvision.models.alexnet(num_classes=num_classes)
 
@@ -98,6 +133,14 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec("cnn", "the seed CNN: 3 conv blocks (32/64/128) + FC 512-256-10, dropout", SeedCNN,
               recipe={**_SGD, "lr": 0.05, "batch_size": 128, "weight_decay": 5e-4,
                       "schedule": "onecycle", "label_smoothing": 0.1, "epochs": 30}),
+    ModelSpec("fast", "built for speed after airbench94: whitened 2x2 conv + 3 conv groups "
+              "(64/256/256), BatchNorm, GELU", FastNet,
+              recipe={"optimizer": "sgd", "momentum": 0.85, "nesterov": True, "lr": 1.5,
+                      "weight_decay": 1.33e-3, "bias_lr_scale": 64.0, "batch_size": 1024,
+                      "eval_batch_size": 2000, "schedule": "linear", "label_smoothing": 0.2,
+                      "epochs": 10, "crop_padding": 2, "crop_fill": "reflect", "flip": "alternate",
+                      "whiten_init": True, "lookahead": True, "tta": "flip-translate",
+                      "val_fraction": 0.0, "patience": 0, "compile": "auto"}),
     ModelSpec("alexnet", "torchvision AlexNet at 224x224 input", _alexnet, input_size=224,
               head="classifier.6", imagenet=lambda: torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
               recipe={**_SGD, "lr": 0.01, "batch_size": 128, "eval_batch_size": 256,

@@ -22,6 +22,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_MEGAPIXELS = 64  # larger images are refused rather than decoded into gigabytes of memory
+TTA_MODES = ("none", "flip", "flip-translate")
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,15 @@ class Preprocessing:
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    tta: str = "none"  # test-time augmentation the model applies itself (TTA_MODES)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(int(d["image_size"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]))
+        return cls(int(d["image_size"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
+                   d.get("tta", "none"))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -101,13 +104,31 @@ class InputTransform(nn.Module):
         return x
 
 
+def tta_logits(net: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
+    """The network's scores averaged over views of `x`: flip adds the mirror image;
+    flip-translate also the mirrored pair shifted one pixel up-left and down-right
+    (reflect-padded), weighted half and half against the unshifted pair."""
+    if mode == "none":
+        return net(x)
+    pair = 0.5 * (net(x) + net(x.flip(3)))
+    if mode == "flip":
+        return pair
+    h, w = x.shape[2], x.shape[3]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
+    moved = sum(0.5 * (net(s) + net(s.flip(3))) for s in shifted) / len(shifted)
+    return 0.5 * pair + 0.5 * moved
+
+
 class Classifier(nn.Module):
-    """The network with its preprocessing in front: what gets logged and served."""
+    """The network with its preprocessing in front (and its test-time augmentation around
+    it): what gets logged and served."""
 
     def __init__(self, net: nn.Module, prep: Preprocessing):
         super().__init__()
         self.transform = InputTransform(prep)
         self.net = net
+        self.tta = prep.tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.transform(x))
+        return tta_logits(self.net, self.transform(x), self.tta)

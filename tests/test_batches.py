@@ -49,8 +49,27 @@ def test_same_seed_gives_the_same_augmented_batches():
 
     def first_batch():
         loader = DeviceLoader(x, labels, 4, InputTransform(IDENTITY), shuffle=True, crop_padding=2,
-                              flip=True, seed=3)
+                              flip="random", seed=3)
         return next(iter(loader))
 
     (a, ya), (b, yb) = first_batch(), first_batch()
     assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def test_reflect_crop_pads_with_the_mirror_image_not_zeros():
+    x = images(1)
+    out = random_crop(x, 2, torch.Generator().manual_seed(1), fill="reflect")
+    padded = torch.nn.functional.pad(x.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)[0]
+    windows = [padded[:, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+    assert any(torch.equal(out[0], w) for w in windows)
+
+
+def test_alternating_flip_shows_every_image_both_ways_in_two_epochs():
+    x = images(32)
+    loader = DeviceLoader(x, torch.arange(32), 32, InputTransform(IDENTITY), flip="alternate")
+    (first, _), (second, _) = next(iter(loader)), next(iter(loader))
+    original = x.float() / 255
+    for i in range(32):
+        views = {torch.equal(first[i], original[i]), torch.equal(second[i], original[i])}
+        assert views == {True, False}  # once as is, once mirrored
+    assert 4 < sum(torch.equal(first[i], original[i]) for i in range(32)) < 28

@@ -37,8 +37,10 @@ def stop_after_steps(n):
     return requested
 
 
-def test_a_resumed_run_matches_an_uninterrupted_one(train_config, store):
-    cfg = train_config(epochs=4, seed=3)
+@pytest.mark.parametrize("options", [{}, {"model": "fast", "val_fraction": 0.2}],
+                         ids=["cnn", "fast-lookahead-alternate-flip"])
+def test_a_resumed_run_matches_an_uninterrupted_one(options, train_config, store):
+    cfg = train_config(epochs=4, seed=3, **options)
     whole = train(cfg, log=quiet)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         train(cfg, log=quiet, stop_requested=stop_after_steps(8))  # 3 steps per epoch: mid-epoch 3

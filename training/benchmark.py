@@ -65,7 +65,7 @@ def measure(model_name: str, device: torch.device, images: torch.Tensor, labels:
     autocast = autocast_for(device, precision)
     x, y = images.to(device), labels.to(device)
     loader = DeviceLoader(x, y, batch_size, InputTransform(prep), shuffle=True, crop_padding=4,
-                          flip=True, drop_last=True, channels_last=conv, seed=seed)
+                          flip="random", drop_last=True, channels_last=conv, seed=seed)
     warmup = DeviceLoader(x[:batch_size * 3], y[:batch_size * 3], batch_size, InputTransform(prep),
                           channels_last=conv)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -105,20 +105,22 @@ def find_resumable(uri: str, spec: str) -> str:
 
 
 def state(cfg, epoch: int, history: list[dict], model, optimizer, scheduler, scaler, stopper,
-          loader) -> dict:
+          loader, averager=None) -> dict:
     """Everything a resumed run needs to go on as if it had not stopped."""
     return {
-        "format": 1, "epoch": epoch, "config": cfg.to_dict(), "history": list(history),
+        "format": 2, "epoch": epoch, "config": cfg.to_dict(), "history": list(history),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "stopper": stopper.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "loader": loader.generator.get_state(),
+        "averager": averager.state_dict() if averager is not None else None,
+        "loader": loader.state_dict(),
+        "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
 
 
-def restore(ckpt: dict, model, optimizer, scheduler, scaler, stopper, loader):
+def restore(ckpt: dict, model, optimizer, scheduler, scaler, stopper, loader, averager=None):
     """Load a checkpoint into freshly built training objects; returns the FitResult to start from."""
     from training.loop import FitResult
 
@@ -129,8 +131,10 @@ def restore(ckpt: dict, model, optimizer, scheduler, scaler, stopper, loader):
     if scaler is not None and ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     stopper.load_state_dict(ckpt["stopper"])
+    if averager is not None and ckpt.get("averager") is not None:
+        averager.load_state_dict(ckpt["averager"])
     torch.set_rng_state(ckpt["rng"]["torch"])
-    loader.generator.set_state(ckpt["rng"]["loader"])
+    loader.load_state_dict(ckpt["loader"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     history = list(ckpt["history"])

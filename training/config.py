@@ -15,8 +15,13 @@ from typing import Any
 
 import yaml
 
+from shared.batches import FLIPS
 from shared.data import DEFAULT_CACHE_DIR
+from shared.preprocess import TTA_MODES
 from shared.models import MODELS, get_spec
+
+
+COMPILE_MODES = ("none", "auto", "default", "reduce-overhead", "max-autotune")
 
 
 class ConfigError(Exception):
@@ -34,7 +39,8 @@ class TrainConfig:
                                 "and test/<class>/ image folders")
     image_size: int | None = opt(None, "image-folder datasets: side to resize images to "
                                        "(default: the first image's size)")
-    val_fraction: float = opt(0.1, "share of the training images held out for validation")
+    val_fraction: float = opt(0.1, "share of the training images held out for validation (0: "
+                                   "train on all of them, with no validation and no early stopping)")
     split_seed: int = opt(0, "seed of the train/validation split (fixed across runs)")
     cache_dir: str = opt(str(DEFAULT_CACHE_DIR), "where decoded datasets are cached")
     epochs: int = opt(30, "maximum number of epochs")
@@ -45,11 +51,25 @@ class TrainConfig:
     weight_decay: float = opt(5e-4, "weight decay")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum for SGD")
-    schedule: str = opt("onecycle", "learning-rate schedule", ("none", "onecycle", "cosine"))
+    schedule: str = opt("onecycle", "learning-rate schedule (linear: warm up over 23%% of the "
+                                    "steps from 0.2x, then down to 0.07x)",
+                        ("none", "onecycle", "cosine", "linear"))
+    bias_lr_scale: float = opt(1.0, "learning-rate multiplier for biases and normalization "
+                                    "parameters (their weight decay is divided by it)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
     augment: bool = opt(True, "augment training batches (random crop and flip)")
     crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)")
-    flip: bool = opt(True, "random horizontal flip")
+    crop_fill: str = opt("zeros", "what the crop padding holds", ("zeros", "reflect"))
+    flip: str = opt("random", "horizontal flip: random, alternate (each image mirrored in "
+                              "every other epoch) or none", FLIPS)
+    whiten_init: bool = opt(False, "set the first conv's filters by whitening image patches "
+                                   "and keep them fixed")
+    lookahead: bool = opt(False, "lookahead weight averaging: every 5 steps the weights are "
+                                 "pulled toward a running average, and end on it")
+    tta: str = opt("none", "test-time augmentation for validation, test and the logged model: "
+                           "none, flip, flip-translate (6 views)", TTA_MODES)
+    compile: str = opt("none", "torch.compile the training model; auto: on CUDA only; "
+                               "reduce-overhead uses CUDA graphs", COMPILE_MODES)
     weights: str = opt("none", "initial weights: none (from scratch), imagenet, or a checkpoint path")
     freeze: str = opt("none", "none: train all layers; backbone: train only the new head",
                       ("none", "backbone"))
@@ -95,8 +115,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be between 0 and 1 (got {self.val_fraction})")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
+        if self.val_fraction == 0 and self.patience:
+            raise ConfigError("early stopping watches the validation split, and val_fraction 0 "
+                              "leaves none: add --patience 0, or keep a --val-fraction")
+        if not (self.bias_lr_scale > 0 and math.isfinite(self.bias_lr_scale)):
+            raise ConfigError(f"bias_lr_scale must be a positive number (got {self.bias_lr_scale})")
         for name in ("image_size", "input_size"):
             if getattr(self, name) is not None and getattr(self, name) < 8:
                 raise ConfigError(f"{name} must be at least 8 pixels (got {getattr(self, name)})")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shared.batches import DeviceLoader
+from shared.preprocess import tta_logits
 
 Progress = Callable[[Iterable, str], Iterable]
 
@@ -48,8 +49,10 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], contextli
 def train_epoch(model: nn.Module, loader: DeviceLoader, optimizer: torch.optim.Optimizer,
                 loss_fn: nn.Module, *, scheduler=None, autocast=contextlib.nullcontext,
                 scaler: torch.amp.GradScaler | None = None, progress: Progress = no_progress,
-                desc: str = "train", stop_requested: Callable[[], bool] = never) -> dict[str, float]:
-    """One pass over `loader`. Sums stay on the device; the host reads them once, at the end."""
+                desc: str = "train", stop_requested: Callable[[], bool] = never,
+                after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One pass over `loader`. Sums stay on the device; the host reads them once, at the end.
+    `after_step` runs after each optimizer step (weight averaging)."""
     model.train()
     device = loader.device
     loss_sum = torch.zeros((), device=device)
@@ -69,6 +72,8 @@ def train_epoch(model: nn.Module, loader: DeviceLoader, optimizer: torch.optim.O
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if after_step is not None:
+            after_step()
         loss_sum += loss.detach().float() * y.shape[0]
         correct += (out.detach().argmax(1) == y).sum()
         seen += y.shape[0]
@@ -79,15 +84,16 @@ def train_epoch(model: nn.Module, loader: DeviceLoader, optimizer: torch.optim.O
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DeviceLoader, loss_fn: nn.Module, num_classes: int, *,
-             autocast=contextlib.nullcontext) -> dict:
-    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+             autocast=contextlib.nullcontext, tta: str = "none") -> dict:
+    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted), with
+    scores averaged over the `tta` views."""
     model.eval()
     device = loader.device
     loss_sum = torch.zeros((), device=device)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     for x, y in loader:
         with autocast():
-            out = model(x)
+            out = tta_logits(model, x, tta)
             loss_sum += loss_fn(out, y).float() * y.shape[0]
         confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes ** 2)
     confusion = confusion.view(num_classes, num_classes).cpu()
@@ -110,8 +116,13 @@ class EarlyStopping:
         self.stopped_epoch: int | None = None
 
     def step(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
-        """Record an epoch; True when training should stop."""
-        value = metrics[self.monitor]
+        """Record an epoch; True when training should stop. Without validation metrics the
+        last epoch counts as the best."""
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: keys without prefix
+        value = metrics.get(self.monitor)
+        if value is None:
+            self.best_epoch, self.best_state = epoch, None
+            return False
         if self.best_value is None or self.sign * (value - self.best_value) > self.min_delta:
             self.best_value, self.best_epoch = value, epoch
             self.best_state = copy.deepcopy(model.state_dict())
@@ -121,6 +132,7 @@ class EarlyStopping:
         return False
 
     def restore(self, model: nn.Module) -> None:
+        model = getattr(model, "_orig_mod", model)
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
 
@@ -151,8 +163,10 @@ def fit(model: nn.Module, train_loader: DeviceLoader, val_loader: DeviceLoader,
         scheduler=None, stopper: EarlyStopping | None = None, precision: str = "fp32",
         on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None,
         progress: Progress = no_progress, scaler: torch.amp.GradScaler | None = None,
-        start: FitResult | None = None, stop_requested: Callable[[], bool] = never) -> FitResult:
-    """Train for up to `epochs`, validating after each; restores the best weights at the end.
+        start: FitResult | None = None, stop_requested: Callable[[], bool] = never,
+        after_step: Callable[[], None] | None = None, tta: str = "none") -> FitResult:
+    """Train for up to `epochs`, validating after each (when `val_loader` holds images);
+    restores the best weights at the end.
 
     `start` continues a resumed run after the epochs in its history. `on_epoch` runs once the
     epoch is recorded everywhere, early stopping included, so a checkpoint taken there is whole.
@@ -167,14 +181,17 @@ def fit(model: nn.Module, train_loader: DeviceLoader, val_loader: DeviceLoader,
         start = time.perf_counter()
         metrics = train_epoch(model, train_loader, optimizer, loss_fn, scheduler=scheduler,
                               autocast=autocast, scaler=scaler, progress=progress,
-                              desc=f"epoch {epoch}/{epochs}", stop_requested=stop_requested)
+                              desc=f"epoch {epoch}/{epochs}", stop_requested=stop_requested,
+                              after_step=after_step)
         train_seconds = time.perf_counter() - start
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"the training loss became {metrics['train_loss']} in epoch "
                                      f"{epoch} (lr {lr:g}); lower the learning rate")
-        val = evaluate(model, val_loader, loss_fn, num_classes, autocast=autocast)
+        if val_loader.num_images:
+            val = evaluate(model, val_loader, loss_fn, num_classes, autocast=autocast, tta=tta)
+            metrics.update(val_loss=val["loss"], val_acc=val["acc"])
         seconds = time.perf_counter() - start
-        metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, epoch_seconds=seconds,
+        metrics.update(lr=lr, epoch_seconds=seconds,
                        images_per_second=train_loader.num_images / train_seconds)
         result.history.append(metrics)
         result.train_seconds += seconds

@@ -18,7 +18,8 @@ def curves_figure(history: list[dict[str, float]], best_epoch: int) -> plt.Figur
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], label="train")
-        ax.plot(epochs, [h[f"val_{metric}"] for h in history], label="validation")
+        if all(f"val_{metric}" in h for h in history):
+            ax.plot(epochs, [h[f"val_{metric}"] for h in history], label="validation")
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
         ax.set(xlabel="epoch", ylabel=label, title=label)
         ax.grid(alpha=0.3)

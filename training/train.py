@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 from torch import nn
 from tqdm import tqdm
 
@@ -27,11 +28,13 @@ from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Prepr
 from shared.store import tracking_uri, ui_command, use_store
 from shared.tracking import ensure_experiment, log_classifier, register_version
 from training import tracking
+from training.averaging import Lookahead
 from training.config import ConfigError, TrainConfig, parse_args
 from training import checkpoint
 from training.loop import (EarlyStopping, NonFiniteLossError, StopRequested, StopTraining,
                            autocast_for, evaluate, fit, never)
 from training.report import model_summary
+from training.whiten import whiten_first_conv
 
 
 class TrainingInterrupted(Exception):
@@ -70,14 +73,27 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
+    """Weights at the base rate; with bias_lr_scale k, biases and normalization parameters
+    (every 1-D tensor) at k times the rate and 1/k the weight decay, so the decay per step
+    stays the same (airbench trains its BatchNorm biases this way)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.bias_lr_scale == 1:
+        return [{"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    groups = [{"params": [p for p in params if p.dim() > 1], "lr": cfg.lr,
+               "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() <= 1], "lr": cfg.lr * cfg.bias_lr_scale,
+               "weight_decay": cfg.weight_decay / cfg.bias_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(cfg, model)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
     opt_class = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return opt_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt_class(groups, lr=cfg.lr)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -85,11 +101,26 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle" and total > 2:
         # warm up over a quarter of the steps, and over at least two
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, total_steps=total,
+                                                   max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    pct_start=max(0.25, 2 / total))
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.schedule == "linear":
+        peak = max(1, int(0.23 * total))
+
+        def factor(step: int) -> float:
+            if step < peak:
+                return 0.2 + 0.8 * step / peak
+            return 1.0 - 0.93 * (step - peak) / max(1, total - peak)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return None
+
+
+def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.compile == "auto":
+        return "default" if device.type == "cuda" else "none"
+    return cfg.compile
 
 
 def default_model_name(dataset: str, model: str) -> str:
@@ -97,9 +128,10 @@ def default_model_name(dataset: str, model: str) -> str:
 
 
 def epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    val = f"  val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}" if "val_acc" in m else ""
     return (f"epoch {epoch:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
-            f"  val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}  lr {m['lr']:.3g}"
-            f"  {m['epoch_seconds']:.1f} s  {m['images_per_second']:,.0f} img/s")
+            f"{val}  lr {m['lr']:.3g}  {m['epoch_seconds']:.1f} s  "
+            f"{m['images_per_second']:,.0f} img/s")
 
 
 @dataclass
@@ -159,7 +191,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     # pretrained features expect the inputs they were trained on
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.weights != "none" else prepared.scratch_stats
     prep = Preprocessing(data.image_size, cfg.input_size or input_size_for(cfg.model, data.image_size),
-                         mean, std)
+                         mean, std, cfg.tta)
     conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     channels_last = cfg.channels_last and conv
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -168,20 +200,26 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     n_train = len(prepared.train[1])
     train_loader = DeviceLoader(*prepared.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                 crop_padding=cfg.crop_padding if cfg.augment else 0,
-                                flip=cfg.flip and cfg.augment, drop_last=n_train > cfg.batch_size,
-                                **common)
+                                crop_fill=cfg.crop_fill, flip=cfg.flip if cfg.augment else "none",
+                                drop_last=n_train > cfg.batch_size, **common)
     val_loader = DeviceLoader(*prepared.val, cfg.eval_batch_size, **common)
     test_loader = DeviceLoader(*prepared.test, cfg.eval_batch_size, **common)
+    if cfg.whiten_init:
+        whiten_first_conv(model, common["transform"](prepared.train[0][:5000].float() / 255))
 
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    averager = Lookahead(model, cfg.epochs * len(train_loader)) if cfg.lookahead else None
     start = None
     if resume_from is not None:
         start = checkpoint.restore(resume_from, model, optimizer, scheduler, scaler, stopper,
-                                   train_loader)
+                                   train_loader, averager)
+    mode = compile_mode(cfg, device)
+    # the compiled module shares its parameters with `model`, which is what gets saved
+    network = model if mode == "none" else torch.compile(model, mode=mode)
     trainable, total = count_parameters(model)
     info = describe_device(device)
 
@@ -231,7 +269,8 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
             # checkpoint lacks, so a resumed run logs no epoch twice
             if saver.due(epoch, last=epoch == cfg.epochs or stopper.stopped_epoch == epoch):
                 saver.save(epoch, checkpoint.state(cfg, epoch, history, model, optimizer,
-                                                   scheduler, scaler, stopper, train_loader))
+                                                   scheduler, scaler, stopper, train_loader,
+                                                   averager))
             if saver.covers(epoch):
                 epoch_log.flush()
             log(epoch_line(epoch, cfg.epochs, metrics))
@@ -243,9 +282,10 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
             return tqdm(batches, desc=desc, leave=False, disable=None if cfg.progress else True,
                         unit="batch", dynamic_ncols=True)
 
-        result = fit(model, train_loader, val_loader, optimizer, loss_fn, cfg.epochs, num_classes,
+        result = fit(network, train_loader, val_loader, optimizer, loss_fn, cfg.epochs, num_classes,
                      scheduler=scheduler, stopper=stopper, precision=precision, on_epoch=on_epoch,
-                     progress=progress, scaler=scaler, start=start, stop_requested=stop_requested)
+                     progress=progress, scaler=scaler, start=start, stop_requested=stop_requested,
+                     after_step=averager.step if averager else None, tta=cfg.tta)
         resume_hint = (f"once it does, `python -m training.train --resume {run_id}` goes on "
                        f"after epoch {saver.saved}, the last one in {ckpt_path}")
         if not saver.covers(result.epochs_run):
@@ -262,15 +302,17 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
                              "stopped_early": result.stopped_epoch is not None,
                              "stop_epoch": result.stopped_epoch or "none",
                              "best_epoch": result.best_epoch})
-        best_val_acc = max(h["val_acc"] for h in result.history)
-        mlflow.log_metrics({"best_val_acc": best_val_acc, "best_epoch": result.best_epoch,
-                            "train_seconds": result.train_seconds})
+        best_val_acc = max((h["val_acc"] for h in result.history if "val_acc" in h),
+                           default=float("nan"))
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
+                            **({"best_val_acc": best_val_acc} if best_val_acc == best_val_acc else {})})
         outcome = TrainResult(run_id, best_val_acc, result.best_epoch, result.epochs_run,
                               result.stopped_epoch, result.history, model, prep)
         if not trial:
             try:
-                finish(cfg, outcome, test_loader, loss_fn, precision, data, weights_source)
-            except Exception as exc:
+                finish(cfg, outcome, test_loader, loss_fn, precision, data, weights_source,
+                       network)
+            except (OSError, MlflowException) as exc:  # disk, database and HTTP errors
                 if not saver.covers(result.epochs_run):
                     raise
                 raise StoreUnavailable(f"training ended but its results could not be stored "
@@ -329,11 +371,13 @@ def _quietly(call: Callable, *args) -> None:
 
 
 def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, loss_fn: nn.Module,
-           precision: str, data: ImageData, weights_source: str) -> None:
-    """The end of a full run: test set once, report, model, registry. Fills `outcome`."""
+           precision: str, data: ImageData, weights_source: str,
+           network: nn.Module | None = None) -> None:
+    """The end of a full run: test set once, report, model, registry. Fills `outcome`.
+    `network` is the model as trained (compiled or not), for the test pass."""
     model, prep = outcome.model, outcome.prep
-    test = evaluate(model, test_loader, loss_fn, len(data.classes),
-                    autocast=autocast_for(test_loader.device, precision))
+    test = evaluate(model if network is None else network, test_loader, loss_fn, len(data.classes),
+                    autocast=autocast_for(test_loader.device, precision), tta=prep.tta)
     outcome.test_acc, outcome.test_loss = test["acc"], test["loss"]
     mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"]})
     summary = model_summary(model, (1, 3, prep.input_size, prep.input_size))
@@ -345,10 +389,13 @@ def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, lo
     outcome.model_uri = model_info.model_uri
     if not cfg.no_register:
         outcome.registered_name = cfg.register or default_model_name(data.name, cfg.model)
+        # without a validation split (val_fraction 0) the champion rule compares test accuracy
+        validated = outcome.best_val_acc == outcome.best_val_acc
         outcome.version, outcome.promoted = register_version(
-            model_info.model_uri, outcome.registered_name, outcome.best_val_acc,
-            tags={"test_acc": f"{test['acc']:.6f}", "model": cfg.model,
-                  "run_id": outcome.run_id})
+            model_info.model_uri, outcome.registered_name,
+            outcome.best_val_acc if validated else test["acc"],
+            tags={"test_acc": f"{test['acc']:.6f}", "model": cfg.model, "run_id": outcome.run_id,
+                  "score_source": "validation" if validated else "test (no validation split)"})
 
 
 BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError, StoreError)

@@ -60,6 +60,9 @@ class TuneConfig(TrainConfig):
         super().validate()
         if self.trials < 1:
             raise ConfigError(f"trials must be at least 1 (got {self.trials})")
+        if self.val_fraction == 0:
+            raise ConfigError("tuning scores trials on the validation split (never the test set), "
+                              "and val_fraction 0 leaves none: pass --val-fraction 0.1")
         if self.epoch_budget is not None and self.epoch_budget < 1:
             raise ConfigError(f"epoch_budget must be at least 1 (got {self.epoch_budget})")
         unknown = sorted(set(self.search_names()) - set(SEARCHABLE))
