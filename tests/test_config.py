@@ -46,7 +46,7 @@ def test_wrongly_typed_setting_in_a_config_file_is_refused(tmp_path):
     ({"lr": float("nan")}, "lr must be a positive number"),
     ({"epochs": 0}, "epochs must be at least 1"),
     ({"batch_size": 0}, "batch_size must be at least 1"),
-    ({"val_fraction": 1.5}, "val_fraction must be between 0 and 1"),
+    ({"val_fraction": 1.5}, "val_fraction must be in \\[0, 1\\)"),
     ({"label_smoothing": 1.0}, "label_smoothing must be in"),
     ({"weight_decay": -1.0}, "weight_decay must not be negative"),
     ({"optimizer": "lbfgs"}, "optimizer = 'lbfgs' is not one of sgd, adam, adamw"),

@@ -149,12 +149,12 @@ def test_four_concurrent_runs_on_one_store_lose_no_metric(image_folder, store, t
 
 
 class Outage:
-    """mlflow.log_metrics fails while `down` is true, as with a tracking server gone away."""
+    """Epoch metrics fail to log while `down` is true, as with a tracking server gone away."""
 
     def __init__(self, monkeypatch):
-        import mlflow
-        self.down, self.real = False, mlflow.log_metrics
-        monkeypatch.setattr(mlflow, "log_metrics", self)
+        import training.tracking
+        self.down, self.real = False, training.tracking.log_epoch
+        monkeypatch.setattr(training.tracking, "log_epoch", self)
 
     def __call__(self, *args, **kwargs):
         if self.down:
@@ -172,7 +172,7 @@ def test_training_goes_on_while_the_store_is_down_and_logs_every_epoch_once_it_i
 
     result = train(train_config(epochs=5, patience=0), log=messages.append, epoch_hook=hook)
     assert steps(store, result.run_id) == [1, 2, 3, 4, 5]
-    assert any("did not take epoch 2" in m and "training goes on" in m for m in messages)
+    assert any("did not take epoch" in m and "training goes on" in m for m in messages)
     assert any("answers again" in m for m in messages)
     assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
 
@@ -189,8 +189,9 @@ def test_a_store_still_down_at_the_end_keeps_the_checkpoint_and_resume_finishes_
     outage.down = False
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("training").experiment_id])
-    assert steps(store, run.info.run_id) == [1, 2]
     cfg, ckpt, run_id = resume_config(train_config(resume=run.info.run_id))
+    logged = steps(store, run.info.run_id)  # the writer may have logged epoch 2 before the outage
+    assert logged in ([1], [1, 2]) and ckpt["epoch"] == 4
     result = train(cfg, log=quiet, resume_from=ckpt, run_id=run_id)
     assert steps(store, run_id) == [1, 2, 3, 4] and result.epochs_run == 4
     assert client.get_run(run_id).info.status == "FINISHED"

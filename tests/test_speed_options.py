@@ -128,3 +128,19 @@ def test_a_compiled_model_trains_and_saves_like_an_eager_one(train_config, store
     result = train(train_config(model="mlp", compile="default", epochs=1), log=quiet)
     assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
     assert not any(k.startswith("_orig_mod") for k in result.model.state_dict())
+
+
+def test_warming_up_a_compiled_model_leaves_no_trace_in_weights_or_optimizer():
+    from shared.batches import DeviceLoader
+    from shared.preprocess import Preprocessing
+    from training.loop import warm_up
+
+    model = build_model("cnn", 3, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    prep = Preprocessing(32, 32, (0.5,) * 3, (0.25,) * 3)
+    loader = DeviceLoader(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8),
+                          torch.randint(0, 3, (8,)), 4, InputTransform(prep))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert warm_up(model, model, optimizer, loader, nn.CrossEntropyLoss()) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert optimizer.state_dict()["state"] == {}

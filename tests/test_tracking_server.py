@@ -92,6 +92,6 @@ def test_a_tracking_server_that_goes_away_mid_run_and_comes_back_loses_no_epoch(
     client = MlflowClient(server.url)
     history = client.get_metric_history(result.run_id, "val_acc")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
-    assert any("did not take epoch 3" in m for m in messages)
+    assert any("did not take epoch" in m for m in messages)
     assert any("answers again" in m for m in messages)
     assert client.get_run(result.run_id).info.status == "FINISHED"

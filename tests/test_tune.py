@@ -6,7 +6,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-import training.tracking
+import training.train
 import training.tune
 from training.config import ConfigError, resolve
 from training.tune import TuneConfig, main, tune
@@ -105,16 +105,16 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(tune_
 
 def test_resuming_an_interrupted_study_keeps_the_finished_trials(tune_config, store, monkeypatch):
     cfg = tune_config(trials=4)
-    original = training.tracking.log_epoch
+    original = training.train.epoch_line
     calls = []
 
-    def interrupt_third_trial(epoch, metrics):
-        original(epoch, metrics)
+    def interrupt_third_trial(epoch, epochs, metrics):
         calls.append(epoch)
         if epoch == 1 and calls.count(1) == 3:
             raise KeyboardInterrupt
+        return original(epoch, epochs, metrics)
 
-    monkeypatch.setattr(training.tracking, "log_epoch", interrupt_third_trial)
+    monkeypatch.setattr(training.train, "epoch_line", interrupt_third_trial)
     with pytest.raises(training.train.TrainingInterrupted):
         tune(cfg, log=quiet)
     before = load(cfg).trials
@@ -122,7 +122,7 @@ def test_resuming_an_interrupted_study_keeps_the_finished_trials(tune_config, st
     parent_id = load(cfg).user_attrs["mlflow_parent_run_id"]
     assert MlflowClient(store).get_run(parent_id).info.status == "KILLED"
 
-    monkeypatch.setattr(training.tracking, "log_epoch", original)
+    monkeypatch.setattr(training.train, "epoch_line", original)
     summary = tune(cfg, log=quiet)
     after = load(cfg).trials
     assert [(t.params, t.value) for t in after[:2]] == [(t.params, t.value) for t in before[:2]]

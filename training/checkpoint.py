@@ -29,7 +29,10 @@ def save(path: Path, state: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".last-", suffix=".pt", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as exc:  # torch's zip writer reports a failed write this way
+                raise OSError(f"writing {path} failed: {exc}") from exc
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -118,6 +121,17 @@ def state(cfg, epoch: int, history: list[dict], model, optimizer, scheduler, sca
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
+
+
+def snapshot(obj):
+    """A copy of a state whose tensors are on the CPU and no longer shared with training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
 
 
 def restore(ckpt: dict, model, optimizer, scheduler, scaler, stopper, loader, averager=None):

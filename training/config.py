@@ -83,6 +83,8 @@ class TrainConfig:
     patience: int = opt(10, "early stopping: epochs without improvement before stopping (0: off)")
     min_delta: float = opt(0.0, "early stopping: smallest change that counts as improvement")
     monitor: str = opt("val_acc", "early stopping: metric to watch", ("val_acc", "val_loss"))
+    async_logging: bool = opt(True, "write checkpoints and epoch metrics on a background "
+                                    "thread, so training never waits on the disk or the server")
     checkpoint_every: int = opt(1, "save a checkpoint every N epochs (0: never); epoch metrics "
                                    "reach MLflow with each checkpoint")
     resume: str | None = opt(None, "RUN_ID or 'last': continue that run from its checkpoint "

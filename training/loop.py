@@ -82,6 +82,31 @@ def train_epoch(model: nn.Module, loader: DeviceLoader, optimizer: torch.optim.O
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
 
 
+def warm_up(network: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+            loader: DeviceLoader, loss_fn: nn.Module, *, autocast=contextlib.nullcontext,
+            steps: int = 3) -> float:
+    """Compile before the clock starts: run `steps` training steps on one batch through
+    `network` (the compiled `model`), then put back the weights, BatchNorm statistics and
+    optimizer state, so training starts as if they never ran. Returns the seconds spent."""
+    start = time.perf_counter()
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    x = loader.transform(loader.images[:loader.batch_size].float() / 255)
+    if loader.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = loader.labels[:loader.batch_size]
+    network.train()
+    for _ in range(steps):
+        with autocast():
+            loss = loss_fn(network(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    float(loss)  # waits for the device
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(state)
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DeviceLoader, loss_fn: nn.Module, num_classes: int, *,
              autocast=contextlib.nullcontext, tta: str = "none") -> dict:
@@ -188,7 +213,7 @@ def fit(model: nn.Module, train_loader: DeviceLoader, val_loader: DeviceLoader,
             raise NonFiniteLossError(f"the training loss became {metrics['train_loss']} in epoch "
                                      f"{epoch} (lr {lr:g}); lower the learning rate")
         if val_loader.num_images:
-            val = evaluate(model, val_loader, loss_fn, num_classes, autocast=autocast, tta=tta)
+            val = evaluate(getattr(model, "_orig_mod", model), val_loader, loss_fn, num_classes, autocast=autocast, tta=tta)
             metrics.update(val_loss=val["loss"], val_acc=val["acc"])
         seconds = time.perf_counter() - start
         metrics.update(lr=lr, epoch_seconds=seconds,

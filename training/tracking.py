@@ -53,17 +53,25 @@ def brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-    mlflow.log_metrics(metrics, step=epoch)
+def log_epoch(run_id: str, epoch: int, metrics: dict[str, float]) -> None:
+    """One epoch's metrics at step = epoch, by run id: the background writer has no active run."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, epoch)
+                                              for k, v in metrics.items()], synchronous=True)
 
 
 class EpochLog:
     """Per-epoch metrics on their way to MLflow. When the store does not take them (a tracking
     server gone, a full or read-only disk) training goes on, and every later flush retries."""
 
-    def __init__(self, log=print):
+    def __init__(self, run_id: str, log=print):
         self.pending: list[tuple[int, dict[str, float]]] = []
-        self.log, self.failing = log, False
+        self.run_id, self.log, self.failing = run_id, log, False
 
     def add(self, epoch: int, metrics: dict[str, float]) -> None:
         self.pending.append((epoch, metrics))
@@ -73,7 +81,7 @@ class EpochLog:
         while self.pending:
             epoch, metrics = self.pending[0]
             try:
-                log_epoch(epoch, metrics)
+                log_epoch(self.run_id, epoch, metrics)
             except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
                 if not self.failing:
                     self.log(f"warning: the tracking store did not take epoch {epoch}'s metrics "
@@ -92,10 +100,10 @@ def log_missing_epochs(run_id: str, history: list[dict[str, float]]) -> None:
     """Log the epochs of `history` that the run lacks (a crash between checkpoint and log)."""
     from mlflow.tracking import MlflowClient
 
-    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")}
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")}
     for epoch, metrics in enumerate(history, start=1):
         if epoch not in logged:
-            log_epoch(epoch, metrics)
+            log_epoch(run_id, epoch, metrics)
 
 
 def log_final_report(history: list[dict[str, float]], best_epoch: int, test: dict,

@@ -29,10 +29,11 @@ from shared.store import tracking_uri, ui_command, use_store
 from shared.tracking import ensure_experiment, log_classifier, register_version
 from training import tracking
 from training.averaging import Lookahead
+from training.writer import BackgroundWriter
 from training.config import ConfigError, TrainConfig, parse_args
 from training import checkpoint
 from training.loop import (EarlyStopping, NonFiniteLossError, StopRequested, StopTraining,
-                           autocast_for, evaluate, fit, never)
+                           autocast_for, evaluate, fit, never, warm_up)
 from training.report import model_summary
 from training.whiten import whiten_first_conv
 
@@ -57,6 +58,10 @@ class TrainResult:
     prep: Preprocessing
     test_acc: float = float("nan")  # the test set is evaluated by full runs only, not trials
     test_loss: float = float("nan")
+    train_seconds: float = 0.0  # every epoch, validation included; compilation excluded
+    test_seconds: float = 0.0  # the test pass (with test-time augmentation)
+    compile_seconds: float = 0.0
+    tracking_seconds: float = 0.0  # the training thread's time on checkpoints and MLflow
     model_uri: str | None = None
     registered_name: str | None = None
     version: str | None = None
@@ -218,8 +223,13 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         start = checkpoint.restore(resume_from, model, optimizer, scheduler, scaler, stopper,
                                    train_loader, averager)
     mode = compile_mode(cfg, device)
-    # the compiled module shares its parameters with `model`, which is what gets saved
+    # the compiled module shares its parameters with `model`, which is what gets saved and
+    # evaluated (eager evaluation: no recompiling for each evaluation batch shape)
     network = model if mode == "none" else torch.compile(model, mode=mode)
+    compile_seconds = 0.0
+    if network is not model:
+        compile_seconds = warm_up(network, model, optimizer, train_loader, loss_fn,
+                                  autocast=autocast_for(device, precision))
     trainable, total = count_parameters(model)
     info = describe_device(device)
 
@@ -238,8 +248,10 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     status = "FAILED"
     epochs_done: list[int] = []
     history = list(start.history) if start else []
-    epoch_log = tracking.EpochLog(log)
+    epoch_log = tracking.EpochLog(run_id, log)
     saver = checkpoint.Saver(ckpt_path, cfg.checkpoint_every, start.epochs_run if start else 0, log)
+    writer = BackgroundWriter(cfg.async_logging)
+    overhead = [0.0]  # seconds the training thread spent on checkpoints and tracking
     try:
         if start is not None:
             log(f"resumed after epoch {start.epochs_run} from {ckpt_path}")
@@ -262,18 +274,28 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
             })
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            started = time.perf_counter()
             epochs_done.append(epoch)
             history.append(metrics)
-            epoch_log.add(epoch, metrics)
-            # checkpoint first, then log: after a crash, MLflow never holds an epoch that the
-            # checkpoint lacks, so a resumed run logs no epoch twice
+            state = None
             if saver.due(epoch, last=epoch == cfg.epochs or stopper.stopped_epoch == epoch):
-                saver.save(epoch, checkpoint.state(cfg, epoch, history, model, optimizer,
-                                                   scheduler, scaler, stopper, train_loader,
-                                                   averager))
-            if saver.covers(epoch):
-                epoch_log.flush()
+                # a copy taken now: training goes on changing the weights while it is written
+                state = checkpoint.snapshot(checkpoint.state(
+                    cfg, epoch, history, model, optimizer, scheduler, scaler, stopper,
+                    train_loader, averager))
+
+            def write() -> None:
+                # checkpoint first, then log: after a crash, MLflow never holds an epoch that
+                # the checkpoint lacks, so a resumed run logs no epoch twice
+                epoch_log.add(epoch, metrics)
+                if state is not None:
+                    saver.save(epoch, state)
+                if saver.covers(epoch):
+                    epoch_log.flush()
+
+            writer.submit(write)
             log(epoch_line(epoch, cfg.epochs, metrics))
+            overhead[0] += time.perf_counter() - started
             if epoch_hook is not None:
                 epoch_hook(epoch, metrics)
 
@@ -286,6 +308,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
                      scheduler=scheduler, stopper=stopper, precision=precision, on_epoch=on_epoch,
                      progress=progress, scaler=scaler, start=start, stop_requested=stop_requested,
                      after_step=averager.step if averager else None, tta=cfg.tta)
+        writer.drain()
         resume_hint = (f"once it does, `python -m training.train --resume {run_id}` goes on "
                        f"after epoch {saver.saved}, the last one in {ckpt_path}")
         if not saver.covers(result.epochs_run):
@@ -305,13 +328,16 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         best_val_acc = max((h["val_acc"] for h in result.history if "val_acc" in h),
                            default=float("nan"))
         mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
+                            "compile_seconds": compile_seconds, "tracking_seconds": overhead[0],
+                            "tracking_share": overhead[0] / max(1e-9, overhead[0] + result.train_seconds),
                             **({"best_val_acc": best_val_acc} if best_val_acc == best_val_acc else {})})
         outcome = TrainResult(run_id, best_val_acc, result.best_epoch, result.epochs_run,
-                              result.stopped_epoch, result.history, model, prep)
+                              result.stopped_epoch, result.history, model, prep,
+                              train_seconds=result.train_seconds, compile_seconds=compile_seconds,
+                              tracking_seconds=overhead[0])
         if not trial:
             try:
-                finish(cfg, outcome, test_loader, loss_fn, precision, data, weights_source,
-                       network)
+                finish(cfg, outcome, test_loader, loss_fn, precision, data, weights_source)
             except (OSError, MlflowException) as exc:  # disk, database and HTTP errors
                 if not saver.covers(result.epochs_run):
                     raise
@@ -322,10 +348,12 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         shutil.rmtree(ckpt_path.parent, ignore_errors=True)  # nothing left to resume
         return outcome
     except StopTraining as exc:
+        _quietly(writer.drain)
         status = "KILLED"
         _quietly(mlflow.set_tags, {"stop_reason": str(exc), "epochs_run": len(epochs_done)})
         raise
     except (KeyboardInterrupt, StopRequested):
+        _quietly(writer.drain)  # what was submitted before the stop is written
         status = "KILLED"
         how = (f"resume after epoch {saver.saved}: python -m training.train --resume {run_id}"
                if saver.saved else "no checkpoint was saved yet, so it cannot be resumed")
@@ -334,10 +362,12 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         raise TrainingInterrupted(f"interrupted: run {run_id} marked KILLED, the epochs it "
                                   f"logged are kept; {how}") from None
     except Exception as exc:
+        _quietly(writer.drain)
         reason = str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
         _quietly(mlflow.set_tags, {"failure_reason": reason, "epochs_run": len(epochs_done)})
         raise
     finally:
+        writer.close()
         _quietly(mlflow.end_run, status)
 
 
@@ -371,15 +401,16 @@ def _quietly(call: Callable, *args) -> None:
 
 
 def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, loss_fn: nn.Module,
-           precision: str, data: ImageData, weights_source: str,
-           network: nn.Module | None = None) -> None:
-    """The end of a full run: test set once, report, model, registry. Fills `outcome`.
-    `network` is the model as trained (compiled or not), for the test pass."""
+           precision: str, data: ImageData, weights_source: str) -> None:
+    """The end of a full run: test set once, report, model, registry. Fills `outcome`."""
     model, prep = outcome.model, outcome.prep
-    test = evaluate(model if network is None else network, test_loader, loss_fn, len(data.classes),
+    start = time.perf_counter()
+    test = evaluate(model, test_loader, loss_fn, len(data.classes),
                     autocast=autocast_for(test_loader.device, precision), tta=prep.tta)
+    outcome.test_seconds = time.perf_counter() - start
     outcome.test_acc, outcome.test_loss = test["acc"], test["loss"]
-    mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"]})
+    mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"],
+                        "test_seconds": outcome.test_seconds})
     summary = model_summary(model, (1, 3, prep.input_size, prep.input_size))
     tracking.log_final_report(outcome.history, outcome.best_epoch, test, data.classes, summary,
                               {**cfg.to_dict(), "resolved_precision": precision})

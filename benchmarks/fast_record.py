@@ -1,0 +1,137 @@
+"""The `fast` recipe timed like the CIFAR-10 speed record, over seeds, with ablations.
+
+Each run goes through `training.train.train` exactly as the command does: MLflow tracking,
+checkpoints, the logged model and the registry are all on. Its time is counted like the
+record's (airbench): every training epoch plus the test-time-augmented test pass, with the
+training thread's checkpoint and tracking work included and one-time compilation excluded
+(`compile_seconds`, reported apart, as is the wall time of the whole call). One row per
+variant: the recipe, then the recipe with one piece switched off.
+
+    python benchmarks/fast_record.py --data-dir ~/data/cifar10 --seeds 5 [--device cuda]
+    python benchmarks/fast_record.py --data-dir ~/data/cifar10 --seeds 5 --ablate all
+    # a quick look on a CPU: a subset and fewer epochs (accuracy is then not the record's)
+    python benchmarks/fast_record.py --data-dir ~/data/cifar10 --train-images 5000 --epochs 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.config import resolve  # noqa: E402
+from training.train import Prepared, prepare, train  # noqa: E402
+
+# each piece of the recipe and the setting that switches it off
+PIECES = {
+    "whiten_init": {"whiten_init": False},
+    "lookahead": {"lookahead": False},
+    "tta": {"tta": "none"},
+    "alternate_flip": {"flip": "random"},
+    "label_smoothing": {"label_smoothing": 0.0},
+    "bias_lr_scale": {"bias_lr_scale": 1.0},
+    "compile": {"compile": "none"},
+    "bf16": {"precision": "fp32"},
+    "channels_last": {"channels_last": False},
+}
+
+
+def subset(prepared: Prepared, n: int | None) -> Prepared:
+    if not n:
+        return prepared
+    images, labels = prepared.train
+    return Prepared(prepared.data, prepared.device, (images[:n], labels[:n]), prepared.val,
+                    prepared.test, prepared.scratch_stats)
+
+
+def one_run(settings: dict, prepared: Prepared) -> dict:
+    cfg = resolve(settings)
+    start = time.perf_counter()
+    result = train(cfg, log=lambda *_: None, prepared=prepared)
+    wall = time.perf_counter() - start
+    record = result.train_seconds + result.tracking_seconds + result.test_seconds
+    return {"seed": cfg.seed, "test_acc": result.test_acc, "record_seconds": record,
+            "train_seconds": result.train_seconds, "test_seconds": result.test_seconds,
+            "tracking_seconds": result.tracking_seconds,
+            "compile_seconds": result.compile_seconds, "wall_seconds": wall,
+            "run_id": result.run_id}
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    accs = [r["test_acc"] for r in runs]
+    times = [r["record_seconds"] for r in runs]
+    return {"variant": name, "runs": len(runs), "mean_acc": statistics.mean(accs),
+            "std_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "mean_seconds": statistics.mean(times), "mean_wall": statistics.mean(r["wall_seconds"] for r in runs),
+            "mean_compile": statistics.mean(r["compile_seconds"] for r in runs),
+            "tracking_share": sum(r["tracking_seconds"] for r in runs) /
+            sum(r["train_seconds"] + r["tracking_seconds"] for r in runs)}
+
+
+def table(rows: list[dict]) -> str:
+    base = rows[0]["mean_seconds"]
+    lines = ["| variant | runs | test acc (mean ± sd) | s per run (record timing) | vs recipe | "
+             "compile s | wall s | tracking share |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['runs']} | {100 * r['mean_acc']:.2f}% ± "
+                     f"{100 * r['std_acc']:.2f} | {r['mean_seconds']:.2f} | "
+                     f"{r['mean_seconds'] / base:.2f}× | {r['mean_compile']:.1f} | "
+                     f"{r['mean_wall']:.1f} | {100 * r['tracking_share']:.2f}% |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--ablate", default="", help=f"comma list of pieces, or all: {', '.join(PIECES)}")
+    parser.add_argument("--train-images", type=int, default=None, help="train on the first N only")
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store (default: a temporary one, deleted afterwards)")
+    parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    pieces = list(PIECES) if args.ablate == "all" else [p for p in args.ablate.split(",") if p]
+    unknown = set(pieces) - set(PIECES)
+    if unknown:
+        parser.error(f"unknown pieces {sorted(unknown)}; choose from {', '.join(PIECES)}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = {"model": "fast", "data_dir": args.data_dir, "device": args.device,
+                "progress": False, "system_metrics": False, "experiment": "speed-record",
+                "tracking_uri": args.tracking_uri or f"sqlite:///{tmp}/mlflow.db",
+                "run_name": "fast", **({"epochs": args.epochs} if args.epochs else {}),
+                **({"cache_dir": args.cache_dir} if args.cache_dir else {})}
+        prepared = subset(prepare(resolve(base), log=lambda *_: None), args.train_images)
+        device = prepared.device
+        print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; "
+              f"{len(prepared.train[1])} training images, seeds 0..{args.seeds - 1}", flush=True)
+        rows, detail = [], []
+        for name, change in [("recipe", {}), *((f"without {p}", PIECES[p]) for p in pieces)]:
+            runs = []
+            for seed in range(args.seeds):
+                run = one_run({**base, **change, "seed": seed, "run_name": f"fast {name}"}, prepared)
+                runs.append(run)
+                print(f"{name:>26} seed {seed}: {100 * run['test_acc']:.2f}% in "
+                      f"{run['record_seconds']:.2f} s (compile {run['compile_seconds']:.1f} s, "
+                      f"wall {run['wall_seconds']:.1f} s)", flush=True)
+            rows.append(summarize(name, runs))
+            detail.append({"variant": name, "runs": runs})
+    print()
+    print(table(rows))
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows, "runs": detail}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""A one-epoch smoke run of each speed benchmark on tiny data: they run and report every row."""
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fast_record_reports_the_recipe_and_each_ablation(image_folder, tmp_path, capsys):
+    out = tmp_path / "record.json"
+    code = load("fast_record").main([
+        "--data-dir", str(image_folder), "--seeds", "1", "--epochs", "1", "--device", "cpu",
+        "--ablate", "tta", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["recipe", "without tta"]
+    assert all(r["runs"] == 1 and 0 <= r["mean_acc"] <= 1 and r["mean_seconds"] > 0 for r in rows)
+    assert "| without tta |" in capsys.readouterr().out
+
+
+def test_epoch_speed_compares_plain_and_tuned_for_each_model(image_folder, tmp_path):
+    out = tmp_path / "speed.json"
+    code = load("epoch_speed").main([
+        "--data-dir", str(image_folder), "--models", "mlp,fast", "--epochs", "1", "--device",
+        "cpu", "--compile", "none", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"),
+        "--out", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["mlp", "fast"]
+    for r in rows:
+        assert r["plain"]["s_per_epoch"] > 0 and 0 <= r["tuned"]["tracking_share"] < 1
