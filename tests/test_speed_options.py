@@ -144,3 +144,18 @@ def test_warming_up_a_compiled_model_leaves_no_trace_in_weights_or_optimizer():
     assert warm_up(model, model, optimizer, loader, nn.CrossEntropyLoss()) > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert optimizer.state_dict()["state"] == {}
+
+
+def test_a_model_that_fails_to_compile_trains_without_compiling_and_says_so(train_config, store,
+                                                                             monkeypatch):
+    def broken_compile(model, **kwargs):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler found\nlong details")
+        return type("Broken", (nn.Module,), {"forward": fails})()
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    messages = []
+    result = train(train_config(compile="default", epochs=1), log=messages.append)
+    assert any("torch.compile (default) failed" in m and "no C++ compiler" in m for m in messages)
+    params = MlflowClient(store).get_run(result.run_id).data.params
+    assert params["compile"] == "default" and params["compile_resolved"] == "none"

@@ -68,8 +68,9 @@ class TrainConfig:
                                  "pulled toward a running average, and end on it")
     tta: str = opt("none", "test-time augmentation for validation, test and the logged model: "
                            "none, flip, flip-translate (6 views)", TTA_MODES)
-    compile: str = opt("none", "torch.compile the training model; auto: on CUDA only; "
-                               "reduce-overhead uses CUDA graphs", COMPILE_MODES)
+    compile: str = opt("auto", "torch.compile the training step; auto: on CUDA only (falls "
+                               "back to eager if compiling fails); reduce-overhead adds CUDA "
+                               "graphs", COMPILE_MODES)
     weights: str = opt("none", "initial weights: none (from scratch), imagenet, or a checkpoint path")
     freeze: str = opt("none", "none: train all layers; backbone: train only the new head",
                       ("none", "backbone"))

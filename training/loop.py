@@ -95,15 +95,18 @@ def warm_up(network: nn.Module, model: nn.Module, optimizer: torch.optim.Optimiz
         x = x.contiguous(memory_format=torch.channels_last)
     y = loader.labels[:loader.batch_size]
     network.train()
-    for _ in range(steps):
-        with autocast():
-            loss = loss_fn(network(x), y)
+    try:
+        for _ in range(steps):
+            with autocast():
+                loss = loss_fn(network(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        float(loss)  # waits for the device
+    finally:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    float(loss)  # waits for the device
-    model.load_state_dict(weights)
-    optimizer.load_state_dict(state)
     return time.perf_counter() - start
 
 

@@ -228,8 +228,13 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     network = model if mode == "none" else torch.compile(model, mode=mode)
     compile_seconds = 0.0
     if network is not model:
-        compile_seconds = warm_up(network, model, optimizer, train_loader, loss_fn,
-                                  autocast=autocast_for(device, precision))
+        try:
+            compile_seconds = warm_up(network, model, optimizer, train_loader, loss_fn,
+                                      autocast=autocast_for(device, precision))
+        except Exception as exc:  # noqa: BLE001 - no compiler toolchain, an unsupported op...
+            log(f"warning: torch.compile ({mode}) failed, training without it: "
+                f"{tracking.brief(exc)}")
+            network, mode = model, "none"
     trainable, total = count_parameters(model)
     info = describe_device(device)
 
@@ -263,7 +268,8 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
                 **cfg.to_dict(),
                 "weights_source": weights_source, "fine_tuned": cfg.weights != "none",
                 "frozen_layers": "none" if cfg.freeze == "none" else f"all but {spec.head}",
-                **info, "precision_resolved": precision, "epochs_requested": cfg.epochs,
+                **info, "precision_resolved": precision, "compile_resolved": mode,
+                "epochs_requested": cfg.epochs,
                 "early_stopping": (f"patience={cfg.patience},min_delta={cfg.min_delta},"
                                    f"monitor={cfg.monitor}") if cfg.patience else "off",
                 "train_size": n_train, "val_size": len(prepared.val[1]),
