@@ -104,9 +104,11 @@ def test_a_disk_still_full_at_the_end_keeps_the_last_checkpoint_and_resume_finis
     disk.free()
     run = only_run(disk_store)
     cfg, ckpt, run_id = resume_config(train_config(tracking_uri=disk_store, resume="last"))
-    # the background writer may have met the full disk with epoch 2 already
+    # the background writer may have met the full disk with epoch 2 already, and the store may
+    # have refused the metrics of the last epoch the checkpoint holds: resume logs them
     assert run_id == run.info.run_id and ckpt["epoch"] in (1, 2)
-    assert steps(disk_store, run_id) == list(range(1, ckpt["epoch"] + 1))
+    logged = steps(disk_store, run_id)
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) <= ckpt["epoch"]
     result = train(cfg, log=lambda *_: None, resume_from=ckpt, run_id=run_id)
     assert steps(disk_store, run_id) == [1, 2, 3, 4] and result.epochs_run == 4
     assert MlflowClient(disk_store).get_run(run_id).info.status == "FINISHED"

@@ -509,8 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         with signals:
             result = train(cfg, resume_from=resume_from, run_id=run_id,
                            stop_requested=signals.requested)
+        val = (f"best val {result.best_val_acc:.4f}, " if result.best_val_acc == result.best_val_acc
+               else "no validation split, ")
         print(f"\nrun {result.run_id}: test accuracy {result.test_acc:.4f} "
-              f"(best val {result.best_val_acc:.4f}, {result.epochs_run} epochs, "
+              f"({val}{result.epochs_run} epochs, "
               f"{time.perf_counter() - start:.0f} s)")
         if result.registered_name:
             champion = "now champion" if result.promoted else "champion unchanged (it scores higher)"
