@@ -33,16 +33,6 @@ PLAIN = {"precision": "fp32", "channels_last": False, "compile": "none", "async_
 FULL_EPOCH = 50_000
 
 
-def subset(prepared: Prepared, n: int | None) -> Prepared:
-    """The first n training images and n/9 validation images (the 45k/5k proportion)."""
-    if not n:
-        return prepared
-    (xt, yt), (xv, yv) = prepared.train, prepared.val
-    m = max(1, n // 9)
-    return Prepared(prepared.data, prepared.device, (xt[:n], yt[:n]), (xv[:m], yv[:m]),
-                    prepared.test, prepared.scratch_stats)
-
-
 def measure(settings: dict, prepared: Prepared) -> dict:
     result = train(resolve(settings), log=lambda *_: None, prepared=prepared)
     seconds = [h["epoch_seconds"] for h in result.history[1:]] or [result.history[0]["epoch_seconds"]]
@@ -78,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                 "no_register": True,
                 **({"cache_dir": args.cache_dir} if args.cache_dir else {}),
                 **({"batch_size": args.batch_size} if args.batch_size else {})}
-        prepared = subset(prepare(resolve({**base, "model": models[0]}), log=lambda *_: None),
-                          args.train_images)
+        # a subset keeps the 45k/5k proportion: n training and n/9 validation images
+        n = args.train_images
+        prepared = prepare(resolve({**base, "model": models[0]}), log=lambda *_: None).first(
+            n, max(1, n // 9) if n else None)
         for model in models:
             plain = measure({**base, "model": model, **PLAIN}, prepared)
             tuned = measure({**base, "model": model, "compile": args.compile}, prepared)

@@ -43,14 +43,6 @@ PIECES = {
 }
 
 
-def subset(prepared: Prepared, n: int | None) -> Prepared:
-    if not n:
-        return prepared
-    images, labels = prepared.train
-    return Prepared(prepared.data, prepared.device, (images[:n], labels[:n]), prepared.val,
-                    prepared.test, prepared.scratch_stats)
-
-
 def one_run(settings: dict, prepared: Prepared) -> dict:
     cfg = resolve(settings)
     start = time.perf_counter()
@@ -111,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tracking_uri": args.tracking_uri or f"sqlite:///{tmp}/mlflow.db",
                 "run_name": "fast", **({"epochs": args.epochs} if args.epochs else {}),
                 **({"cache_dir": args.cache_dir} if args.cache_dir else {})}
-        prepared = subset(prepare(resolve(base), log=lambda *_: None), args.train_images)
+        prepared = prepare(resolve(base), log=lambda *_: None).first(args.train_images)
         device = prepared.device
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; "
               f"{len(prepared.train[1])} training images, seeds 0..{args.seeds - 1}", flush=True)

@@ -71,9 +71,11 @@ class DeviceLoader:
         self.drop_last, self.channels_last = drop_last, channels_last
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
         self.epoch = 0  # passes started, for the alternating flip
-        self.first_flips = torch.rand(images.shape[0], device=images.device,
-                                      generator=torch.Generator(device=images.device)
-                                      .manual_seed(seed + 1)) < 0.5
+        self.first_flips = None
+        if flip == "alternate":  # each image's side in even epochs, fixed by the seed
+            self.first_flips = torch.rand(images.shape[0], device=images.device,
+                                          generator=torch.Generator(device=images.device)
+                                          .manual_seed(seed + 1)) < 0.5
 
     @property
     def device(self) -> torch.device:

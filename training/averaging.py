@@ -13,7 +13,7 @@ class Lookahead:
 
     def __init__(self, model: nn.Module, total_steps: int, every: int = 5,
                  decay: float = 0.95 ** 5):
-        self.model = getattr(model, "_orig_mod", model)
+        self.model = model
         self.total_steps, self.every, self.decay = total_steps, every, decay
         self.steps = 0
         self.average = {k: v.detach().clone() for k, v in self.model.state_dict().items()

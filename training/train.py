@@ -154,6 +154,13 @@ class Prepared:
     def num_classes(self) -> int:
         return len(self.data.classes)
 
+    def first(self, n_train: int | None, n_val: int | None = None) -> "Prepared":
+        """The first n_train training and n_val validation images (None: all): benchmarks
+        measure on a subset."""
+        (xt, yt), (xv, yv) = self.train, self.val
+        return Prepared(self.data, self.device, (xt[:n_train], yt[:n_train]),
+                        (xv[:n_val], yv[:n_val]), self.test, self.scratch_stats)
+
 
 def prepare(cfg: TrainConfig, log=print) -> Prepared:
     """Device, dataset, split. Raises DeviceError / DatasetError on bad input."""
@@ -256,7 +263,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     epoch_log = tracking.EpochLog(run_id, log)
     saver = checkpoint.Saver(ckpt_path, cfg.checkpoint_every, start.epochs_run if start else 0, log)
     writer = BackgroundWriter(cfg.async_logging)
-    overhead = [0.0]  # seconds the training thread spent on checkpoints and tracking
+    overhead = 0.0  # seconds the training thread spent on checkpoints and tracking
     try:
         if start is not None:
             log(f"resumed after epoch {start.epochs_run} from {ckpt_path}")
@@ -280,6 +287,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
             })
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            nonlocal overhead
             started = time.perf_counter()
             epochs_done.append(epoch)
             history.append(metrics)
@@ -301,7 +309,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
 
             writer.submit(write)
             log(epoch_line(epoch, cfg.epochs, metrics))
-            overhead[0] += time.perf_counter() - started
+            overhead += time.perf_counter() - started
             if epoch_hook is not None:
                 epoch_hook(epoch, metrics)
 
@@ -334,13 +342,13 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         best_val_acc = max((h["val_acc"] for h in result.history if "val_acc" in h),
                            default=float("nan"))
         mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
-                            "compile_seconds": compile_seconds, "tracking_seconds": overhead[0],
-                            "tracking_share": overhead[0] / max(1e-9, overhead[0] + result.train_seconds),
+                            "compile_seconds": compile_seconds, "tracking_seconds": overhead,
+                            "tracking_share": overhead / max(1e-9, overhead + result.train_seconds),
                             **({"best_val_acc": best_val_acc} if best_val_acc == best_val_acc else {})})
         outcome = TrainResult(run_id, best_val_acc, result.best_epoch, result.epochs_run,
                               result.stopped_epoch, result.history, model, prep,
                               train_seconds=result.train_seconds, compile_seconds=compile_seconds,
-                              tracking_seconds=overhead[0])
+                              tracking_seconds=overhead)
         if not trial:
             try:
                 finish(cfg, outcome, test_loader, loss_fn, precision, data, weights_source)
