@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 **({"batch_size": args.batch_size} if args.batch_size else {})}
         # a subset keeps the 45k/5k proportion: n training and n/9 validation images
         n = args.train_images
-        prepared = prepare(resolve({**base, "model": models[0]}), log=lambda *_: None).first(
+        prepared = prepare(resolve({**base, "model": models[0]}), log=lambda *_: None).subset(
             n, max(1, n // 9) if n else None)
         for model in models:
             plain = measure({**base, "model": model, **PLAIN}, prepared)

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.config import resolve  # noqa: E402
+from training.config import ConfigError, _coerce, _types, resolve  # noqa: E402
 from training.train import Prepared, prepare, train  # noqa: E402
 
 # each piece of the recipe and the setting that switches it off
@@ -79,6 +79,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE, typed like the training config's field KEY."""
+    key, sep, value = text.partition("=")
+    key, kinds = key.strip().replace("-", "_"), _types()
+    if not sep or key not in kinds:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a training "
+                                         f"setting ({', '.join(kinds)})")
+    if kinds[key] is bool:
+        value = {"true": True, "false": False}.get(value.lower(), value)
+    try:
+        return key, _coerce(key, value, kinds[key], "--set")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
@@ -87,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablate", default="", help=f"comma list of pieces, or all: {', '.join(PIECES)}")
     parser.add_argument("--train-images", type=int, default=None, help="train on the first N only")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    parser.add_argument("--set", type=setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the recipe in every row (repeatable)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store (default: a temporary one, deleted afterwards)")
     parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache")
@@ -102,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 "progress": False, "system_metrics": False, "experiment": "speed-record",
                 "tracking_uri": args.tracking_uri or f"sqlite:///{tmp}/mlflow.db",
                 "run_name": "fast", **({"epochs": args.epochs} if args.epochs else {}),
-                **({"cache_dir": args.cache_dir} if args.cache_dir else {})}
-        prepared = prepare(resolve(base), log=lambda *_: None).first(args.train_images)
+                **({"cache_dir": args.cache_dir} if args.cache_dir else {}), **dict(args.set)}
+        prepared = prepare(resolve(base), log=lambda *_: None).subset(args.train_images)
         device = prepared.device
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; "
               f"{len(prepared.train[1])} training images, seeds 0..{args.seeds - 1}", flush=True)

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from training.train import prepare
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -36,3 +38,11 @@ def test_epoch_speed_compares_plain_and_tuned_for_each_model(image_folder, tmp_p
     assert [r["model"] for r in rows] == ["mlp", "fast"]
     for r in rows:
         assert r["plain"]["s_per_epoch"] > 0 and 0 <= r["tuned"]["tracking_share"] < 1
+
+
+def test_a_benchmark_subset_is_drawn_from_every_class(train_config):
+    prepared = prepare(train_config(val_fraction=0.0, patience=0))  # in folder order: by class
+    classes = set(prepared.train[1].tolist())
+    small = prepared.subset(len(prepared.train[1]) // 2)
+    assert len(small.train[1]) == len(prepared.train[1]) // 2
+    assert set(small.train[1].tolist()) == classes

@@ -10,7 +10,7 @@ from shared.models import build_model
 from shared.preprocess import InputTransform, tta_logits
 from training.averaging import Lookahead
 from training.config import ConfigError, resolve
-from training.train import make_optimizer, make_scheduler, train
+from training.train import make_optimizer, make_scheduler, train, whitening_sample
 from training.whiten import first_conv, whiten_first_conv
 
 
@@ -30,6 +30,13 @@ def test_whitened_first_conv_decorrelates_the_patches_it_sees():
     cov = flat @ flat.T / flat.shape[1]
     assert torch.allclose(cov, torch.eye(12), atol=0.05)
     assert not conv.weight.requires_grad and conv.bias.requires_grad
+
+
+def test_whitening_sees_images_from_the_whole_split_not_only_its_first_classes():
+    images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 3, 2, 2)
+    sample = whitening_sample(images, seed=0, n=10)
+    assert sample.shape == (10, 3, 2, 2) and sample.max() <= 1
+    assert (sample[:, 0, 0, 0] * 255).round().max() >= 50  # not the first ten images
 
 
 def test_whitening_a_wider_first_conv_sets_some_filters_and_keeps_it_trainable():

@@ -46,14 +46,19 @@ class TrainConfig:
     epochs: int = opt(30, "maximum number of epochs")
     batch_size: int = opt(128, "training batch size")
     eval_batch_size: int = opt(1000, "evaluation batch size")
-    optimizer: str = opt("sgd", "optimizer", ("sgd", "adam", "adamw"))
+    optimizer: str = opt("sgd", "optimizer; muon: orthogonalised momentum for the hidden "
+                                "layers' weights (--muon-lr, --muon-momentum), Nesterov SGD for "
+                                "the rest", ("sgd", "adam", "adamw", "muon"))
     lr: float = opt(0.05, "learning rate (peak rate for onecycle)")
+    muon_lr: float = opt(0.02, "optimizer muon: learning rate of the hidden layers' weights")
+    muon_momentum: float = opt(0.95, "optimizer muon: momentum of the hidden layers' weights")
     weight_decay: float = opt(5e-4, "weight decay")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum for SGD")
     schedule: str = opt("onecycle", "learning-rate schedule (linear: warm up over 23%% of the "
-                                    "steps from 0.2x, then down to 0.07x)",
-                        ("none", "onecycle", "cosine", "linear"))
+                                    "steps from 0.2x, then down to 0.07x; decay: straight "
+                                    "down from the full rate to 0)",
+                        ("none", "onecycle", "cosine", "linear", "decay"))
     bias_lr_scale: float = opt(1.0, "learning-rate multiplier for biases and normalization "
                                     "parameters (their weight decay is divided by it)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
@@ -110,9 +115,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number (got {self.lr})")
-        for name in ("weight_decay", "momentum", "min_delta", "crop_padding", "patience",
+        for name in ("lr", "muon_lr"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"{name} must be a positive number (got {getattr(self, name)})")
+        for name in ("weight_decay", "momentum", "muon_momentum", "min_delta", "crop_padding", "patience",
                      "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")

@@ -29,6 +29,7 @@ from shared.store import tracking_uri, ui_command, use_store
 from shared.tracking import ensure_experiment, log_classifier, register_version
 from training import tracking
 from training.averaging import Lookahead
+from training.muon import Muon, muon_groups
 from training.writer import BackgroundWriter
 from training.config import ConfigError, TrainConfig, parse_args
 from training import checkpoint
@@ -78,11 +79,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
+def param_groups(cfg: TrainConfig, params: list[nn.Parameter]) -> list[dict]:
     """Weights at the base rate; with bias_lr_scale k, biases and normalization parameters
     (every 1-D tensor) at k times the rate and 1/k the weight decay, so the decay per step
     stays the same (airbench trains its BatchNorm biases this way)."""
-    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.bias_lr_scale == 1:
         return [{"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     groups = [{"params": [p for p in params if p.dim() > 1], "lr": cfg.lr,
@@ -93,7 +93,12 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        hidden, rest = muon_groups(model, cfg.muon_lr, cfg.muon_momentum, cfg.weight_decay)
+        return Muon(hidden + param_groups(cfg, rest), lr=cfg.lr, momentum=cfg.momentum,
+                    nesterov=cfg.nesterov)
+    groups = param_groups(cfg, params)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -108,7 +113,9 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
         # warm up over a quarter of the steps, and over at least two
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, total_steps=total,
                                                    max_lr=[g["lr"] for g in optimizer.param_groups],
-                                                   pct_start=max(0.25, 2 / total))
+                                                   pct_start=max(0.25, 2 / total),
+                                                   # Muon's momentum is its own setting
+                                                   cycle_momentum=cfg.optimizer != "muon")
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if cfg.schedule == "linear":
@@ -119,7 +126,16 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
                 return 0.2 + 0.8 * step / peak
             return 1.0 - 0.93 * (step - peak) / max(1, total - peak)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if cfg.schedule == "decay":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
     return None
+
+
+def whitening_sample(images: torch.Tensor, seed: int, n: int = 5000) -> torch.Tensor:
+    """n training images at random, on the [0, 1] scale: the split is in folder order, so the
+    first n would be one or two classes and a biased patch covariance."""
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[pick.to(images.device)].float() / 255
 
 
 def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
@@ -154,12 +170,18 @@ class Prepared:
     def num_classes(self) -> int:
         return len(self.data.classes)
 
-    def first(self, n_train: int | None, n_val: int | None = None) -> "Prepared":
-        """The first n_train training and n_val validation images (None: all): benchmarks
+    def subset(self, n_train: int | None, n_val: int | None = None) -> "Prepared":
+        """n_train training and n_val validation images (None: all), drawn at random with a
+        fixed seed (the splits are in folder order, one class after another): benchmarks
         measure on a subset."""
-        (xt, yt), (xv, yv) = self.train, self.val
-        return Prepared(self.data, self.device, (xt[:n_train], yt[:n_train]),
-                        (xv[:n_val], yv[:n_val]), self.test, self.scratch_stats)
+        def draw(pair, n):
+            if n is None or n >= len(pair[1]):
+                return pair
+            pick = torch.randperm(len(pair[1]), generator=torch.Generator().manual_seed(0))[:n]
+            pick = pick.sort().values.to(pair[1].device)
+            return pair[0][pick], pair[1][pick]
+        return Prepared(self.data, self.device, draw(self.train, n_train), draw(self.val, n_val),
+                        self.test, self.scratch_stats)
 
 
 def prepare(cfg: TrainConfig, log=print) -> Prepared:
@@ -217,7 +239,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     val_loader = DeviceLoader(*prepared.val, cfg.eval_batch_size, **common)
     test_loader = DeviceLoader(*prepared.test, cfg.eval_batch_size, **common)
     if cfg.whiten_init:
-        whiten_first_conv(model, common["transform"](prepared.train[0][:5000].float() / 255))
+        whiten_first_conv(model, common["transform"](whitening_sample(prepared.train[0], cfg.seed)))
 
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
