@@ -5,7 +5,7 @@ checkpoints, the logged model and the registry are all on. Its time is counted l
 record's (airbench): every training epoch plus the test-time-augmented test pass, with the
 training thread's checkpoint and tracking work included and one-time compilation excluded
 (`compile_seconds`, reported apart, as is the wall time of the whole call). One row per
-variant: the recipe, then the recipe with one piece switched off.
+variant: the recipe, then the recipe with one piece taken out (or, for lookahead, put in).
 
     python benchmarks/fast_record.py --data-dir ~/data/cifar10 --seeds 5 [--device cuda]
     python benchmarks/fast_record.py --data-dir ~/data/cifar10 --seeds 5 --ablate all
@@ -26,20 +26,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shared.models import FAST_SGD  # noqa: E402
 from training.config import ConfigError, _coerce, _types, resolve  # noqa: E402
 from training.train import Prepared, prepare, train  # noqa: E402
 
-# each piece of the recipe and the setting that switches it off
+# each piece, the row's name and the settings that take it out of the recipe (or, for an
+# option the recipe leaves off, put it in)
 PIECES = {
-    "whiten_init": {"whiten_init": False},
-    "lookahead": {"lookahead": False},
-    "tta": {"tta": "none"},
-    "alternate_flip": {"flip": "random"},
-    "label_smoothing": {"label_smoothing": 0.0},
-    "bias_lr_scale": {"bias_lr_scale": 1.0},
-    "compile": {"compile": "none"},
-    "bf16": {"precision": "fp32"},
-    "channels_last": {"channels_last": False},
+    "muon": ("Nesterov SGD instead of Muon (10 epochs, lookahead)", FAST_SGD),
+    "whiten_init": ("without whiten_init", {"whiten_init": False}),
+    "lookahead": ("with lookahead", {"lookahead": True}),
+    "tta": ("without tta", {"tta": "none"}),
+    "alternate_flip": ("without alternate_flip", {"flip": "random"}),
+    "label_smoothing": ("without label_smoothing", {"label_smoothing": 0.0}),
+    "bias_lr_scale": ("without bias_lr_scale", {"bias_lr_scale": 1.0}),
+    "compile": ("without compile", {"compile": "none"}),
+    "bf16": ("without bf16", {"precision": "fp32"}),
+    "channels_last": ("without channels_last", {"channels_last": False}),
 }
 
 
@@ -118,19 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         base = {"model": "fast", "data_dir": args.data_dir, "device": args.device,
                 "progress": False, "system_metrics": False, "experiment": "speed-record",
                 "tracking_uri": args.tracking_uri or f"sqlite:///{tmp}/mlflow.db",
-                "run_name": "fast", **({"epochs": args.epochs} if args.epochs else {}),
-                **({"cache_dir": args.cache_dir} if args.cache_dir else {}), **dict(args.set)}
-        prepared = prepare(resolve(base), log=lambda *_: None).subset(args.train_images)
+                **({"cache_dir": args.cache_dir} if args.cache_dir else {})}
+        # the user's overrides hold in every row, over the piece's own settings
+        overrides = {**({"epochs": args.epochs} if args.epochs else {}), **dict(args.set)}
+        prepared = prepare(resolve({**base, **overrides}), log=lambda *_: None).subset(
+            args.train_images)
         device = prepared.device
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; "
               f"{len(prepared.train[1])} training images, seeds 0..{args.seeds - 1}", flush=True)
         rows, detail = [], []
-        for name, change in [("recipe", {}), *((f"without {p}", PIECES[p]) for p in pieces)]:
+        for name, change in [("recipe", {}), *(PIECES[p] for p in pieces)]:
             runs = []
             for seed in range(args.seeds):
-                run = one_run({**base, **change, "seed": seed, "run_name": f"fast {name}"}, prepared)
+                run = one_run({**base, **change, **overrides, "seed": seed,
+                               "run_name": f"fast: {name}"}, prepared)
                 runs.append(run)
-                print(f"{name:>26} seed {seed}: {100 * run['test_acc']:.2f}% in "
+                print(f"{name}, seed {seed}: {100 * run['test_acc']:.2f}% in "
                       f"{run['record_seconds']:.2f} s (compile {run['compile_seconds']:.1f} s, "
                       f"wall {run['wall_seconds']:.1f} s)", flush=True)
             rows.append(summarize(name, runs))

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from training.train import prepare
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -19,12 +21,20 @@ def test_fast_record_reports_the_recipe_and_each_ablation(image_folder, tmp_path
     out = tmp_path / "record.json"
     code = load("fast_record").main([
         "--data-dir", str(image_folder), "--seeds", "1", "--epochs", "1", "--device", "cpu",
-        "--ablate", "tta", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+        "--ablate", "tta,muon", "--set", "batch_size=16", "--cache-dir", str(tmp_path / "cache"),
+        "--out", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["recipe", "without tta"]
+    assert [r["variant"] for r in rows] == ["recipe", "without tta",
+                                            "Nesterov SGD instead of Muon (10 epochs, lookahead)"]
     assert all(r["runs"] == 1 and 0 <= r["mean_acc"] <= 1 and r["mean_seconds"] > 0 for r in rows)
     assert "| without tta |" in capsys.readouterr().out
+
+
+def test_fast_record_refuses_a_setting_the_training_config_lacks(capsys):
+    with pytest.raises(SystemExit):
+        load("fast_record").main(["--data-dir", "x", "--set", "batch=16"])
+    assert "expected KEY=VALUE with KEY a training setting" in capsys.readouterr().err
 
 
 def test_epoch_speed_compares_plain_and_tuned_for_each_model(image_folder, tmp_path):

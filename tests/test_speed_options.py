@@ -97,9 +97,10 @@ def test_linear_schedule_warms_up_from_a_fifth_then_falls_to_7_percent(train_con
 def test_fast_recipe_options_train_and_every_one_is_logged(train_config, store):
     result = train(train_config(model="fast", epochs=2, batch_size=16, val_fraction=0.2), log=quiet)
     params = MlflowClient(store).get_run(result.run_id).data.params
-    expected = {"whiten_init": "True", "lookahead": "True", "tta": "flip-translate",
-                "flip": "alternate", "crop_fill": "reflect", "bias_lr_scale": "64.0",
-                "schedule": "linear", "compile": "auto", "label_smoothing": "0.2"}
+    expected = {"whiten_init": "True", "optimizer": "muon", "muon_lr": "0.24",
+                "tta": "flip-translate", "flip": "alternate", "crop_fill": "reflect",
+                "bias_lr_scale": "64.0", "schedule": "decay", "compile": "auto",
+                "label_smoothing": "0.2"}
     assert {k: params[k] for k in expected} == expected
     assert 0 <= result.test_acc <= 1
 
@@ -137,13 +138,15 @@ def test_a_compiled_model_trains_and_saves_like_an_eager_one(train_config, store
     assert not any(k.startswith("_orig_mod") for k in result.model.state_dict())
 
 
-def test_warming_up_a_compiled_model_leaves_no_trace_in_weights_or_optimizer():
+@pytest.mark.parametrize("optimizer_name", ["sgd", "muon"])
+def test_warming_up_a_compiled_model_leaves_no_trace_in_weights_or_optimizer(train_config,
+                                                                            optimizer_name):
     from shared.batches import DeviceLoader
     from shared.preprocess import Preprocessing
     from training.loop import warm_up
 
     model = build_model("cnn", 3, 32)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = make_optimizer(train_config(optimizer=optimizer_name), model)
     prep = Preprocessing(32, 32, (0.5,) * 3, (0.25,) * 3)
     loader = DeviceLoader(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8),
                           torch.randint(0, 3, (8,)), 4, InputTransform(prep))

@@ -175,10 +175,17 @@ def test_two_processes_share_one_study_without_losing_or_duplicating_trials(tune
     (["--epochs-range", "5,5"], "empty or inverted"),
     (["--lr-range", "0,0.1"], "LOW must be positive"),
     (["--trials", "0"], "trials must be at least 1"),
+    (["--search", "muon_lr"], "--search muon_lr needs --optimizer muon"),
 ])
 def test_bad_search_settings_are_refused_before_any_work(flags, message, capsys, store):
     assert main(["--tracking-uri", store, *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_muon_study_searches_the_muon_rate_around_the_recipes(tune_config):
+    cfg = tune_config(optimizer="muon", muon_lr=0.05, search="muon_lr,epochs", trials=2)
+    assert cfg.space()["muon_lr"] == pytest.approx((0.005, 0.5))
+    assert tune(cfg, log=quiet)["trials_complete"] == 2
 
 
 def test_an_unreachable_storage_is_refused_before_any_work(tune_config, tmp_path, capsys, store):

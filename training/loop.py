@@ -102,7 +102,7 @@ def warm_up(network: nn.Module, model: nn.Module, optimizer: torch.optim.Optimiz
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        float(loss)  # waits for the device
+        float(loss.detach())  # waits for the device
     finally:
         model.load_state_dict(weights)
         optimizer.load_state_dict(state)

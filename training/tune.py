@@ -26,7 +26,7 @@ from training.config import ConfigError, TrainConfig, build_parser, opt, parse_a
 from training.loop import NonFiniteLossError, StopTraining
 from training.train import TrainingInterrupted, prepare, run_command, train
 
-SEARCHABLE = ("lr", "epochs", "weight_decay", "batch_size")
+SEARCHABLE = ("lr", "epochs", "weight_decay", "batch_size", "muon_lr")
 PARENT_ATTR = "mlflow_parent_run_id"
 WORKER_WAIT_SECONDS = 120
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -42,6 +42,8 @@ class TuneConfig(TrainConfig):
     search: str = opt("lr,epochs", f"parameters to search, from: {', '.join(SEARCHABLE)}")
     lr_range: str | None = opt(None, "LOW,HIGH of the log-scale learning-rate search "
                                      "(default: the recipe's lr / 10 to x 10)")
+    muon_lr_range: str | None = opt(None, "LOW,HIGH of the log-scale search of --muon-lr "
+                                          "(default: the recipe's muon_lr / 10 to x 10)")
     epochs_range: str | None = opt(None, "LOW,HIGH of the epoch count (default: a sixth of the "
                                          "recipe's epochs to all of them)")
     weight_decay_range: str = opt("1e-6,1e-2", "LOW,HIGH of the log-scale weight-decay search")
@@ -79,9 +81,13 @@ class TuneConfig(TrainConfig):
         """Each searched parameter's (low, high), or its choices for batch_size."""
         space = {}
         for name in self.search_names():
-            if name == "lr":
-                space[name] = parse_range(self.lr_range or f"{self.lr / 10:g},{self.lr * 10:g}",
-                                          "lr_range", float, positive=True)
+            if name in ("lr", "muon_lr"):
+                if name == "muon_lr" and self.optimizer != "muon":
+                    raise ConfigError("--search muon_lr needs --optimizer muon (the rate of "
+                                      f"its hidden-layer steps); this study uses {self.optimizer}")
+                value, given = getattr(self, name), getattr(self, f"{name}_range")
+                space[name] = parse_range(given or f"{value / 10:g},{value * 10:g}",
+                                          f"{name}_range", float, positive=True)
             elif name == "epochs":
                 text = self.epochs_range or f"{max(1, self.epochs // 6)},{self.epochs}"
                 space[name] = parse_range(text, "epochs_range", int, positive=True)
