@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd
 
 # quintic Newton-Schulz coefficients from the Muon write-up: they push every singular value
 # toward 1 fast, without needing to converge exactly
@@ -52,31 +53,39 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if not group["muon"] and decay:
-                    grad = grad.add(p, alpha=decay)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(momentum).add_(grad)
-                update = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-                if not group["muon"]:
-                    p.add_(update, alpha=-lr)
-                    continue
-                rows = p.shape[0]
-                cols = p.numel() // rows
-                if group["normalize"]:
-                    p.mul_(rows ** 0.5 / (p.norm() + 1e-12))
-                elif decay:
-                    p.mul_(1 - lr * decay)
-                update = orthogonalize(update.reshape(rows, cols), self.ns_steps)
-                p.add_(update.view_as(p), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                self._muon_step(group, params)
+            else:
+                self._sgd_step(group, params)
         return loss
+
+    def _sgd_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        # torch's own SGD kernel (foreach on the GPU: a few launches for the whole group)
+        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        sgd(params, [p.grad for p in params], buffers, weight_decay=group["weight_decay"],
+            momentum=group["momentum"], lr=group["lr"], dampening=0.0,
+            nesterov=group["nesterov"], maximize=False)
+        for p, buffer in zip(params, buffers):
+            self.state[p]["momentum_buffer"] = buffer
+
+    def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(momentum).add_(p.grad)
+            update = p.grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+            rows = p.shape[0]
+            cols = p.numel() // rows
+            if group["normalize"]:
+                p.mul_(rows ** 0.5 / (p.norm() + 1e-12))
+            elif decay:
+                p.mul_(1 - lr * decay)
+            update = orthogonalize(update.reshape(rows, cols), self.ns_steps)
+            p.add_(update.view_as(p), alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
