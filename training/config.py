@@ -118,8 +118,8 @@ class TrainConfig:
         for name in ("lr", "muon_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise ConfigError(f"{name} must be a positive number (got {getattr(self, name)})")
-        for name in ("weight_decay", "momentum", "muon_momentum", "min_delta", "crop_padding", "patience",
-                     "checkpoint_every"):
+        for name in ("weight_decay", "momentum", "muon_momentum", "min_delta", "crop_padding",
+                     "patience", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
         if not 0 <= self.label_smoothing < 1:

@@ -103,13 +103,13 @@ def normalized_weights(model: nn.Module) -> set[int]:
             if pending is not None:
                 found.add(id(pending))
             pending = None
-        elif not isinstance(module, (nn.Sequential, *_PASS_THROUGH)) and \
-                not list(module.children()):
-            pending = None  # an activation or anything else between: not scale-free
+        elif not isinstance(module, _PASS_THROUGH) and next(module.children(), None) is None:
+            pending = None  # an activation or any other leaf between: not scale-free
     return found
 
 
-def muon_groups(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> tuple[list[dict], list[nn.Parameter]]:
+def muon_groups(model: nn.Module, lr: float, momentum: float,
+                weight_decay: float) -> tuple[list[dict], list[nn.Parameter]]:
     """Muon groups for the hidden layers' weights (every trainable tensor of 2 or more dims but
     the last, the output layer), and the parameters left to SGD."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -93,12 +93,11 @@ def param_groups(cfg: TrainConfig, params: list[nn.Parameter]) -> list[dict]:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "muon":
         hidden, rest = muon_groups(model, cfg.muon_lr, cfg.muon_momentum, cfg.weight_decay)
         return Muon(hidden + param_groups(cfg, rest), lr=cfg.lr, momentum=cfg.momentum,
                     nesterov=cfg.nesterov)
-    groups = param_groups(cfg, params)
+    groups = param_groups(cfg, [p for p in model.parameters() if p.requires_grad])
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -131,11 +130,15 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     return None
 
 
+def random_rows(total: int, n: int, seed: int) -> torch.Tensor:
+    """n of range(total) at random, with a fixed seed: the splits are in folder order (one
+    class after another), so the first n would hold only a class or two."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def whitening_sample(images: torch.Tensor, seed: int, n: int = 5000) -> torch.Tensor:
-    """n training images at random, on the [0, 1] scale: the split is in folder order, so the
-    first n would be one or two classes and a biased patch covariance."""
-    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-    return images[pick.to(images.device)].float() / 255
+    """n training images at random, on the [0, 1] scale, for an unbiased patch covariance."""
+    return images[random_rows(len(images), n, seed).to(images.device)].float() / 255
 
 
 def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
@@ -172,13 +175,11 @@ class Prepared:
 
     def subset(self, n_train: int | None, n_val: int | None = None) -> "Prepared":
         """n_train training and n_val validation images (None: all), drawn at random with a
-        fixed seed (the splits are in folder order, one class after another): benchmarks
-        measure on a subset."""
+        fixed seed: benchmarks measure on a subset."""
         def draw(pair, n):
             if n is None or n >= len(pair[1]):
                 return pair
-            pick = torch.randperm(len(pair[1]), generator=torch.Generator().manual_seed(0))[:n]
-            pick = pick.sort().values.to(pair[1].device)
+            pick = random_rows(len(pair[1]), n, seed=0).sort().values.to(pair[1].device)
             return pair[0][pick], pair[1][pick]
         return Prepared(self.data, self.device, draw(self.train, n_train), draw(self.val, n_val),
                         self.test, self.scratch_stats)
