@@ -158,6 +158,7 @@ class MainWindow(QMainWindow):
         self.worker.progress.connect(self._progress)
         self.worker.results.connect(self._results)
         self.worker.finished.connect(self._finished)
+        self.worker.failed.connect(self._classify_failed)
         self.thread.start()
         self.thumbnails = QThreadPool(self)
         self.thumbnail_signals = ThumbnailSignals()
@@ -351,6 +352,16 @@ class MainWindow(QMainWindow):
                              + (f", {failed} unreadable (marked ⚠)" if failed else "")
                              + (" — cancelled" if cancelled else ""))
         self._update_actions()
+
+    @Slot(int, str)
+    def _classify_failed(self, job: int, message: str) -> None:
+        if job != self.job:
+            return
+        self.running = False
+        self.progress.hide()
+        self.message.setText("Classifying failed — see the message")
+        self._update_actions()
+        QMessageBox.warning(self, "Classifying failed", message)
 
     # --- detail and export --------------------------------------------------------------
 

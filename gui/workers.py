@@ -23,6 +23,7 @@ class InferenceWorker(QObject):
     progress = Signal(int, int, int)  # job, done, total
     results = Signal(int, list)  # job, [Prediction]
     finished = Signal(int, bool)  # job, cancelled
+    failed = Signal(int, str)  # job, message: classifying stopped on an unexpected error
 
     def __init__(self, tracking_uri: str, batch_size: int = 32):
         super().__init__()
@@ -46,12 +47,13 @@ class InferenceWorker(QObject):
         # torch and MLflow are imported here, on this thread, so the window shows at once
         from shared.inference import ModelLoadError, load_classifier
 
-        use_store(self.tracking_uri)
+        self.classifier = None
         try:
+            use_store(self.tracking_uri)
             self.classifier = load_classifier(uri)
-        except ModelLoadError as exc:
-            self.classifier = None
-            self.load_failed.emit(uri, str(exc))
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the window, not hang it
+            self.load_failed.emit(uri, str(exc) if isinstance(exc, ModelLoadError)
+                                  else f"cannot load {uri}: {type(exc).__name__}: {exc}")
             return
         self.loaded.emit(uri, self.classifier.classes)
 
@@ -64,11 +66,16 @@ class InferenceWorker(QObject):
             self.finished.emit(job, True)
             return
         done = 0
-        for batch in classify_files(self.classifier, paths, self.batch_size,
-                                    cancelled=self._cancel.is_set):
-            done += len(batch)
-            self.results.emit(job, batch)
-            self.progress.emit(job, done, len(paths))
+        try:
+            for batch in classify_files(self.classifier, paths, self.batch_size,
+                                        cancelled=self._cancel.is_set):
+                done += len(batch)
+                self.results.emit(job, batch)
+                self.progress.emit(job, done, len(paths))
+        except Exception as exc:  # noqa: BLE001 - e.g. a model that fails on real input
+            self.failed.emit(job, f"classifying stopped after {done} of {len(paths)} file(s): "
+                                  f"{type(exc).__name__}: {exc}")
+            return
         self.finished.emit(job, self._cancel.is_set() or done < len(paths))
 
 

@@ -13,6 +13,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from shared.preprocess import Preprocessing, decode_image
+from shared.safe_model import (ARCHIVE, UnsafeModel, check_archive, check_metadata,
+                               check_model_dir, check_outputs, open_archive)
 
 # a model is fetched from a local or tracking-server store on every load; no progress bars
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -57,33 +59,32 @@ class LoadedClassifier:
 
 
 def load_classifier(model_uri: str) -> LoadedClassifier:
-    """Load `models:/name@alias`, `models:/name/version` or `runs:/id/model`."""
-    try:
-        info = mlflow.models.get_model_info(model_uri)
-    except Exception as exc:  # noqa: BLE001 - missing artifacts, bad URIs, store errors
-        raise ModelLoadError(f"cannot read the model {model_uri}: it does not exist, or its "
-                             f"artifacts are missing or unreachable ({exc})") from exc
-    meta = info.metadata or {}
-    if "class_names" not in meta or "preprocessing" not in meta:
-        raise ModelLoadError(f"{model_uri} was not logged by this project's training: its metadata "
-                             "lacks class names and preprocessing. Retrain it with training.train.")
+    """Load `models:/name@alias`, `models:/name/version` or `runs:/id/model`. The files are
+    checked before anything in them is deserialised (shared/safe_model.py): a model that is
+    not what this project's training logs is refused, and nothing of it runs."""
     with tempfile.TemporaryDirectory(prefix="cifarlab-model-") as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        except Exception as exc:  # noqa: BLE001 - missing artifacts, store errors
-            raise ModelLoadError(f"cannot download the model {model_uri}: its artifacts are "
-                                 f"missing or unreachable ({exc})") from exc
-        if not (local / "data" / "model.pt2").is_file():
-            raise ModelLoadError(f"{model_uri} has no pt2 (torch.export) file; loading it would "
-                                 "need unpickling, which this project refuses. Retrain it with "
-                                 "training.train.")
+        except Exception as exc:  # noqa: BLE001 - missing artifacts, bad URIs, store errors
+            raise ModelLoadError(f"cannot read the model {model_uri}: it does not exist, or its "
+                                 f"artifacts are missing or unreachable ({exc})") from exc
         try:
-            module = mlflow.pytorch.load_model(str(local))
+            classes, prep = check_metadata(check_model_dir(local))
+            check_archive(local / ARCHIVE)
+        except UnsafeModel as exc:
+            raise ModelLoadError(f"refused to load {model_uri}: {exc}. Nothing of it was run; "
+                                 "retrain it with training.train, or ask who changed its "
+                                 "artifacts.") from None
+        try:
+            module = open_archive(local / ARCHIVE)
         except Exception as exc:  # noqa: BLE001 - broken files, incompatible torch versions
             raise ModelLoadError(f"cannot load the model {model_uri} (damaged, or made by an "
                                  f"incompatible PyTorch): {exc}") from exc
-    return LoadedClassifier(model_uri, module, list(meta["class_names"]),
-                            Preprocessing.from_dict(meta["preprocessing"]))
+    try:
+        check_outputs(module, classes, prep)
+    except UnsafeModel as exc:
+        raise ModelLoadError(f"cannot use the model {model_uri}: {exc}") from None
+    return LoadedClassifier(model_uri, module, classes, prep)
 
 
 def describe_error(exc: BaseException) -> str:

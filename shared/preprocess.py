@@ -22,6 +22,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_MEGAPIXELS = 64  # larger images are refused rather than decoded into gigabytes of memory
+MAX_IMAGE_SIDE = 1024  # the largest stored or network input side a dataset or model may have
 TTA_MODES = ("none", "flip", "flip-translate")
 
 
@@ -62,15 +63,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` and center-crop to size x size."""
+    """The centered square of side min(width, height), resized to size x size: the same as
+    resizing the shorter side to `size` and center-cropping, without ever holding the
+    resized whole (a 1 x 1,000,000 image would become 32 x 32,000,000 pixels)."""
     if img.size == (size, size):
         return img
     width, height = img.size
-    scale = size / min(width, height)
-    width, height = max(size, round(width * scale)), max(size, round(height * scale))
-    img = img.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (width - size) // 2, (height - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return img.resize((size, size), Image.Resampling.BILINEAR,
+                      box=(left, top, left + side, top + side), reducing_gap=3.0)
 
 
 def decode_image(source: str | Path | BinaryIO, size: int) -> np.ndarray:

@@ -1,9 +1,16 @@
 """Where the MLflow store is. Standard library only, so the app's window can start without
-importing MLflow or PyTorch."""
+importing MLflow or PyTorch.
+
+Every entry point imports this module, so it also sets the process's second wall against
+code in model artifacts: MLflow may not unpickle (its default in 3.17 is to allow it). The
+first wall is shared/safe_model.py, which checks a model's files before anything reads them.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 
 CHAMPION = "champion"  # the registry alias of each model's best version
 SCORE_TAG = "best_val_acc"  # the model-version tag the champion rule compares

@@ -206,3 +206,29 @@ def test_the_window_remembers_its_folder_and_model(open_window, qtbot, registere
     qtbot.waitUntil(lambda: again.model_uri is not None, timeout=20_000)
     assert again.folder == image_folder / "test" / "dog"
     assert again.model_uri == "models:/tiny-cnn/2"
+
+
+def test_an_unexpected_error_while_loading_is_shown_not_left_on_loading(
+        open_window, qtbot, registered_store, image_folder, messages, monkeypatch):
+    def broken(uri):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(shared.inference, "load_classifier", broken)
+    window = open_window(registered_store, image_folder / "test" / "cat")
+    qtbot.waitUntil(lambda: bool(messages), timeout=20_000)
+    assert messages[0][0] == "warning" and "disk on fire" in messages[0][2]
+    assert not window.loading and window.model_box.isEnabled()
+
+
+def test_an_error_while_classifying_is_shown_and_the_app_stays_usable(
+        open_window, qtbot, registered_store, image_folder, messages, monkeypatch):
+    def broken(clf, paths, batch_size, cancelled):
+        raise RuntimeError("model failed on this input")
+        yield
+
+    monkeypatch.setattr(shared.inference, "classify_files", broken)
+    window = open_window(registered_store, image_folder / "test" / "cat")
+    qtbot.waitUntil(lambda: bool(messages), timeout=20_000)
+    assert "model failed on this input" in messages[0][2]
+    assert not window.running and "failed" in window.message.text()
+    assert window.classify_action.isEnabled()
