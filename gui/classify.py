@@ -15,7 +15,7 @@ from gui.export import write_csv
 from shared.files import image_files
 from shared.inference import ModelLoadError, classify_files, load_classifier
 from shared.registry import RegistryError, resolve_model_uri
-from shared.store import tracking_uri, use_store
+from shared.store import StoreBroken, tracking_uri, use_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.folder} is not a folder", file=sys.stderr)
         return 2
     uri = tracking_uri(args.tracking_uri)
-    use_store(uri)
     try:
+        use_store(uri)
         clf = load_classifier(resolve_model_uri(args.model, uri))
-    except (RegistryError, ModelLoadError) as exc:
+    except (RegistryError, ModelLoadError, StoreBroken) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     files = image_files(args.folder)

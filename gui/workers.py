@@ -12,7 +12,7 @@ from PySide6.QtCore import QObject, QRunnable, QSize, Qt, Signal, Slot
 from PySide6.QtGui import QImage, QImageReader, QPainter
 
 from shared.registry import RegistryError, list_versions
-from shared.store import use_store
+from shared.store import StoreBroken, use_store
 
 
 class InferenceWorker(QObject):
@@ -38,9 +38,13 @@ class InferenceWorker(QObject):
     @Slot()
     def list_models(self) -> None:
         try:
+            use_store(self.tracking_uri)
             self.models_listed.emit(list_versions(self.tracking_uri))
         except RegistryError as exc:
             self.models_failed.emit(str(exc))
+        except StoreBroken as exc:
+            self.models_failed.emit(f"{exc}. Point the app at your store with "
+                                    "MLFLOW_TRACKING_URI (or --tracking-uri).")
 
     @Slot(str)
     def load(self, uri: str) -> None:

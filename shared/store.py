@@ -7,7 +7,11 @@ first wall is shared/safe_model.py, which checks a model's files before anything
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
@@ -26,12 +30,71 @@ def tracking_uri(explicit: str | None = None) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+class StoreBroken(Exception):
+    """The SQLite store exists but cannot be opened; the message says how to repair it."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def creation_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock beside a SQLite database while it is created or opened, so that
+    processes started together never run its schema migrations at the same time (they left
+    stores half-migrated). Other URIs need none: a server or database serialises itself."""
+    db = sqlite_path(uri)
+    if db is None or not db.parent.is_dir():  # no store can be created there: MLflow says so
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def use_store(uri: str) -> None:
-    """Point MLflow's tracking and registry at `uri`."""
+    """Point MLflow's tracking and registry at `uri`, creating a new SQLite store under the
+    creation lock. Raises StoreBroken, with the repair, for a store that cannot be opened."""
     import mlflow  # here, not at the top: see the module docstring
+    from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if sqlite_path(uri) is None:
+        return
+    with creation_lock(uri):
+        try:
+            client = MlflowClient(uri, registry_uri=uri)
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - migration and database errors of many kinds
+            raise StoreBroken(repair_advice(sqlite_path(uri), exc)) from exc
+
+
+def repair_advice(db: Path, exc: Exception) -> str:
+    """Why the SQLite store `db` cannot be opened, and what to do about it."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            runs = con.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    except sqlite3.Error:
+        return (f"the MLflow store {db} cannot be opened ({type(exc).__name__}: {first}); "
+                "check the path and its permissions")
+    half = any(t.startswith("_alembic_tmp_") for t in tables)
+    if not half and "out-of-date database schema" not in str(exc):
+        return f"the MLflow store {db} cannot be opened ({type(exc).__name__}: {first})"
+    cause = ("its schema migration was interrupted (leftover _alembic_tmp_ tables)" if half
+             else f"its schema is not the one this MLflow expects ({first})")
+    if runs == 0:
+        return (f"the MLflow store {db} is broken: {cause}. It holds no runs, so delete it "
+                f"(rm {db}) and start again; the next command creates it afresh")
+    return (f"the MLflow store {db} is broken: {cause}. It holds {runs} run(s): back it up "
+            f"(cp {db} {db}.bak), then run `mlflow db upgrade sqlite:///{db}`")
 
 
 def ui_command(uri: str) -> str:

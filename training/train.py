@@ -25,7 +25,7 @@ from shared.device import DeviceError, describe_device, resolve_device
 from shared.models import (ModelError, build_model, count_parameters, describe_models, get_spec,
                            input_size_for)
 from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
-from shared.store import tracking_uri, ui_command, use_store
+from shared.store import StoreBroken, tracking_uri, ui_command, use_store
 from shared.tracking import ensure_experiment, log_classifier, register_version
 from training import tracking
 from training.averaging import Lookahead
@@ -466,7 +466,8 @@ def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, lo
                   "score_source": "validation" if validated else "test (no validation split)"})
 
 
-BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError, StoreError)
+BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError, StoreError,
+             StoreBroken)
 RUN_FAILED = (NonFiniteLossError, StoreUnavailable)
 
 

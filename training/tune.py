@@ -20,7 +20,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from shared.models import describe_models
-from shared.store import tracking_uri, ui_command, use_store
+from shared.store import creation_lock, tracking_uri, ui_command, use_store
 from shared.tracking import ensure_experiment
 from training.config import ConfigError, TrainConfig, build_parser, opt, parse_args
 from training.loop import NonFiniteLossError, StopTraining
@@ -139,7 +139,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(4):  # processes started together race to create the schema: retry
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), creation_lock(url):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30,
                                                   grace_period=90)
