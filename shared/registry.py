@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from shared.store import CHAMPION
+from shared.store import CHAMPION, mask_secrets
 
 
 class RegistryError(Exception):
@@ -63,11 +63,12 @@ def list_versions(tracking_uri: str) -> list[ModelVersionInfo]:
             for alias, version in (model.aliases or {}).items():
                 aliases.setdefault((model.name, str(version)), []).append(alias)
     except Exception as exc:  # noqa: BLE001 - connection and database errors of many kinds
-        raise RegistryError(f"cannot read the MLflow store at {tracking_uri}: {exc}. Point the app "
+        raise RegistryError(f"cannot read the MLflow store at {mask_secrets(tracking_uri)}: "
+                            f"{mask_secrets(str(exc))}. Point the app "
                             "at your store with MLFLOW_TRACKING_URI (or --tracking-uri), or start "
                             "it from the folder whose mlruns/ holds your runs.") from exc
     if not versions:
-        raise RegistryError(f"no registered model in {tracking_uri} yet. Train one first, e.g. "
+        raise RegistryError(f"no registered model in {mask_secrets(tracking_uri)} yet. Train one first, e.g. "
                             "`make train` or `python -m training.train --model cnn`, from the folder "
                             "that holds mlruns/, or point MLFLOW_TRACKING_URI at your store.")
     infos = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,17 @@ def creation_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
+SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*", re.IGNORECASE)
+
+
+def mask_secrets(text: str) -> str:
+    """`postgresql://user:PW@host/db` -> `postgresql://user:***@host/db` (and `?password=`)
+    anywhere in `text`: what a run logs or prints never holds a password from a URI."""
+    text = CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
+
+
 def use_store(uri: str) -> None:
     """Point MLflow's tracking and registry at `uri`, creating a new SQLite store under the
     creation lock. Raises StoreBroken, with the repair, for a store that cannot be opened."""
@@ -64,6 +76,8 @@ def use_store(uri: str) -> None:
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if mask_secrets(uri) != uri:  # MLflow would print "View run at <uri with the password>"
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if sqlite_path(uri) is None:
         return
     with creation_lock(uri):
@@ -99,5 +113,5 @@ def repair_advice(db: Path, exc: Exception) -> str:
 
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"open {mask_secrets(uri)} in a browser"
+    return f"mlflow ui --backend-store-uri {mask_secrets(uri)}"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from shared.store import mask_secrets
+
 CHECKPOINT_TAG = "checkpoint"
 
 
@@ -94,7 +96,7 @@ def find_resumable(uri: str, spec: str) -> str:
         try:
             run = client.get_run(spec)
         except Exception as exc:  # noqa: BLE001 - unknown id
-            raise ResumeError(f"no run {spec!r} in {uri}: {exc}") from exc
+            raise ResumeError(f"no run {spec!r} in {mask_secrets(uri)}: {exc}") from exc
         if run.info.status == "FINISHED":
             raise ResumeError(f"run {spec} already finished; nothing to resume")
         return spec
@@ -103,7 +105,7 @@ def find_resumable(uri: str, spec: str) -> str:
                                            "attributes.status != 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise ResumeError(f"no unfinished run with a checkpoint in {uri}")
+        raise ResumeError(f"no unfinished run with a checkpoint in {mask_secrets(uri)}")
     return runs[0].info.run_id
 
 
@@ -111,7 +113,7 @@ def state(cfg, epoch: int, history: list[dict], model, optimizer, scheduler, sca
           loader, averager=None) -> dict:
     """Everything a resumed run needs to go on as if it had not stopped."""
     return {
-        "format": 2, "epoch": epoch, "config": cfg.to_dict(), "history": list(history),
+        "format": 2, "epoch": epoch, "config": cfg.public_dict(), "history": list(history),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,

@@ -18,6 +18,7 @@ import yaml
 from shared.batches import FLIPS
 from shared.data import DEFAULT_CACHE_DIR
 from shared.preprocess import TTA_MODES
+from shared.store import mask_secrets
 from shared.models import MODELS, get_spec
 
 
@@ -138,6 +139,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as logged, printed and checkpointed: passwords in URIs masked."""
+        return {k: mask_secrets(v) if isinstance(v, str) else v for k, v in self.to_dict().items()}
 
 
 def _types(cls: type = TrainConfig) -> dict[str, type]:

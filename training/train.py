@@ -25,7 +25,7 @@ from shared.device import DeviceError, describe_device, resolve_device
 from shared.models import (ModelError, build_model, count_parameters, describe_models, get_spec,
                            input_size_for)
 from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
-from shared.store import StoreBroken, tracking_uri, ui_command, use_store
+from shared.store import StoreBroken, mask_secrets, tracking_uri, ui_command, use_store
 from shared.tracking import ensure_experiment, log_classifier, register_version
 from training import tracking
 from training.averaging import Lookahead
@@ -276,7 +276,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     ckpt_path = checkpoint.checkpoint_path(uri, run_id)
     if on_run_start is not None:
         on_run_start(run_id)
-    log(f"MLflow run {run_id} ({run_name}) in experiment '{cfg.experiment}' at {uri}")
+    log(f"MLflow run {run_id} ({run_name}) in experiment '{cfg.experiment}' at {mask_secrets(uri)}")
     log(f"{data.name}: {n_train} train / {len(prepared.val[1])} val / {len(prepared.test[1])} test, "
         f"{num_classes} classes; {cfg.model} ({trainable:,} trainable of {total:,} params) on "
         f"{info['device_name']}, {precision}")
@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
             mlflow.set_tags({**tracking.run_tags(data), **(tags or {}),
                              **({checkpoint.CHECKPOINT_TAG: str(ckpt_path)} if cfg.checkpoint_every else {})})
             tracking.log_params({
-                **cfg.to_dict(),
+                **cfg.public_dict(),
                 "weights_source": weights_source, "fine_tuned": cfg.weights != "none",
                 "frozen_layers": "none" if cfg.freeze == "none" else f"all but {spec.head}",
                 **info, "precision_resolved": precision, "compile_resolved": mode,
@@ -424,7 +424,8 @@ def open_run(cfg: TrainConfig, uri: str, run_name: str, run_id: str | None,
                                 parent_run_id=parent_run_id, nested=parent_run_id is not None,
                                 log_system_metrics=cfg.system_metrics).info.run_id
     except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
-        raise StoreError(f"the tracking store {uri} cannot take the run ({tracking.brief(exc)});"
+        raise StoreError(f"the tracking store {mask_secrets(uri)} cannot take the run "
+                         f"({mask_secrets(tracking.brief(exc))});"
                          f" check that it is reachable and writable (disk space, "
                          f"permissions, server), or pass another --tracking-uri") from exc
 
@@ -450,7 +451,7 @@ def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, lo
                         "test_seconds": outcome.test_seconds})
     summary = model_summary(model, (1, 3, prep.input_size, prep.input_size))
     tracking.log_final_report(outcome.history, outcome.best_epoch, test, data.classes, summary,
-                              {**cfg.to_dict(), "resolved_precision": precision})
+                              {**cfg.public_dict(), "resolved_precision": precision})
     model_info = log_classifier(model, prep, data.classes, data.test_images[:2],
                                 extra={"model": cfg.model, "weights_source": weights_source,
                                        "dataset": data.name})
@@ -520,7 +521,8 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict, str]:
     uri = tracking_uri(cfg.tracking_uri)
     run_id = checkpoint.find_resumable(uri, cfg.resume)
     ckpt = checkpoint.load(checkpoint.checkpoint_path(uri, run_id))
-    settings = {**ckpt["config"], "resume": None, "tracking_uri": cfg.tracking_uri or ckpt["config"]["tracking_uri"]}
+    # the store that held the run, as named now: the checkpoint keeps no password
+    settings = {**ckpt["config"], "resume": None, "tracking_uri": cfg.tracking_uri}
     return TrainConfig(**settings), ckpt, run_id
 
 
@@ -536,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.resume:
             cfg, resume_from, run_id = resume_config(cfg)
             print(f"resuming run {run_id} after epoch {resume_from['epoch']}")
-        print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+        print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.public_dict().items()))
         start = time.perf_counter()
         with signals:
             result = train(cfg, resume_from=resume_from, run_id=run_id,

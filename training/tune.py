@@ -20,7 +20,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from shared.models import describe_models
-from shared.store import creation_lock, tracking_uri, ui_command, use_store
+from shared.store import creation_lock, mask_secrets, tracking_uri, ui_command, use_store
 from shared.tracking import ensure_experiment
 from training.config import ConfigError, TrainConfig, build_parser, opt, parse_args
 from training.loop import NonFiniteLossError, StopTraining
@@ -148,7 +148,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             if isinstance(exc, ImportError):
                 break
             time.sleep(0.5 + attempt)
-    raise ConfigError(f"cannot open the Optuna storage {url!r}: {error}. Check the URL, that the "
+    raise ConfigError(f"cannot open the Optuna storage {mask_secrets(url)!r}: "
+                      f"{mask_secrets(str(error))}. Check the URL, that the "
                       "database server is reachable, and that its driver is installed "
                       "(psycopg2 for PostgreSQL, pymysql for MySQL).") from error
 
@@ -340,7 +341,8 @@ def tune(cfg: TuneConfig, log=print) -> dict:
     use_store(uri)
     experiment_id = ensure_experiment(cfg.experiment, uri)
     study = open_study(cfg, storage, name)
-    log(f"study {name!r} in {storage_url}: {finished_count(study)} of {cfg.trials} trials finished")
+    log(f"study {name!r} in {mask_secrets(storage_url)}: {finished_count(study)} of {cfg.trials} "
+        "trials finished")
 
     if cfg.worker:
         parent_id = wait_for_parent(study)
@@ -352,10 +354,12 @@ def tune(cfg: TuneConfig, log=print) -> dict:
     parent_id = study.user_attrs.get(PARENT_ATTR)
     if parent_id is None:
         parent = mlflow.start_run(experiment_id=experiment_id, run_name=f"study-{name}",
-                                  tags={"optuna_study": name, "optuna_storage": storage_url})
+                                  tags={"optuna_study": name,
+                                        "optuna_storage": mask_secrets(storage_url)})
         study.set_user_attr(PARENT_ATTR, parent.info.run_id)
         mlflow.log_params({"search": cfg.search, "objective": cfg.objective, "pruner": cfg.pruner,
-                           "trials": cfg.trials, "model": cfg.model, "storage": storage_url,
+                           "trials": cfg.trials, "model": cfg.model,
+                           "storage": mask_secrets(storage_url),
                            **{f"range_{k}": str(v) for k, v in cfg.space().items()}})
     else:
         log(f"resuming: MLflow parent run {parent_id}")
@@ -407,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is None:
             print(describe_models())
             return 0
-        print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+        print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.public_dict().items()))
         summary = tune(cfg)
         print(f"\ntrials: {summary['trials_complete']} complete, {summary['trials_pruned']} "
               f"pruned, {summary['trials_failed']} failed; {summary['epochs_trained']} epochs "
