@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.preprocess import IMAGE_SUFFIXES, decode_image
+from shared.preprocess import MAX_IMAGE_SIDE, IMAGE_SUFFIXES, decode_image
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -220,9 +220,14 @@ def _first_image_size(per_class: dict[str, list[Path]]) -> int:
     first = next(iter(per_class.values()))[0]
     try:
         with Image.open(first) as img:
-            return min(img.size)
+            side = min(img.size)
     except OSError as exc:
         raise DatasetError(f"{first} could not be read ({exc}); delete or replace it.") from exc
+    if side > MAX_IMAGE_SIDE:
+        raise DatasetError(f"the first image, {first}, is {side} pixels on its shorter side; "
+                           f"images are stored at most {MAX_IMAGE_SIDE} pixels wide: pass "
+                           "--image-size (e.g. 224)")
+    return side
 
 
 def _read_torchvision(root: Path) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 import re
 import time
@@ -67,7 +68,13 @@ def log_classifier(net: nn.Module, prep: Preprocessing, classes: list[str],
 
 
 def version_score(version) -> float:
-    return float(version.tags.get(SCORE_TAG, "-inf"))
+    """The version's validation accuracy; -inf when missing or not a number, so such a
+    version never becomes champion."""
+    try:
+        score = float(version.tags.get(SCORE_TAG, "-inf"))
+    except ValueError:
+        return float("-inf")
+    return score if math.isfinite(score) else float("-inf")
 
 
 def register_version(model_uri: str, name: str, score: float,
@@ -93,7 +100,7 @@ def settle_champion(client: MlflowClient, name: str) -> str | None:
         candidates = [v for v in client.search_model_versions(f"name='{name}'")
                       if str(v.version) == champion or SETTLED_TAG not in v.tags]
         best = max(candidates, key=lambda v: (version_score(v), -int(v.version)), default=None)
-        if best is None or str(best.version) == champion:
+        if best is None or str(best.version) == champion or version_score(best) == float("-inf"):
             return champion
         try:
             client.set_registered_model_alias(name, CHAMPION, best.version)

@@ -78,10 +78,16 @@ class Saver:
 
 def load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        size = path.stat().st_size
     except FileNotFoundError:
         raise ResumeError(f"no checkpoint at {path}; the run saved none (was it started with "
                           "--checkpoint-every 0, or did it fail before its first epoch ended?)") from None
+    if size == 0:
+        raise ResumeError(f"the checkpoint {path} is empty (0 bytes): it was cut off while being "
+                          "written (a full disk, or a copy that failed), so the run cannot be "
+                          "resumed from it; start a new run")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a damaged file
         raise ResumeError(f"the checkpoint {path} cannot be read: {exc}") from exc
 

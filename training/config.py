@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,11 +18,12 @@ import yaml
 
 from shared.batches import FLIPS
 from shared.data import DEFAULT_CACHE_DIR
-from shared.preprocess import TTA_MODES
+from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES
 from shared.store import mask_secrets
 from shared.models import MODELS, get_spec
 
 
+REGISTERED_NAME = re.compile(r"[^\W_][\w.-]{0,99}")
 COMPILE_MODES = ("none", "auto", "default", "reduce-overhead", "max-autotune")
 
 
@@ -107,6 +109,11 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         get_spec(self.model)
+        kinds = _types(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if kinds[f.name] is float and value is not None and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number (got {value})")
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -133,8 +140,13 @@ class TrainConfig:
         if not (self.bias_lr_scale > 0 and math.isfinite(self.bias_lr_scale)):
             raise ConfigError(f"bias_lr_scale must be a positive number (got {self.bias_lr_scale})")
         for name in ("image_size", "input_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 8:
-                raise ConfigError(f"{name} must be at least 8 pixels (got {getattr(self, name)})")
+            side = getattr(self, name)
+            if side is not None and not 8 <= side <= MAX_IMAGE_SIDE:
+                raise ConfigError(f"{name} must be 8 to {MAX_IMAGE_SIDE} pixels (got {side})")
+        if self.register is not None and not REGISTERED_NAME.fullmatch(self.register):
+            raise ConfigError(f"register name {self.register!r}: use letters, digits, '_', '.' "
+                              "and '-' (up to 100, starting with a letter or digit); the name "
+                              "goes into models:/NAME@ALIAS URIs and registry searches")
         return self
 
     def to_dict(self) -> dict[str, Any]:

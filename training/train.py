@@ -517,13 +517,30 @@ class StopSignals:
 
 
 def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict, str]:
-    """The resumed run's own config, its checkpoint and its id."""
+    """The resumed run's own config, its checkpoint and its id. The checkpoint's settings are
+    checked like a new run's: a damaged or edited checkpoint is refused, not trained on."""
     uri = tracking_uri(cfg.tracking_uri)
     run_id = checkpoint.find_resumable(uri, cfg.resume)
-    ckpt = checkpoint.load(checkpoint.checkpoint_path(uri, run_id))
+    path = checkpoint.checkpoint_path(uri, run_id)
+    ckpt = checkpoint.load(path)
+    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        raise checkpoint.ResumeError(f"the checkpoint {path} holds no settings; it is not one "
+                                     "this project wrote")
+    fields = set(TrainConfig.__dataclass_fields__)
+    unknown, missing = sorted(set(saved) - fields), sorted(fields - set(saved))
+    if unknown or missing:
+        raise checkpoint.ResumeError(
+            f"the checkpoint {path} has settings this version does not know ({', '.join(unknown) or 'none'}) "
+            f"or lacks some it needs ({', '.join(missing) or 'none'}); it was written by another "
+            "version or edited, so it cannot be resumed: start a new run")
     # the store that held the run, as named now: the checkpoint keeps no password
-    settings = {**ckpt["config"], "resume": None, "tracking_uri": cfg.tracking_uri}
-    return TrainConfig(**settings), ckpt, run_id
+    settings = {**saved, "resume": None, "tracking_uri": cfg.tracking_uri}
+    try:
+        resumed = TrainConfig(**settings).validate()
+    except ConfigError as exc:
+        raise checkpoint.ResumeError(f"the checkpoint {path} holds a bad setting: {exc}") from None
+    return resumed, ckpt, run_id
 
 
 def main(argv: list[str] | None = None) -> int:

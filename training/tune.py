@@ -9,6 +9,7 @@ processes started with --worker on this or other machines share it.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -117,6 +118,8 @@ def parse_range(text: str, name: str, kind: type, positive: bool = False) -> tup
         low, high = (kind(float(p)) if kind is int else kind(p) for p in parts)
     except ValueError:
         raise ConfigError(f"{name} {text!r} must be two numbers: LOW,HIGH") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(f"{name} {text!r} must be two finite numbers: LOW,HIGH")
     if positive and low <= 0:
         raise ConfigError(f"{name} {text!r}: LOW must be positive")
     if low >= high:
