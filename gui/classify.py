@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     files = image_files(args.folder)
     predictions = [p for batch in classify_files(clf, files, args.batch_size) for p in batch]
     if args.csv:
-        with open(args.csv, "w", newline="") as out:
+        with open(args.csv, "w", newline="", encoding="utf-8") as out:
             write_csv(predictions, out)
     else:
         write_csv(predictions, sys.stdout)

@@ -5,10 +5,20 @@ import csv
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 
+from shared.files import display_name
+
 if TYPE_CHECKING:
     from shared.inference import Prediction
 
 HEADER = ["file", "predicted_class", "confidence", "top5", "error"]
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def cell(text: str) -> str:
+    """Text a spreadsheet shows as text: any name is printable (display_name), and a cell that
+    would start a formula (=, +, -, @) is prefixed with an apostrophe."""
+    text = display_name(text)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def write_csv(predictions: Iterable[Prediction], out: TextIO) -> int:
@@ -18,6 +28,7 @@ def write_csv(predictions: Iterable[Prediction], out: TextIO) -> int:
     count = 0
     for p in predictions:
         top = "; ".join(f"{name}:{prob:.4f}" for name, prob in p.top)
-        writer.writerow([p.path, p.label, f"{p.confidence:.4f}" if p.top else "", top, p.error or ""])
+        writer.writerow([cell(p.path), cell(p.label), f"{p.confidence:.4f}" if p.top else "",
+                         cell(top), cell(p.error or "")])
         count += 1
     return count

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from PySide6.QtCore import QAbstractListModel, QModelIndex, QPersistentModelIndex, Qt
 from PySide6.QtGui import QColor, QImage, QPixmap
 
+from shared.files import display_name
+
 if TYPE_CHECKING:
     from shared.inference import Prediction
 
@@ -23,7 +25,7 @@ class ImageItem:
 
     @property
     def caption(self) -> str:
-        name = Path(self.path).name
+        name = display_name(Path(self.path).name)
         if self.prediction is None:
             return name
         if self.prediction.error:
@@ -53,7 +55,7 @@ class ImageListModel(QAbstractListModel):
         if role == Qt.ItemDataRole.ToolTipRole:
             notes = [item.prediction.error if item.prediction else None, item.display_error and
                      f"thumbnail {item.display_error}"]
-            return "\n".join([item.path, *filter(None, notes)])
+            return "\n".join([display_name(item.path), *filter(None, notes)])
         if role == Qt.ItemDataRole.ForegroundRole and item.prediction and item.prediction.error:
             return QColor("darkred")
         if role == ItemRole:

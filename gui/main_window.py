@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox,
 from gui.export import write_csv
 from gui.image_list import ImageListModel, ItemRole
 from gui.workers import InferenceWorker, ThumbnailSignals, ThumbnailTask, read_scaled
-from shared.files import image_files
+from shared.files import display_name, image_files
 from shared.registry import newest_champion
 
 THUMBNAIL = 128
@@ -24,7 +24,8 @@ FACTS = ["model", "training", "weights", "dataset", "device", "epochs run", "tes
 class MainWindow(QMainWindow):
     request_models = Signal()
     request_load = Signal(str)
-    request_classify = Signal(int, list)
+    # file paths travel as Python objects: Qt would re-encode names that are not UTF-8
+    request_classify = Signal(int, object)
 
     def __init__(self, tracking_uri: str, settings: QSettings, folder: Path | None = None,
                  model: str | None = None):
@@ -262,8 +263,8 @@ class MainWindow(QMainWindow):
         paths = [str(p) for p in image_files(self.folder)]
         self.images.set_paths(paths)
         self._load_thumbnails(paths)
-        self.setWindowTitle(f"cifarlab — {self.folder}")
-        self.message.setText(f"{len(paths)} file(s) in {self.folder}")
+        self.setWindowTitle(f"cifarlab — {display_name(self.folder)}")
+        self.message.setText(f"{len(paths)} file(s) in {display_name(self.folder)}")
         self._update_actions()
         self.classify()
 
@@ -330,7 +331,7 @@ class MainWindow(QMainWindow):
         if job == self.job:
             self.progress.setValue(done)
 
-    @Slot(int, list)
+    @Slot(int, object)
     def _results(self, job: int, predictions: list) -> None:
         if job != self.job:
             return
@@ -380,7 +381,7 @@ class MainWindow(QMainWindow):
 
     def _show_prediction(self, item) -> None:
         prediction = item.prediction
-        self.detail_title.setText(Path(item.path).name + (f" — {prediction.error}" if prediction and
+        self.detail_title.setText(display_name(Path(item.path).name) + (f" — {prediction.error}" if prediction and
                                                           prediction.error else ""))
         top = prediction.top if prediction else []
         for i, (name, bar) in enumerate(self.bars):
@@ -397,7 +398,7 @@ class MainWindow(QMainWindow):
 
     def export_csv(self, path: Path) -> None:
         try:
-            with open(path, "w", newline="") as out:
+            with open(path, "w", newline="", encoding="utf-8") as out:
                 count = write_csv(self.images.predictions(), out)
         except OSError as exc:
             QMessageBox.warning(self, "Export failed", f"Cannot write {path}: {exc.strerror}")

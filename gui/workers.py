@@ -11,6 +11,7 @@ import threading
 from PySide6.QtCore import QObject, QRunnable, QSize, Qt, Signal, Slot
 from PySide6.QtGui import QImage, QImageReader, QPainter
 
+from shared.files import not_readable
 from shared.registry import RegistryError, list_versions
 from shared.store import StoreBroken, use_store
 
@@ -21,7 +22,7 @@ class InferenceWorker(QObject):
     loaded = Signal(str, list)  # uri, class names
     load_failed = Signal(str, str)  # uri, message
     progress = Signal(int, int, int)  # job, done, total
-    results = Signal(int, list)  # job, [Prediction]
+    results = Signal(int, object)  # job, [Prediction]
     finished = Signal(int, bool)  # job, cancelled
     failed = Signal(int, str)  # job, message: classifying stopped on an unexpected error
 
@@ -61,7 +62,7 @@ class InferenceWorker(QObject):
             return
         self.loaded.emit(uri, self.classifier.classes)
 
-    @Slot(int, list)
+    @Slot(int, object)
     def classify(self, job: int, paths: list) -> None:
         from shared.inference import classify_files
 
@@ -84,8 +85,8 @@ class InferenceWorker(QObject):
 
 
 class ThumbnailSignals(QObject):
-    ready = Signal(str, QImage)
-    failed = Signal(str, str)
+    ready = Signal(object, QImage)  # path (as a Python str: see MainWindow.request_classify)
+    failed = Signal(object, str)
 
 
 class ThumbnailTask(QRunnable):
@@ -104,7 +105,10 @@ class ThumbnailTask(QRunnable):
 
 
 def read_scaled(path: str, size: int) -> QImage:
-    """A QImage no larger than size x size (a null image if unreadable)."""
+    """A QImage no larger than size x size (a null image if unreadable). Pipes and devices are
+    never opened: reading one would block the thread."""
+    if not_readable(path):
+        return QImage()
     reader = QImageReader(path)
     reader.setAutoTransform(True)
     original = reader.size()

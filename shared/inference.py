@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from shared.files import not_readable
 from shared.preprocess import Preprocessing, decode_image
 from shared.safe_model import (ARCHIVE, UnsafeModel, check_archive, check_metadata,
                                check_model_dir, check_outputs, open_archive)
@@ -68,6 +69,9 @@ def load_classifier(model_uri: str) -> LoadedClassifier:
         except Exception as exc:  # noqa: BLE001 - missing artifacts, bad URIs, store errors
             raise ModelLoadError(f"cannot read the model {model_uri}: it does not exist, or its "
                                  f"artifacts are missing or unreachable ({exc})") from exc
+        if not (local / "MLmodel").is_file():
+            raise ModelLoadError(f"cannot read the model {model_uri}: its artifacts are missing "
+                                 "(no MLmodel file where the registry points)")
         try:
             classes, prep = check_metadata(check_model_dir(local))
             check_archive(local / ARCHIVE)
@@ -112,6 +116,10 @@ def classify_files(clf: LoadedClassifier, paths: Sequence[str | Path], batch_siz
         chunk = [str(p) for p in paths[start:start + batch_size]]
         images, readable, results = [], [], {}
         for path in chunk:
+            skipped = not_readable(path)
+            if skipped:
+                results[path] = Prediction(path, [], skipped)
+                continue
             try:
                 images.append(decode_image(path, clf.prep.image_size))
                 readable.append(path)
