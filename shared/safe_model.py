@@ -115,8 +115,9 @@ def check_archive(path: Path) -> None:
     with archive:
         names = [i.filename for i in archive.infolist() if not i.is_dir()]
         roots = {name.split("/", 1)[0] for name in names}
-        if len(roots) != 1 or any("/" not in name for name in names):
-            raise UnsafeModel(f"{ARCHIVE} is not laid out as a pt2 archive")
+        if len(roots) != 1 or any("/" not in name for name in names) or len(set(names)) < len(names):
+            raise UnsafeModel(f"{ARCHIVE} is not laid out as a pt2 archive (one folder, each "
+                              "record once)")
         root = roots.pop() + "/"
 
         def read(name: str) -> bytes:
@@ -132,7 +133,7 @@ def check_archive(path: Path) -> None:
             if name in expected_json:
                 _json(read(name), name)
             elif name in TEXT_RECORDS:
-                if len(read(name)) > 64 or not read(name).isascii():
+                if archive.getinfo(root + name).file_size > 64 or not read(name).isascii():
                     raise UnsafeModel(f"the archive's {name} record is not a short text")
             elif name == pt2.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL):
                 _tensors_only(read(name), name)
@@ -165,12 +166,13 @@ def _raw_tensor_records(read, names: set[str], root: str) -> set[str]:
         if not isinstance(entries, dict):
             raise UnsafeModel(f"the archive's {config_name} is not a payload config")
         for fqn, entry in entries.items():
-            path_name = entry.get("path_name") if isinstance(entry, dict) else None
+            entry = entry if isinstance(entry, dict) else {}
+            path_name = entry.get("path_name")
             if (not isinstance(path_name, str) or "/" in path_name
                     or not path_name.startswith(prefix) or entry.get("use_pickle") is not False):
-                raise UnsafeModel(f"the archive stores {fqn!r} as {path_name!r} "
-                                  f"{'pickled' if entry.get('use_pickle') else ''}: this project "
-                                  "exports plain tensors only")
+                raise UnsafeModel(f"the archive stores {fqn!r} as record {path_name!r} with "
+                                  f"use_pickle={entry.get('use_pickle')!r}: this project exports "
+                                  "plain tensor records only")
             raw.add(folder + path_name)
     return raw
 

@@ -56,3 +56,9 @@ def test_a_benchmark_subset_is_drawn_from_every_class(train_config):
     small = prepared.subset(len(prepared.train[1]) // 2)
     assert len(small.train[1]) == len(prepared.train[1]) // 2
     assert set(small.train[1].tolist()) == classes
+
+
+def test_store_race_starts_processes_together_and_checks_each_store(capsys):
+    assert load("store_race").main(["--tries", "1", "--processes", "2"]) == 0
+    assert "1 tries of 2 processes: 0 of 2 processes failed, 0 of 1 stores broken" in \
+        capsys.readouterr().out

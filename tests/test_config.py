@@ -43,7 +43,7 @@ def test_wrongly_typed_setting_in_a_config_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("setting, message", [
     ({"lr": -0.1}, "lr must be a positive number"),
-    ({"lr": float("nan")}, "lr must be a positive number"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
     ({"epochs": 0}, "epochs must be at least 1"),
     ({"batch_size": 0}, "batch_size must be at least 1"),
     ({"val_fraction": 1.5}, "val_fraction must be in \\[0, 1\\)"),
