@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shared.batches import DeviceLoader  # noqa: E402
 from shared.data import channel_stats, load_dataset  # noqa: E402
 from shared.device import describe_device, resolve_device  # noqa: E402
-from shared.models import MODELS, build_model  # noqa: E402
+from shared.models import MODELS, build_model, is_convolutional  # noqa: E402
 from shared.preprocess import InputTransform, Preprocessing  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -115,7 +115,7 @@ def main() -> None:
     for name in args.models.split(","):
         seed_batch = SEED[name]["batch_size"]
         recipe_batch = MODELS[name].recipe["batch_size"]
-        conv = name != "mlp"
+        conv = is_convolutional(build_model(name, 10, 32))
         pipelines = {f"seed pipeline (batch {seed_batch})": seed_loader(args.data_dir, name, args.workers, device),
                      f"ours (batch {seed_batch})": our_loader(images, labels, name, seed_batch, conv, mean, std)}
         if recipe_batch != seed_batch:

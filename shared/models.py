@@ -210,6 +210,11 @@ def build_model(name: str, num_classes: int, image_size: int = 32, *, weights: s
     return model
 
 
+def is_convolutional(model: nn.Module) -> bool:
+    """Whether the network has 2-D convolutions (which gain from channels_last memory)."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())

@@ -40,6 +40,13 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def store_folder(uri: str) -> Path:
+    """The folder of a store's own files (checkpoints, the tuner's Optuna file): beside the
+    SQLite database, else ./mlruns."""
+    db = sqlite_path(uri)
+    return db.parent if db is not None else Path.cwd() / "mlruns"
+
+
 @contextlib.contextmanager
 def creation_lock(uri: str) -> Iterator[None]:
     """An exclusive lock beside a SQLite database while it is created or opened, so that
@@ -58,7 +65,8 @@ def creation_lock(uri: str) -> Iterator[None]:
 
 
 CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
-SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*", re.IGNORECASE)
+SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*",
+                          re.IGNORECASE)
 
 
 def mask_secrets(text: str) -> str:

@@ -6,7 +6,6 @@ import math
 import random
 import re
 import time
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from shared.preprocess import Classifier, Preprocessing
-from shared.store import CHAMPION, SCORE_TAG
+from shared.store import CHAMPION, SCORE_TAG, sqlite_path, store_folder
 
 SETTLED_TAG = "champion_checked"  # set once a version was compared with the champion
 
@@ -31,9 +30,9 @@ def ensure_experiment(name: str, uri: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if uri.startswith("sqlite:///"):
+    if sqlite_path(uri) is not None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / slug).as_uri()
+        location = (store_folder(uri) / "artifacts" / slug).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # another process created it first

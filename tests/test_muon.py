@@ -7,7 +7,8 @@ from torch import nn
 from shared.models import build_model
 from training.config import ConfigError, resolve
 from training.muon import Muon, muon_groups, normalized_weights, orthogonalize
-from training.train import make_optimizer, make_scheduler, train
+from training.optim import make_optimizer, make_scheduler
+from training.train import train
 
 
 def quiet(*_):

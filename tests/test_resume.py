@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import training.train
+from shared.store import store_folder
 from training import checkpoint
 from training.train import TrainingInterrupted, resume_config, train
 
@@ -102,11 +103,19 @@ def run_until_epoch(cmd, epoch):
     pytest.fail(f"the process ended before epoch {epoch}")
 
 
+def wait_for_first_checkpoint(store, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not list((store_folder(store) / "checkpoints").glob("*/last.pt")):
+        assert time.monotonic() < deadline, "no checkpoint written after epoch 1"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
 def test_a_training_process_killed_at_a_random_step_resumes_with_no_gap_or_duplicate(
         sig, code, image_folder, store, tmp_path):
     epochs = 30
     process = run_until_epoch(command(image_folder, store, tmp_path, "--epochs", str(epochs)), 1)
+    wait_for_first_checkpoint(store)  # before it, a kill -9 leaves nothing to resume (and says so)
     delay = random.uniform(0, 1.0)  # anywhere: a step, a checkpoint write, a metrics write
     time.sleep(delay)
     process.send_signal(sig)

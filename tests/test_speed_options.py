@@ -10,7 +10,8 @@ from shared.models import build_model
 from shared.preprocess import InputTransform, tta_logits
 from training.averaging import Lookahead
 from training.config import ConfigError, resolve
-from training.train import make_optimizer, make_scheduler, train, whitening_sample
+from training.optim import make_optimizer, make_scheduler
+from training.train import train, whitening_sample
 from training.whiten import first_conv, whiten_first_conv
 
 

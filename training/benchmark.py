@@ -28,7 +28,7 @@ from torch import nn
 from shared.batches import DeviceLoader
 from shared.data import DatasetError, channel_stats, load_dataset
 from shared.device import DeviceError, describe_device, resolve_device
-from shared.models import MODELS, ModelError, build_model, input_size_for
+from shared.models import MODELS, ModelError, build_model, input_size_for, is_convolutional
 from shared.preprocess import InputTransform, Preprocessing
 from shared.store import tracking_uri, ui_command, use_store
 from training.loop import autocast_for, train_epoch
@@ -58,7 +58,7 @@ def measure(model_name: str, device: torch.device, images: torch.Tensor, labels:
     """Train `epochs` timed epochs after a warm-up, then time inference."""
     torch.manual_seed(seed)
     model = build_model(model_name, int(labels.max()) + 1, prep.image_size).to(device)
-    conv = model_name != "mlp"
+    conv = is_convolutional(model)
     if conv:
         model = model.to(memory_format=torch.channels_last)
     precision = resolve_precision("auto", device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from shared.store import mask_secrets
+from shared.store import mask_secrets, store_folder
 
 CHECKPOINT_TAG = "checkpoint"
 
@@ -18,11 +18,7 @@ class ResumeError(Exception):
 
 def checkpoint_path(uri: str, run_id: str) -> Path:
     """<store folder>/checkpoints/<run id>/last.pt: beside the SQLite database, else ./mlruns."""
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-    else:
-        folder = Path.cwd() / "mlruns"
-    return folder / "checkpoints" / run_id / "last.pt"
+    return store_folder(uri) / "checkpoints" / run_id / "last.pt"
 
 
 def save(path: Path, state: dict) -> None:

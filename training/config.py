@@ -21,6 +21,7 @@ from shared.data import DEFAULT_CACHE_DIR
 from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES
 from shared.store import mask_secrets
 from shared.models import MODELS, get_spec
+from training.optim import OPTIMIZERS, SCHEDULES
 
 
 REGISTERED_NAME = re.compile(r"[^\W_][\w.-]{0,99}")
@@ -51,7 +52,7 @@ class TrainConfig:
     eval_batch_size: int = opt(1000, "evaluation batch size")
     optimizer: str = opt("sgd", "optimizer; muon: orthogonalised momentum for the hidden "
                                 "layers' weights (--muon-lr, --muon-momentum), Nesterov SGD for "
-                                "the rest", ("sgd", "adam", "adamw", "muon"))
+                                "the rest", tuple(OPTIMIZERS))
     lr: float = opt(0.05, "learning rate (peak rate for onecycle)")
     muon_lr: float = opt(0.02, "optimizer muon: learning rate of the hidden layers' weights")
     muon_momentum: float = opt(0.95, "optimizer muon: momentum of the hidden layers' weights")
@@ -61,7 +62,7 @@ class TrainConfig:
     schedule: str = opt("onecycle", "learning-rate schedule (linear: warm up over 23%% of the "
                                     "steps from 0.2x, then down to 0.07x; decay: straight "
                                     "down from the full rate to 0)",
-                        ("none", "onecycle", "cosine", "linear", "decay"))
+                        tuple(SCHEDULES))
     bias_lr_scale: float = opt(1.0, "learning-rate multiplier for biases and normalization "
                                     "parameters (their weight decay is divided by it)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")

@@ -5,6 +5,7 @@ registry). `train(cfg)` is the importable entry; `main()` adds the CLI and its e
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import signal
@@ -23,13 +24,13 @@ from shared.batches import DeviceLoader
 from shared.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
 from shared.device import DeviceError, describe_device, resolve_device
 from shared.models import (ModelError, build_model, count_parameters, describe_models, get_spec,
-                           input_size_for)
+                           input_size_for, is_convolutional)
 from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
 from shared.store import StoreBroken, mask_secrets, tracking_uri, ui_command, use_store
 from shared.tracking import ensure_experiment, log_classifier, register_version
 from training import tracking
 from training.averaging import Lookahead
-from training.muon import Muon, muon_groups
+from training.optim import make_optimizer, make_scheduler
 from training.writer import BackgroundWriter
 from training.config import ConfigError, TrainConfig, parse_args
 from training import checkpoint
@@ -77,57 +78,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
-
-
-def param_groups(cfg: TrainConfig, params: list[nn.Parameter]) -> list[dict]:
-    """Weights at the base rate; with bias_lr_scale k, biases and normalization parameters
-    (every 1-D tensor) at k times the rate and 1/k the weight decay, so the decay per step
-    stays the same (airbench trains its BatchNorm biases this way)."""
-    if cfg.bias_lr_scale == 1:
-        return [{"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    groups = [{"params": [p for p in params if p.dim() > 1], "lr": cfg.lr,
-               "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() <= 1], "lr": cfg.lr * cfg.bias_lr_scale,
-               "weight_decay": cfg.weight_decay / cfg.bias_lr_scale}]
-    return [g for g in groups if g["params"]]
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    if cfg.optimizer == "muon":
-        hidden, rest = muon_groups(model, cfg.muon_lr, cfg.muon_momentum, cfg.weight_decay)
-        return Muon(hidden + param_groups(cfg, rest), lr=cfg.lr, momentum=cfg.momentum,
-                    nesterov=cfg.nesterov)
-    groups = param_groups(cfg, [p for p in model.parameters() if p.requires_grad])
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
-    opt_class = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return opt_class(groups, lr=cfg.lr)
-
-
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Stepped once per batch."""
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle" and total > 2:
-        # warm up over a quarter of the steps, and over at least two
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, total_steps=total,
-                                                   max_lr=[g["lr"] for g in optimizer.param_groups],
-                                                   pct_start=max(0.25, 2 / total),
-                                                   # Muon's momentum is its own setting
-                                                   cycle_momentum=cfg.optimizer != "muon")
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    if cfg.schedule == "linear":
-        peak = max(1, int(0.23 * total))
-
-        def factor(step: int) -> float:
-            if step < peak:
-                return 0.2 + 0.8 * step / peak
-            return 1.0 - 0.93 * (step - peak) / max(1, total - peak)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    if cfg.schedule == "decay":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
-    return None
 
 
 def random_rows(total: int, n: int, seed: int) -> torch.Tensor:
@@ -227,7 +177,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.weights != "none" else prepared.scratch_stats
     prep = Preprocessing(data.image_size, cfg.input_size or input_size_for(cfg.model, data.image_size),
                          mean, std, cfg.tta)
-    conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    conv = is_convolutional(model)
     channels_last = cfg.channels_last and conv
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
@@ -367,7 +317,7 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
                             "compile_seconds": compile_seconds, "tracking_seconds": overhead,
                             "tracking_share": overhead / max(1e-9, overhead + result.train_seconds),
-                            **({"best_val_acc": best_val_acc} if best_val_acc == best_val_acc else {})})
+                            **({} if math.isnan(best_val_acc) else {"best_val_acc": best_val_acc})})
         outcome = TrainResult(run_id, best_val_acc, result.best_epoch, result.epochs_run,
                               result.stopped_epoch, result.history, model, prep,
                               train_seconds=result.train_seconds, compile_seconds=compile_seconds,
@@ -459,7 +409,7 @@ def finish(cfg: TrainConfig, outcome: TrainResult, test_loader: DeviceLoader, lo
     if not cfg.no_register:
         outcome.registered_name = cfg.register or default_model_name(data.name, cfg.model)
         # without a validation split (val_fraction 0) the champion rule compares test accuracy
-        validated = outcome.best_val_acc == outcome.best_val_acc
+        validated = not math.isnan(outcome.best_val_acc)
         outcome.version, outcome.promoted = register_version(
             model_info.model_uri, outcome.registered_name,
             outcome.best_val_acc if validated else test["acc"],
@@ -560,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         with signals:
             result = train(cfg, resume_from=resume_from, run_id=run_id,
                            stop_requested=signals.requested)
-        val = (f"best val {result.best_val_acc:.4f}, " if result.best_val_acc == result.best_val_acc
+        val = (f"best val {result.best_val_acc:.4f}, " if not math.isnan(result.best_val_acc)
                else "no validation split, ")
         print(f"\nrun {result.run_id}: test accuracy {result.test_acc:.4f} "
               f"({val}{result.epochs_run} epochs, "

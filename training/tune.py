@@ -14,14 +14,14 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
 from shared.models import describe_models
-from shared.store import creation_lock, mask_secrets, tracking_uri, ui_command, use_store
+from shared.store import (creation_lock, mask_secrets, store_folder, tracking_uri, ui_command,
+                          use_store)
 from shared.tracking import ensure_experiment
 from training.config import ConfigError, TrainConfig, build_parser, opt, parse_args
 from training.loop import NonFiniteLossError, StopTraining
@@ -129,11 +129,8 @@ def parse_range(text: str, name: str, kind: type, positive: bool = False) -> tup
 
 def default_storage(mlflow_uri: str) -> str:
     """An SQLite file beside the MLflow store's database, else in ./mlruns."""
-    if mlflow_uri.startswith("sqlite:///"):
-        folder = Path(mlflow_uri.removeprefix("sqlite:///")).parent
-    else:
-        folder = Path.cwd() / "mlruns"
-        folder.mkdir(exist_ok=True)
+    folder = store_folder(mlflow_uri)
+    folder.mkdir(exist_ok=True)
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
