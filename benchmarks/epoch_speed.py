@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.models import MODELS  # noqa: E402
 from training.config import resolve  # noqa: E402
-from training.train import Prepared, prepare, train  # noqa: E402
+from training.build import Prepared, prepare  # noqa: E402
+from training.train import train  # noqa: E402
 
 PLAIN = {"precision": "fp32", "channels_last": False, "compile": "none", "async_logging": False}
 FULL_EPOCH = 50_000

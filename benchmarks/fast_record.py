@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.models import FAST_SGD  # noqa: E402
 from training.config import ConfigError, _coerce, _types, resolve  # noqa: E402
-from training.train import Prepared, prepare, train  # noqa: E402
+from training.build import Prepared, prepare  # noqa: E402
+from training.train import train  # noqa: E402
 
 # each piece, the row's name and the settings that take it out of the recipe (or, for an
 # option the recipe leaves off, put it in)

@@ -12,7 +12,9 @@ from shared.tracking import register_version
 from test_errors import args, runs
 from test_resume import quiet, stop_after_steps
 from training import checkpoint
-from training.train import TrainingInterrupted, main, resume_config, train
+from training.cli import resume_config
+from training.run import TrainingInterrupted
+from training.train import main, train
 
 
 @pytest.mark.parametrize("flag", ["--momentum", "--weight-decay", "--lr", "--label-smoothing",
@@ -102,5 +104,5 @@ def test_an_empty_checkpoint_says_why_it_cannot_be_read(interrupted, train_confi
 
 
 def test_an_untouched_checkpoint_still_resumes(interrupted, train_config):
-    cfg, ckpt, _ = resume_config(train_config(resume="last"))
-    assert ckpt["epoch"] >= 1 and cfg.epochs == 3
+    cfg, resume = resume_config(train_config(resume="last"))
+    assert resume.checkpoint["epoch"] >= 1 and cfg.epochs == 3

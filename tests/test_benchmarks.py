@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from training.train import prepare
+from training.build import prepare
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -9,10 +9,12 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-import training.train
+import training.run
 from shared.store import store_folder
 from training import checkpoint
-from training.train import TrainingInterrupted, resume_config, train
+from training.cli import resume_config
+from training.run import RunOptions, TrainingInterrupted
+from training.train import train
 
 
 def quiet(*_):
@@ -49,15 +51,15 @@ def test_a_resumed_run_matches_an_uninterrupted_one(options, train_config, store
     experiment = client.get_experiment_by_name("training").experiment_id
     (killed,) = [r for r in client.search_runs([experiment]) if r.info.status == "KILLED"]
     assert steps(store, killed.info.run_id) == [1, 2]
-    resumed_cfg, ckpt, run_id = resume_config(train_config(resume="last"))
-    assert run_id == killed.info.run_id and ckpt["epoch"] == 2
-    result = train(resumed_cfg, log=quiet, resume_from=ckpt, run_id=run_id)
-    assert MlflowClient(store).get_run(run_id).info.status == "FINISHED"
-    assert steps(store, run_id) == [1, 2, 3, 4]
-    assert values(store, run_id, "val_loss") == pytest.approx(values(store, whole.run_id, "val_loss"),
+    resumed_cfg, resume = resume_config(train_config(resume="last"))
+    assert resume.run_id == killed.info.run_id and resume.checkpoint["epoch"] == 2
+    result = train(resumed_cfg, log=quiet, resume=resume)
+    assert MlflowClient(store).get_run(resume.run_id).info.status == "FINISHED"
+    assert steps(store, resume.run_id) == [1, 2, 3, 4]
+    assert values(store, resume.run_id, "val_loss") == pytest.approx(values(store, whole.run_id, "val_loss"),
                                                               abs=1e-5)
     assert result.test_acc == pytest.approx(whole.test_acc)
-    assert not checkpoint.checkpoint_path(store, run_id).exists()  # removed once finished
+    assert not checkpoint.checkpoint_path(store, resume.run_id).exists()  # removed once finished
 
 
 def test_a_checkpoint_is_written_atomically(tmp_path, monkeypatch):
@@ -179,7 +181,8 @@ def test_training_goes_on_while_the_store_is_down_and_logs_every_epoch_once_it_i
     def hook(epoch, metrics):
         outage.down = epoch in (1, 2)  # fails while logging epochs 2 and 3
 
-    result = train(train_config(epochs=5, patience=0), log=messages.append, epoch_hook=hook)
+    result = train(train_config(epochs=5, patience=0), log=messages.append,
+                   options=RunOptions(epoch_hook=hook))
     assert steps(store, result.run_id) == [1, 2, 3, 4, 5]
     assert any("did not take epoch" in m and "training goes on" in m for m in messages)
     assert any("answers again" in m for m in messages)
@@ -193,14 +196,14 @@ def test_a_store_still_down_at_the_end_keeps_the_checkpoint_and_resume_finishes_
     def hook(epoch, metrics):
         outage.down = epoch >= 2
 
-    with pytest.raises(training.train.StoreUnavailable, match="--resume"):
-        train(train_config(epochs=4, patience=0), log=quiet, epoch_hook=hook)
+    with pytest.raises(training.run.StoreUnavailable, match="--resume"):
+        train(train_config(epochs=4, patience=0), log=quiet, options=RunOptions(epoch_hook=hook))
     outage.down = False
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("training").experiment_id])
-    cfg, ckpt, run_id = resume_config(train_config(resume=run.info.run_id))
+    cfg, resume = resume_config(train_config(resume=run.info.run_id))
     logged = steps(store, run.info.run_id)  # the writer may have logged epoch 2 before the outage
-    assert logged in ([1], [1, 2]) and ckpt["epoch"] == 4
-    result = train(cfg, log=quiet, resume_from=ckpt, run_id=run_id)
-    assert steps(store, run_id) == [1, 2, 3, 4] and result.epochs_run == 4
-    assert client.get_run(run_id).info.status == "FINISHED"
+    assert logged in ([1], [1, 2]) and resume.checkpoint["epoch"] == 4
+    result = train(cfg, log=quiet, resume=resume)
+    assert steps(store, resume.run_id) == [1, 2, 3, 4] and result.epochs_run == 4
+    assert client.get_run(resume.run_id).info.status == "FINISHED"

@@ -11,7 +11,8 @@ from shared.preprocess import InputTransform, tta_logits
 from training.averaging import Lookahead
 from training.config import ConfigError, resolve
 from training.optim import make_optimizer, make_scheduler
-from training.train import train, whitening_sample
+from training.build import whitening_sample
+from training.train import train
 from training.whiten import first_conv, whiten_first_conv
 
 

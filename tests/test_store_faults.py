@@ -9,7 +9,9 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from training.train import StoreError, StoreUnavailable, resume_config, train
+from training.cli import resume_config
+from training.run import RunOptions, StoreError, StoreUnavailable
+from training.train import train
 
 
 class SmallDisk:
@@ -84,7 +86,7 @@ def test_training_goes_on_through_a_full_disk_and_logs_every_epoch_once(disk, di
 
     messages = []
     result = train(train_config(tracking_uri=disk_store, epochs=6, patience=0),
-                   log=messages.append, epoch_hook=hook)
+                   log=messages.append, options=RunOptions(epoch_hook=hook))
     assert steps(disk_store, result.run_id) == [1, 2, 3, 4, 5, 6]
     assert any("cannot write the checkpoint" in m and "training goes on" in m for m in messages)
     assert any("written again" in m for m in messages)
@@ -100,19 +102,19 @@ def test_a_disk_still_full_at_the_end_keeps_the_last_checkpoint_and_resume_finis
 
     with pytest.raises(StoreUnavailable, match=r"--resume .* after epoch [12]"):
         train(train_config(tracking_uri=disk_store, epochs=4, patience=0), log=lambda *_: None,
-              epoch_hook=hook)
+              options=RunOptions(epoch_hook=hook))
     disk.free()
     run = only_run(disk_store)
-    cfg, ckpt, run_id = resume_config(train_config(tracking_uri=disk_store, resume="last"))
+    cfg, resume = resume_config(train_config(tracking_uri=disk_store, resume="last"))
     # the background writer may have met the full disk with epoch 2 already, and the store may
     # have refused the metrics of the last epoch the checkpoint holds: resume logs them
-    assert run_id == run.info.run_id and ckpt["epoch"] in (1, 2)
-    logged = steps(disk_store, run_id)
-    assert logged == list(range(1, len(logged) + 1)) and len(logged) <= ckpt["epoch"]
-    result = train(cfg, log=lambda *_: None, resume_from=ckpt, run_id=run_id)
-    assert steps(disk_store, run_id) == [1, 2, 3, 4] and result.epochs_run == 4
-    assert MlflowClient(disk_store).get_run(run_id).info.status == "FINISHED"
-    assert champion_run(disk_store) == run_id
+    assert resume.run_id == run.info.run_id and resume.checkpoint["epoch"] in (1, 2)
+    logged = steps(disk_store, resume.run_id)
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) <= resume.checkpoint["epoch"]
+    result = train(cfg, log=lambda *_: None, resume=resume)
+    assert steps(disk_store, resume.run_id) == [1, 2, 3, 4] and result.epochs_run == 4
+    assert MlflowClient(disk_store).get_run(resume.run_id).info.status == "FINISHED"
+    assert champion_run(disk_store) == resume.run_id
 
 
 def test_a_full_disk_when_the_model_is_saved_keeps_every_epoch_and_resume_only_stores_it(
@@ -133,11 +135,11 @@ def test_a_full_disk_when_the_model_is_saved_keeps_every_epoch_and_resume_only_s
     disk.free()
     run_id = only_run(disk_store).info.run_id
     assert steps(disk_store, run_id) == [1, 2, 3]
-    cfg, ckpt, _ = resume_config(train_config(tracking_uri=disk_store, resume=run_id))
-    assert ckpt["epoch"] == 3  # nothing to train again
-    result = train(cfg, log=lambda *_: None, resume_from=ckpt, run_id=run_id)
-    assert steps(disk_store, run_id) == [1, 2, 3]
-    assert result.model_uri and champion_run(disk_store) == run_id
+    cfg, resume = resume_config(train_config(tracking_uri=disk_store, resume=run_id))
+    assert resume.checkpoint["epoch"] == 3  # nothing to train again
+    result = train(cfg, log=lambda *_: None, resume=resume)
+    assert steps(disk_store, resume.run_id) == [1, 2, 3]
+    assert result.model_uri and champion_run(disk_store) == resume.run_id
 
 
 def test_a_read_only_store_is_refused_before_any_training(disk, disk_store, train_config):

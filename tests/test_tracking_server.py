@@ -10,6 +10,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from training.run import RunOptions
 from training.train import train
 
 
@@ -88,7 +89,7 @@ def test_a_tracking_server_that_goes_away_mid_run_and_comes_back_loses_no_epoch(
             server.start()
 
     result = train(train_config(tracking_uri=server.url, epochs=6, patience=0),
-                   log=messages.append, epoch_hook=hook)
+                   log=messages.append, options=RunOptions(epoch_hook=hook))
     client = MlflowClient(server.url)
     history = client.get_metric_history(result.run_id, "val_acc")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]

@@ -32,7 +32,8 @@ from shared.models import MODELS, ModelError, build_model, input_size_for, is_co
 from shared.preprocess import InputTransform, Preprocessing
 from shared.store import tracking_uri, ui_command, use_store
 from training.loop import autocast_for, train_epoch
-from training.train import resolve_precision
+from training.state import TrainingState
+from training.build import resolve_precision
 
 
 def available_devices(names: list[str], log=print) -> list[str]:
@@ -68,15 +69,16 @@ def measure(model_name: str, device: torch.device, images: torch.Tensor, labels:
                           flip="random", drop_last=True, channels_last=conv, seed=seed)
     warmup = DeviceLoader(x[:batch_size * 3], y[:batch_size * 3], batch_size, InputTransform(prep),
                           channels_last=conv)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    state = TrainingState(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), warmup)
     loss_fn = nn.CrossEntropyLoss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_epoch(model, warmup, optimizer, loss_fn, autocast=autocast)
+    train_epoch(model, state, loss_fn, autocast=autocast)
+    state.loader = loader
     seconds = []
     for _ in range(epochs):
         start = time.perf_counter()
-        train_epoch(model, loader, optimizer, loss_fn, autocast=autocast)  # reads its sums: synced
+        train_epoch(model, state, loss_fn, autocast=autocast)  # reads its sums: synced
         seconds.append(time.perf_counter() - start)
     per_epoch = statistics.median(seconds)
     model.eval()

@@ -4,10 +4,16 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from shared.store import mask_secrets, store_folder
+
+from training.loop import FitResult
+
+if TYPE_CHECKING:
+    from training.state import TrainingState
 
 CHECKPOINT_TAG = "checkpoint"
 
@@ -111,20 +117,10 @@ def find_resumable(uri: str, spec: str) -> str:
     return runs[0].info.run_id
 
 
-def state(cfg, epoch: int, history: list[dict], model, optimizer, scheduler, scaler, stopper,
-          loader, averager=None) -> dict:
-    """Everything a resumed run needs to go on as if it had not stopped."""
-    return {
-        "format": 2, "epoch": epoch, "config": cfg.public_dict(), "history": list(history),
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "stopper": stopper.state_dict(),
-        "averager": averager.state_dict() if averager is not None else None,
-        "loader": loader.state_dict(),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
+def state(cfg, epoch: int, history: list[dict], training: TrainingState) -> dict:
+    """Everything a resumed run needs to go on as if it had not stopped: one dict."""
+    return {"format": 2, "epoch": epoch, "config": cfg.public_dict(), "history": list(history),
+            **training.state_dict()}
 
 
 def snapshot(obj):
@@ -138,23 +134,9 @@ def snapshot(obj):
     return obj
 
 
-def restore(ckpt: dict, model, optimizer, scheduler, scaler, stopper, loader, averager=None):
+def restore(ckpt: dict, training: TrainingState) -> FitResult:
     """Load a checkpoint into freshly built training objects; returns the FitResult to start from."""
-    from training.loop import FitResult
-
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None and ckpt["scheduler"] is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt["scaler"] is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    stopper.load_state_dict(ckpt["stopper"])
-    if averager is not None and ckpt.get("averager") is not None:
-        averager.load_state_dict(ckpt["averager"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    loader.load_state_dict(ckpt["loader"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    training.load_state_dict(ckpt)
     history = list(ckpt["history"])
     return FitResult(history=history, train_seconds=sum(h["epoch_seconds"] for h in history),
-                     stopped_epoch=stopper.stopped_epoch)
+                     stopped_epoch=training.stopper.stopped_epoch)

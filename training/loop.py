@@ -8,12 +8,16 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from shared.batches import DeviceLoader
 from shared.preprocess import tta_logits
+
+if TYPE_CHECKING:
+    from training.state import TrainingState
 
 Progress = Callable[[Iterable, str], Iterable]
 
@@ -46,34 +50,30 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], contextli
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def train_epoch(model: nn.Module, loader: DeviceLoader, optimizer: torch.optim.Optimizer,
-                loss_fn: nn.Module, *, scheduler=None, autocast=contextlib.nullcontext,
-                scaler: torch.amp.GradScaler | None = None, progress: Progress = no_progress,
-                desc: str = "train", stop_requested: Callable[[], bool] = never,
-                after_step: Callable[[], None] | None = None) -> dict[str, float]:
-    """One pass over `loader`. Sums stay on the device; the host reads them once, at the end.
-    `after_step` runs after each optimizer step (weight averaging)."""
-    model.train()
-    device = loader.device
+@dataclass
+class Callbacks:
+    """What the loop tells its caller, and asks it: the loop itself knows nothing of tracking."""
+
+    on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None
+    progress: Progress = no_progress
+    stop_requested: Callable[[], bool] = never
+
+
+def train_epoch(network: nn.Module, state: TrainingState, loss_fn: nn.Module, *,
+                autocast=contextlib.nullcontext, progress: Progress = no_progress,
+                desc: str = "train", stop_requested: Callable[[], bool] = never) -> dict[str, float]:
+    """One pass over the state's loader through `network` (its model, or the compiled form).
+    Sums stay on the device; the host reads them once, at the end."""
+    network.train()
+    device = state.loader.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for x, y in progress(loader, desc):
+    for x, y in progress(state.loader, desc):
         with autocast():
-            out = model(x)
+            out = network(x)
             loss = loss_fn(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if after_step is not None:
-            after_step()
+        state.step(loss)
         loss_sum += loss.detach().float() * y.shape[0]
         correct += (out.detach().argmax(1) == y).sum()
         seen += y.shape[0]
@@ -185,50 +185,49 @@ class FitResult:
     def epochs_run(self) -> int:
         return len(self.history)
 
+    @property
+    def best_val_acc(self) -> float:
+        """NaN without a validation split."""
+        return max((h["val_acc"] for h in self.history if "val_acc" in h), default=float("nan"))
 
-def fit(model: nn.Module, train_loader: DeviceLoader, val_loader: DeviceLoader,
-        optimizer: torch.optim.Optimizer, loss_fn: nn.Module, epochs: int, num_classes: int, *,
-        scheduler=None, stopper: EarlyStopping | None = None, precision: str = "fp32",
-        on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None,
-        progress: Progress = no_progress, scaler: torch.amp.GradScaler | None = None,
-        start: FitResult | None = None, stop_requested: Callable[[], bool] = never,
-        after_step: Callable[[], None] | None = None, tta: str = "none") -> FitResult:
+
+def fit(network: nn.Module, state: TrainingState, val_loader: DeviceLoader, loss_fn: nn.Module,
+        *, epochs: int, num_classes: int, precision: str = "fp32", tta: str = "none",
+        callbacks: Callbacks = Callbacks(), start: FitResult | None = None) -> FitResult:
     """Train for up to `epochs`, validating after each (when `val_loader` holds images);
     restores the best weights at the end.
 
     `start` continues a resumed run after the epochs in its history. `on_epoch` runs once the
     epoch is recorded everywhere, early stopping included, so a checkpoint taken there is whole.
     """
-    stopper = stopper or EarlyStopping(patience=0)
-    device = train_loader.device
-    autocast = autocast_for(device, precision)
+    autocast = autocast_for(state.loader.device, precision)
     result = start or FitResult()
     first = result.epochs_run + 1 if result.stopped_epoch is None else epochs + 1
     for epoch in range(first, epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        start = time.perf_counter()
-        metrics = train_epoch(model, train_loader, optimizer, loss_fn, scheduler=scheduler,
-                              autocast=autocast, scaler=scaler, progress=progress,
-                              desc=f"epoch {epoch}/{epochs}", stop_requested=stop_requested,
-                              after_step=after_step)
-        train_seconds = time.perf_counter() - start
+        lr = state.optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
+        metrics = train_epoch(network, state, loss_fn, autocast=autocast,
+                              progress=callbacks.progress, desc=f"epoch {epoch}/{epochs}",
+                              stop_requested=callbacks.stop_requested)
+        train_seconds = time.perf_counter() - started
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"the training loss became {metrics['train_loss']} in epoch "
                                      f"{epoch} (lr {lr:g}); lower the learning rate")
         if val_loader.num_images:
-            val = evaluate(getattr(model, "_orig_mod", model), val_loader, loss_fn, num_classes, autocast=autocast, tta=tta)
+            val = evaluate(state.model, val_loader, loss_fn, num_classes, autocast=autocast,
+                           tta=tta)
             metrics.update(val_loss=val["loss"], val_acc=val["acc"])
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - started
         metrics.update(lr=lr, epoch_seconds=seconds,
-                       images_per_second=train_loader.num_images / train_seconds)
+                       images_per_second=state.loader.num_images / train_seconds)
         result.history.append(metrics)
         result.train_seconds += seconds
-        stop = stopper.step(epoch, metrics, model)
+        stop = state.stopper.step(epoch, metrics, state.model)
         if stop:
             result.stopped_epoch = epoch
-        on_epoch(epoch, metrics)
+        callbacks.on_epoch(epoch, metrics)
         if stop:
             break
-    stopper.restore(model)
-    result.best_epoch, result.best_value = stopper.best_epoch, stopper.best_value
+    state.stopper.restore(state.model)
+    result.best_epoch, result.best_value = state.stopper.best_epoch, state.stopper.best_value
     return result

@@ -1,16 +1,25 @@
 """What a training run writes to MLflow: params, tags, per-epoch metrics and the final report."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import torch
 import torchvision
 
 from shared.data import ImageData
+from shared.device import describe_device
+from shared.models import count_parameters, get_spec
 from training import report
+
+if TYPE_CHECKING:
+    from training.build import Prepared, Setup
+    from training.config import TrainConfig
+    from training.loop import FitResult
 
 # MLflow retries a failing HTTP call 7 times with doubling waits (minutes per call); a training
 # run retries its epoch metrics itself after every epoch, so a gone server should cost seconds
@@ -43,8 +52,45 @@ def run_tags(data: ImageData) -> dict[str, str]:
     }
 
 
+def weights_source(weights: str) -> str:
+    if weights == "none":
+        return "scratch"
+    return weights if weights == "imagenet" else f"checkpoint:{weights}"
+
+
+def run_params(cfg: TrainConfig, prepared: Prepared, setup: Setup) -> dict:
+    """Every setting of a new run, and what it resolved to on this machine and data."""
+    trainable, total = count_parameters(setup.model)
+    prep = setup.prep
+    return {
+        **cfg.public_dict(),
+        "weights_source": weights_source(cfg.weights), "fine_tuned": cfg.weights != "none",
+        "frozen_layers": "none" if cfg.freeze == "none" else f"all but {get_spec(cfg.model).head}",
+        **describe_device(prepared.device), "precision_resolved": setup.precision,
+        "compile_resolved": setup.compile_mode, "epochs_requested": cfg.epochs,
+        "early_stopping": (f"patience={cfg.patience},min_delta={cfg.min_delta},"
+                           f"monitor={cfg.monitor}") if cfg.patience else "off",
+        **prepared.sizes(), "num_classes": prepared.num_classes,
+        "classes": ",".join(prepared.data.classes), "image_size_resolved": prep.image_size,
+        "input_size_resolved": prep.input_size, "normalize_mean": list(prep.mean),
+        "normalize_std": list(prep.std), "trainable_params": trainable, "total_params": total,
+    }
+
+
 def log_params(params: dict) -> None:
     mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+
+
+def log_fit_end(result: FitResult, compile_seconds: float, tracking_seconds: float) -> None:
+    """How fitting ended: epochs run, early stop, best epoch; the time it took and the share
+    of it the training thread spent on tracking."""
+    log_params({"epochs_run": result.epochs_run, "stopped_early": result.stopped_epoch is not None,
+                "stop_epoch": result.stopped_epoch or "none", "best_epoch": result.best_epoch})
+    share = tracking_seconds / max(1e-9, tracking_seconds + result.train_seconds)
+    best = result.best_val_acc
+    mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
+                        "compile_seconds": compile_seconds, "tracking_seconds": tracking_seconds,
+                        "tracking_share": share, **({} if math.isnan(best) else {"best_val_acc": best})})
 
 
 def brief(exc: BaseException) -> str:

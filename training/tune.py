@@ -25,7 +25,10 @@ from shared.store import (creation_lock, mask_secrets, store_folder, tracking_ur
 from shared.tracking import ensure_experiment
 from training.config import ConfigError, TrainConfig, build_parser, opt, parse_args
 from training.loop import NonFiniteLossError, StopTraining
-from training.train import TrainingInterrupted, prepare, run_command, train
+from training.build import prepare
+from training.cli import run_command
+from training.run import RunOptions, TrainingInterrupted
+from training.train import train
 
 SEARCHABLE = ("lr", "epochs", "weight_decay", "batch_size", "muon_lr")
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -203,9 +206,11 @@ class Objective:
         tags = {"optuna_study": self.study_name, "optuna_trial": str(trial.number)}
         try:
             result = train(trial_cfg, log=lambda *_: None, prepared=self.prepared,
-                           epoch_hook=report, trial=True, parent_run_id=self.parent_run_id,
-                           tags=tags,
-                           on_run_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+                           options=RunOptions(
+                               parent_run_id=self.parent_run_id, tags=tags, trial=True,
+                               epoch_hook=report,
+                               on_run_start=lambda run_id: trial.set_user_attr("mlflow_run_id",
+                                                                               run_id)))
         except StopTraining as exc:
             self._record(trial, "PRUNED")
             self.log(f"trial {trial.number}: {exc}")
@@ -388,8 +393,9 @@ def tune(cfg: TuneConfig, log=print) -> dict:
                       for k, v in best.params.items()))
         if cfg.final:
             final_cfg = training_settings(cfg, **best.params, run_name=f"study-{name}-best")
-            result = train(final_cfg, log=log, prepared=prepared, parent_run_id=parent.info.run_id,
-                           tags={"optuna_study": name, "optuna_final": "true"})
+            final = RunOptions(parent_run_id=parent.info.run_id,
+                               tags={"optuna_study": name, "optuna_final": "true"})
+            result = train(final_cfg, log=log, prepared=prepared, options=final)
             mlflow.log_metric("final_test_acc", result.test_acc)
             summary.update(final_run_id=result.run_id, test_acc=result.test_acc,
                            registered=(result.registered_name, result.version, result.promoted))

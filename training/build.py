@@ -1,0 +1,195 @@
+"""From a config to what a run trains: the data on its device (`prepare`), then the model, its
+loaders and its training state (`build`). Bad input raises here, before any run exists."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shared.batches import DeviceLoader
+from shared.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
+from shared.device import resolve_device
+from shared.models import build_model, input_size_for, is_convolutional
+from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
+from training import checkpoint, tracking
+from training.averaging import Lookahead
+from training.config import ConfigError, TrainConfig
+from training.loop import EarlyStopping, FitResult, autocast_for, warm_up
+from training.optim import make_optimizer, make_scheduler
+from training.state import TrainingState
+from training.whiten import whiten_first_conv
+
+
+def random_rows(total: int, n: int, seed: int) -> torch.Tensor:
+    """n of range(total) at random, with a fixed seed: the splits are in folder order (one
+    class after another), so the first n would hold only a class or two."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def whitening_sample(images: torch.Tensor, seed: int, n: int = 5000) -> torch.Tensor:
+    """n training images at random, on the [0, 1] scale, for an unbiased patch covariance."""
+    return images[random_rows(len(images), n, seed).to(images.device)].float() / 255
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise ConfigError("fp16 training needs a GPU; use --precision bf16 or fp32 on the CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.compile == "auto":
+        return "default" if device.type == "cuda" else "none"
+    return cfg.compile
+
+
+@dataclass
+class Prepared:
+    """A dataset, split and moved to the training device once; the trials of a study share it."""
+
+    data: ImageData
+    device: torch.device
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    scratch_stats: tuple[tuple[float, ...], tuple[float, ...]]  # mean, std of the train split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.classes)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train_size": len(self.train[1]), "val_size": len(self.val[1]),
+                "test_size": len(self.test[1])}
+
+    def subset(self, n_train: int | None, n_val: int | None = None) -> "Prepared":
+        """n_train training and n_val validation images (None: all), drawn at random with a
+        fixed seed: benchmarks measure on a subset."""
+        def draw(pair, n):
+            if n is None or n >= len(pair[1]):
+                return pair
+            pick = random_rows(len(pair[1]), n, seed=0).sort().values.to(pair[1].device)
+            return pair[0][pick], pair[1][pick]
+        return Prepared(self.data, self.device, draw(self.train, n_train), draw(self.val, n_val),
+                        self.test, self.scratch_stats)
+
+
+def prepare(cfg: TrainConfig, log=print) -> Prepared:
+    """Device, dataset, split. Raises DeviceError / DatasetError on bad input."""
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir, log=log)
+    train_idx, val_idx = split_indices(len(data.train_labels), cfg.val_fraction, cfg.split_seed)
+    if int(data.train_labels.max()) >= len(data.classes):
+        raise DatasetError(f"{data.root}: labels exceed the {len(data.classes)} classes found")
+    images, labels = data.train_images.to(device), data.train_labels.to(device)
+    train_idx_d, val_idx_d = train_idx.to(device), val_idx.to(device)
+    return Prepared(data, device, (images[train_idx_d], labels[train_idx_d]),
+                    (images[val_idx_d], labels[val_idx_d]),
+                    (data.test_images.to(device), data.test_labels.to(device)),
+                    channel_stats(data.train_images[train_idx]))
+
+
+@dataclass
+class Loaders:
+    train: DeviceLoader
+    val: DeviceLoader
+    test: DeviceLoader
+
+
+@dataclass
+class Setup:
+    """The training objects of one run, built from its config and prepared data."""
+
+    prep: Preprocessing
+    state: TrainingState  # the model, optimizer, training loader...
+    network: nn.Module  # state.model, or its compiled form (sharing its parameters)
+    loaders: Loaders
+    loss_fn: nn.Module
+    precision: str
+    compile_mode: str
+    compile_seconds: float = 0.0
+    start: FitResult | None = None  # where a resumed run goes on
+
+    @property
+    def model(self) -> nn.Module:
+        return self.state.model
+
+
+def preprocessing(cfg: TrainConfig, prepared: Prepared) -> Preprocessing:
+    # pretrained features expect the inputs they were trained on
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.weights != "none" else prepared.scratch_stats
+    image_size = prepared.data.image_size
+    return Preprocessing(image_size, cfg.input_size or input_size_for(cfg.model, image_size),
+                         mean, std, cfg.tta)
+
+
+def make_loaders(cfg: TrainConfig, prepared: Prepared, prep: Preprocessing,
+                 channels_last: bool) -> Loaders:
+    common = {"transform": InputTransform(prep), "channels_last": channels_last}
+    n_train = len(prepared.train[1])
+    train = DeviceLoader(*prepared.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                         crop_padding=cfg.crop_padding if cfg.augment else 0,
+                         crop_fill=cfg.crop_fill, flip=cfg.flip if cfg.augment else "none",
+                         drop_last=n_train > cfg.batch_size, **common)
+    return Loaders(train, DeviceLoader(*prepared.val, cfg.eval_batch_size, **common),
+                   DeviceLoader(*prepared.test, cfg.eval_batch_size, **common))
+
+
+def training_state(cfg: TrainConfig, model: nn.Module, loader: DeviceLoader,
+                   precision: str) -> TrainingState:
+    optimizer = make_optimizer(cfg, model)
+    return TrainingState(
+        model, optimizer, loader, EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta),
+        scheduler=make_scheduler(cfg, optimizer, len(loader)),
+        scaler=torch.amp.GradScaler(loader.device.type) if precision == "fp16" else None,
+        averager=Lookahead(model, cfg.epochs * len(loader)) if cfg.lookahead else None)
+
+
+def compiled(setup: Setup, log=print) -> Setup:
+    """The network compiled and warmed up before the clock starts; eager when compiling fails.
+    The compiled module shares its parameters with the model, which is what gets saved and
+    evaluated (eager evaluation: no recompiling for each evaluation batch shape)."""
+    if setup.compile_mode == "none":
+        return setup
+    network = torch.compile(setup.model, mode=setup.compile_mode)
+    try:
+        setup.compile_seconds = warm_up(network, setup.model, setup.state.optimizer,
+                                        setup.loaders.train, setup.loss_fn,
+                                        autocast=autocast_for(setup.loaders.train.device,
+                                                              setup.precision))
+        setup.network = network
+    except Exception as exc:  # noqa: BLE001 - no compiler toolchain, an unsupported op...
+        log(f"warning: torch.compile ({setup.compile_mode}) failed, training without it: "
+            f"{tracking.brief(exc)}")
+        setup.compile_mode = "none"
+    return setup
+
+
+def build(cfg: TrainConfig, prepared: Prepared, resume_from: dict | None = None,
+          log=print) -> Setup:
+    """Model, loaders, optimizer and the rest, seeded; restored from `resume_from` (a
+    checkpoint) when given; compiled when asked."""
+    device, data = prepared.device, prepared.data
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, prepared.num_classes, data.image_size, weights=cfg.weights,
+                        freeze=cfg.freeze)
+    prep = preprocessing(cfg, prepared)
+    channels_last = cfg.channels_last and is_convolutional(model)
+    model = model.to(device, memory_format=torch.channels_last if channels_last
+                     else torch.preserve_format)
+    loaders = make_loaders(cfg, prepared, prep, channels_last)
+    if cfg.whiten_init:
+        whiten_first_conv(model, loaders.train.transform(whitening_sample(prepared.train[0],
+                                                                          cfg.seed)))
+    state = training_state(cfg, model, loaders.train, precision)
+    start = checkpoint.restore(resume_from, state) if resume_from is not None else None
+    setup = Setup(prep, state, model, loaders,
+                  nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
+                  compile_mode(cfg, device), start=start)
+    return compiled(setup, log)

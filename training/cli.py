@@ -1,0 +1,91 @@
+"""What the training commands share around `train()`: exit statuses for known failures, stop
+signals, and the settings of a run to resume."""
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+
+from shared.data import DatasetError
+from shared.device import DeviceError
+from shared.models import ModelError
+from shared.store import StoreBroken, tracking_uri
+from training import checkpoint
+from training.config import ConfigError, TrainConfig
+from training.loop import NonFiniteLossError
+from training.run import Resume, StoreError, StoreUnavailable, TrainingInterrupted
+
+BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError, StoreError,
+             StoreBroken)
+RUN_FAILED = (NonFiniteLossError, StoreUnavailable)
+
+
+def run_command(body: Callable[[], int]) -> int:
+    """Run a command, turning its known failures into one message and an exit status:
+    2 bad input (nothing was started), 1 a run that failed, 130 interrupted."""
+    try:
+        return body()
+    except BAD_INPUT as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RUN_FAILED as exc:
+        print(f"error: {exc}. The run was marked FAILED (if the store could be told).",
+              file=sys.stderr)
+        return 1
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+
+
+class StopSignals:
+    """SIGINT/SIGTERM: the first asks training to stop after the step in progress; a second
+    exits at once. Installed by the command, never by the importable `train()`."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, Resume]:
+    """The resumed run's own config, and its id and checkpoint. The checkpoint's settings are
+    checked like a new run's: a damaged or edited checkpoint is refused, not trained on."""
+    uri = tracking_uri(cfg.tracking_uri)
+    run_id = checkpoint.find_resumable(uri, cfg.resume)
+    path = checkpoint.checkpoint_path(uri, run_id)
+    ckpt = checkpoint.load(path)
+    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        raise checkpoint.ResumeError(f"the checkpoint {path} holds no settings; it is not one "
+                                     "this project wrote")
+    fields = set(TrainConfig.__dataclass_fields__)
+    unknown, missing = sorted(set(saved) - fields), sorted(fields - set(saved))
+    if unknown or missing:
+        raise checkpoint.ResumeError(
+            f"the checkpoint {path} has settings this version does not know ({', '.join(unknown) or 'none'}) "
+            f"or lacks some it needs ({', '.join(missing) or 'none'}); it was written by another "
+            "version or edited, so it cannot be resumed: start a new run")
+    # the store that held the run, as named now: the checkpoint keeps no password
+    settings = {**saved, "resume": None, "tracking_uri": cfg.tracking_uri}
+    try:
+        resumed = TrainConfig(**settings).validate()
+    except ConfigError as exc:
+        raise checkpoint.ResumeError(f"the checkpoint {path} holds a bad setting: {exc}") from None
+    return resumed, Resume(run_id, ckpt)

@@ -1,0 +1,237 @@
+"""One tracked MLflow run, from opening to its final status, and the epochs it records."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from tqdm import tqdm
+
+from shared.store import mask_secrets, tracking_uri, use_store
+from shared.tracking import ensure_experiment
+from training import checkpoint, tracking
+from training.config import TrainConfig
+from training.loop import NonFiniteLossError, StopRequested, StopTraining
+from training.state import TrainingState
+from training.writer import BackgroundWriter
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the run was marked KILLED with what it had logged."""
+
+
+class StoreUnavailable(Exception):
+    """The tracking store stopped answering and did not come back before the run ended."""
+
+
+class StoreError(Exception):
+    """The tracking store cannot take a new run (unreachable, full, read-only); nothing started."""
+
+
+@dataclass
+class RunOptions:
+    """Where a run sits among others and who hears of it: the tuner's trials and final run."""
+
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    trial: bool = False  # stops after validation: no test set, no model, no registry
+    epoch_hook: Callable[[int, dict[str, float]], None] | None = None  # may raise StopTraining
+    on_run_start: Callable[[str], None] | None = None  # told the run id once it exists
+
+
+@dataclass
+class Resume:
+    """A run to continue: its id and the checkpoint it ends on."""
+
+    run_id: str
+    checkpoint: dict
+
+
+def open_run(cfg: TrainConfig, uri: str, run_name: str, run_id: str | None,
+             parent_run_id: str | None) -> str:
+    """Start a new MLflow run, or reopen `run_id` (its status goes back to RUNNING)."""
+    try:
+        use_store(uri)
+        experiment_id = ensure_experiment(cfg.experiment, uri)
+        if run_id is not None:
+            return mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics).info.run_id
+        return mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                parent_run_id=parent_run_id, nested=parent_run_id is not None,
+                                log_system_metrics=cfg.system_metrics).info.run_id
+    except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
+        raise StoreError(f"the tracking store {mask_secrets(uri)} cannot take the run "
+                         f"({mask_secrets(tracking.brief(exc))});"
+                         f" check that it is reachable and writable (disk space, "
+                         f"permissions, server), or pass another --tracking-uri") from exc
+
+
+def _quietly(call: Callable, *args) -> None:
+    """Record an ending on a best-effort basis: the store may be the very thing that failed."""
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class TrackedRun:
+    """An MLflow run as a context: entering opens it (or reopens a resumed one); leaving gives
+    it its final status. A body that returns ends FINISHED (its checkpoint removed: nothing left
+    to resume); StopTraining ends KILLED with `stop_reason`; a stop request or Ctrl-C ends KILLED
+    with the resume command and becomes TrainingInterrupted; anything else ends FAILED with
+    `failure_reason`. Epochs go to the checkpoint and MLflow on a background writer."""
+
+    def __init__(self, cfg: TrainConfig, options: RunOptions, resume: Resume | None = None,
+                 log=print):
+        self.cfg, self.options, self.resume, self.log = cfg, options, resume, log
+        self.uri = tracking_uri(cfg.tracking_uri)
+        self.epochs_done = 0  # in this session, resumed epochs not counted
+
+    @property
+    def name(self) -> str:
+        return self.cfg.run_name or (f"{self.cfg.model}-"
+                                     f"{'scratch' if self.cfg.weights == 'none' else 'finetuned'}")
+
+    def __enter__(self) -> "TrackedRun":
+        resumed_id = self.resume.run_id if self.resume else None
+        self.run_id = open_run(self.cfg, self.uri, self.name, resumed_id,
+                               self.options.parent_run_id)
+        self.ckpt_path = checkpoint.checkpoint_path(self.uri, self.run_id)
+        saved = len(self.resume.checkpoint["history"]) if self.resume else 0
+        self.saver = checkpoint.Saver(self.ckpt_path, self.cfg.checkpoint_every, saved, self.log)
+        self.epoch_log = tracking.EpochLog(self.run_id, self.log)
+        self.writer = BackgroundWriter(self.cfg.async_logging)
+        if self.options.on_run_start is not None:
+            self.options.on_run_start(self.run_id)
+        self.log(f"MLflow run {self.run_id} ({self.name}) in experiment '{self.cfg.experiment}' "
+                 f"at {mask_secrets(self.uri)}")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        status = "FINISHED" if exc is None else "FAILED"
+        try:
+            if exc is None:
+                shutil.rmtree(self.ckpt_path.parent, ignore_errors=True)
+            else:
+                _quietly(self.writer.drain)  # what was submitted before the end is written
+                status, tags = self._ending(exc)
+                _quietly(mlflow.set_tags, {**tags, "epochs_run": self.epochs_done})
+        finally:
+            self.writer.close()
+            _quietly(mlflow.end_run, status)
+        if isinstance(exc, (KeyboardInterrupt, StopRequested)):
+            raise TrainingInterrupted(f"interrupted: run {self.run_id} marked KILLED, the epochs "
+                                      f"it logged are kept; {self._resume_how()}") from None
+
+    def _ending(self, exc: BaseException) -> tuple[str, dict[str, str]]:
+        if isinstance(exc, StopTraining):
+            return "KILLED", {"stop_reason": str(exc)}
+        if isinstance(exc, (KeyboardInterrupt, StopRequested)):
+            return "KILLED", {"stop_reason": f"interrupted; {self._resume_how()}"}
+        reason = str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
+        return "FAILED", {"failure_reason": reason}
+
+    def _resume_how(self) -> str:
+        if not self.saver.saved:
+            return "no checkpoint was saved yet, so it cannot be resumed"
+        return (f"resume after epoch {self.saver.saved}: "
+                f"python -m training.train --resume {self.run_id}")
+
+    def _resume_hint(self) -> str:
+        return (f"once it does, `python -m training.train --resume {self.run_id}` goes on "
+                f"after epoch {self.saver.saved}, the last one in {self.ckpt_path}")
+
+    def start(self, tags: dict[str, str], params: dict) -> None:
+        """A new run's tags and params; a resumed run logs the epochs its checkpoint holds
+        and MLflow lacks (a crash between checkpoint and log)."""
+        if self.resume is not None:
+            self.log(f"resumed after epoch {self.saver.saved} from {self.ckpt_path}")
+            tracking.log_missing_epochs(self.run_id, self.resume.checkpoint["history"])
+            return
+        checkpoint_tag = ({checkpoint.CHECKPOINT_TAG: str(self.ckpt_path)}
+                          if self.cfg.checkpoint_every else {})
+        mlflow.set_tags({**tags, **self.options.tags, **checkpoint_tag})
+        tracking.log_params(params)
+
+    def record(self, epoch: int, metrics: dict[str, float], state: dict | None) -> None:
+        """One epoch, written off the training thread: the checkpoint `state` (when due) first,
+        then the metrics. After a crash MLflow never holds an epoch that the checkpoint lacks,
+        so a resumed run logs no epoch twice."""
+        self.epochs_done += 1
+
+        def write() -> None:
+            self.epoch_log.add(epoch, metrics)
+            if state is not None:
+                self.saver.save(epoch, state)
+            if self.saver.covers(epoch):
+                self.epoch_log.flush()
+
+        self.writer.submit(write)
+
+    def ensure_stored(self, epochs_run: int) -> None:
+        """Every epoch checkpointed and logged, or StoreUnavailable with the way to resume."""
+        self.writer.drain()
+        if not self.saver.covers(epochs_run):
+            raise StoreUnavailable(f"the checkpoint still cannot be written (is the disk full or "
+                                   f"read-only?); {self._resume_hint()}")
+        if not self.epoch_log.flush():
+            kept = (self._resume_hint() if self.cfg.checkpoint_every
+                    else "they are lost (checkpoints were off)")
+            raise StoreUnavailable(f"the tracking store still does not take metrics: "
+                                   f"{len(self.epoch_log.pending)} epoch(s) are not logged; {kept}")
+
+    @contextlib.contextmanager
+    def storing_results(self, epochs_run: int) -> Iterator[None]:
+        """Disk, database and HTTP errors while storing the results of a run whose every epoch
+        is checkpointed become StoreUnavailable: the run resumes to store them."""
+        try:
+            yield
+        except (OSError, MlflowException) as exc:
+            if not self.saver.covers(epochs_run):
+                raise
+            raise StoreUnavailable(f"training ended but its results could not be stored "
+                                   f"({tracking.brief(exc)}); fix the store (space, "
+                                   f"permissions, server); {self._resume_hint()}") from exc
+
+
+def epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    val = f"  val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}" if "val_acc" in m else ""
+    return (f"epoch {epoch:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+            f"{val}  lr {m['lr']:.3g}  {m['epoch_seconds']:.1f} s  "
+            f"{m['images_per_second']:,.0f} img/s")
+
+
+class EpochRecorder:
+    """fit's `on_epoch` for a tracked run: a checkpoint copy when one is due, the epoch handed to
+    the run's writer, the console line, then the caller's hook. Counts the seconds it takes
+    from the training thread."""
+
+    def __init__(self, run: TrackedRun, state: TrainingState, history: list[dict[str, float]]):
+        self.run, self.state, self.history = run, state, list(history)
+        self.seconds = 0.0
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        started = time.perf_counter()
+        cfg = self.run.cfg
+        self.history.append(metrics)
+        last = epoch == cfg.epochs or self.state.stopper.stopped_epoch == epoch
+        snapshot = None
+        if self.run.saver.due(epoch, last=last):
+            # a copy taken now: training goes on changing the weights while it is written
+            snapshot = checkpoint.snapshot(checkpoint.state(cfg, epoch, self.history, self.state))
+        self.run.record(epoch, metrics, snapshot)
+        self.run.log(epoch_line(epoch, cfg.epochs, metrics))
+        self.seconds += time.perf_counter() - started
+        if self.run.options.epoch_hook is not None:
+            self.run.options.epoch_hook(epoch, metrics)
+
+
+def progress_bar(enabled: bool) -> Callable:
+    def progress(batches, desc):
+        # disable=None: no bar when the output is not a terminal (logs, CI)
+        return tqdm(batches, desc=desc, leave=False, disable=None if enabled else True,
+                    unit="batch", dynamic_ncols=True)
+    return progress
