@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.models import FAST_SGD  # noqa: E402
-from training.config import ConfigError, _coerce, _types, resolve  # noqa: E402
+from training.config import ConfigError, coerce, resolve, setting_types  # noqa: E402
 from training.build import Prepared, prepare  # noqa: E402
 from training.train import train  # noqa: E402
 
@@ -86,14 +86,14 @@ def table(rows: list[dict]) -> str:
 def setting(text: str) -> tuple[str, object]:
     """KEY=VALUE, typed like the training config's field KEY."""
     key, sep, value = text.partition("=")
-    key, kinds = key.strip().replace("-", "_"), _types()
+    key, kinds = key.strip().replace("-", "_"), setting_types()
     if not sep or key not in kinds:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a training "
                                          f"setting ({', '.join(kinds)})")
     if kinds[key] is bool:
         value = {"true": True, "false": False}.get(value.lower(), value)
     try:
-        return key, _coerce(key, value, kinds[key], "--set")
+        return key, coerce(key, value, kinds[key], "--set")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

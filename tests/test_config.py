@@ -1,5 +1,6 @@
 import pytest
 
+from shared.models import MODELS
 from training.config import ConfigError, parse_args, read_config_file, resolve
 
 
@@ -70,3 +71,53 @@ def test_list_models_needs_no_other_settings():
 def test_the_shipped_example_configs_are_valid(path):
     cfg, _ = parse_args(["--config", str(path)])
     assert cfg.model
+
+
+def ruled_fields():
+    from dataclasses import fields
+
+    from training.tune import TuneConfig
+    return [f for f in fields(TuneConfig) if {"min", "positive"} & set(f.metadata)]
+
+
+@pytest.mark.parametrize("field", ruled_fields(), ids=lambda f: f.name)
+def test_every_range_rule_in_a_fields_metadata_is_enforced(field):
+    from training.config import setting_types
+    from training.tune import TuneConfig
+
+    low = 0 if field.metadata.get("positive") else field.metadata["min"]
+    just_below = low - 1 if setting_types(TuneConfig)[field.name] is int else low - 1e-6
+    with pytest.raises(ConfigError, match=f"^{field.name} must"):
+        resolve({field.name: just_below}, cls=TuneConfig)
+
+
+def test_setting_types_come_from_the_dataclass_optional_or_not():
+    from training.config import setting_types
+    kinds = setting_types()
+    assert (kinds["epochs"], kinds["image_size"], kinds["lr"]) == (int, int, float)
+    assert (kinds["augment"], kinds["register"], kinds["resume"]) == (bool, str, str)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_models_recipes_name_real_settings_of_the_right_type(model):
+    resolve({"model": model})
+    resolve({"model": model, "weights": "imagenet"})
+
+
+def test_a_typo_in_a_recipe_is_an_error_naming_the_model_and_the_key(monkeypatch):
+    monkeypatch.setitem(MODELS["cnn"].recipe, "learning_rate", 0.1)
+    with pytest.raises(ConfigError, match="cnn recipe: unknown setting 'learning_rate'"):
+        resolve({"model": "cnn"})
+
+
+def test_a_recipe_value_of_the_wrong_type_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setitem(MODELS["cnn"].recipe, "epochs", "ten")
+    with pytest.raises(ConfigError, match="cnn recipe: epochs must be int"):
+        resolve({"model": "cnn"})
+
+
+def test_no_register_is_a_switch_with_no_negative_form():
+    cfg, _ = parse_args(["--no-register"])
+    assert cfg.no_register is True
+    with pytest.raises(SystemExit):
+        parse_args(["--no-no-register"])

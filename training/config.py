@@ -10,6 +10,8 @@ import dataclasses
 import math
 import re
 import tomllib
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,28 @@ class ConfigError(Exception):
     """An invalid setting; the message names it and the valid choices."""
 
 
-def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default: Any, help: str, choices: tuple | None = None, **rules: Any) -> Any:
+    """A setting: its default, help and choices, and the rules its value obeys (checked by
+    `validate`): min, max (inclusive), below (exclusive), positive, unit (for messages);
+    switch=True makes a bool a flag that only turns it on (--no-register)."""
+    return field(default=default, metadata={"help": help, "choices": choices, **rules})
+
+
+def check_rules(name: str, value: Any, rules: Mapping[str, Any]) -> None:
+    """Raise ConfigError if `value` breaks the field's rules (None: unset, always allowed)."""
+    if value is None:
+        return
+    low, high, below = rules.get("min"), rules.get("max"), rules.get("below")
+    if rules.get("positive") and not value > 0:
+        raise ConfigError(f"{name} must be a positive number (got {value})")
+    if below is not None and not low <= value < below:
+        raise ConfigError(f"{name} must be in [{low:g}, {below:g}) (got {value})")
+    if high is not None and not low <= value <= high:
+        raise ConfigError(f"{name} must be {low} to {high} {rules.get('unit', '')}".rstrip()
+                          + f" (got {value})")
+    if low is not None and value < low:
+        need = "must not be negative" if low == 0 else f"must be at least {low}"
+        raise ConfigError(f"{name} {need} (got {value})")
 
 
 @dataclass
@@ -42,32 +64,38 @@ class TrainConfig:
     data_dir: str = opt("data", "CIFAR-10 is downloaded here, or: a folder with train/<class>/ "
                                 "and test/<class>/ image folders")
     image_size: int | None = opt(None, "image-folder datasets: side to resize images to "
-                                       "(default: the first image's size)")
+                                       "(default: the first image's size)", min=8, max=MAX_IMAGE_SIDE,
+                                 unit="pixels")
     val_fraction: float = opt(0.1, "share of the training images held out for validation (0: "
-                                   "train on all of them, with no validation and no early stopping)")
+                                   "train on all of them, with no validation and no early stopping)",
+                            min=0, below=1)
     split_seed: int = opt(0, "seed of the train/validation split (fixed across runs)")
     cache_dir: str = opt(str(DEFAULT_CACHE_DIR), "where decoded datasets are cached")
-    epochs: int = opt(30, "maximum number of epochs")
-    batch_size: int = opt(128, "training batch size")
-    eval_batch_size: int = opt(1000, "evaluation batch size")
+    epochs: int = opt(30, "maximum number of epochs", min=1)
+    batch_size: int = opt(128, "training batch size", min=1)
+    eval_batch_size: int = opt(1000, "evaluation batch size", min=1)
     optimizer: str = opt("sgd", "optimizer; muon: orthogonalised momentum for the hidden "
                                 "layers' weights (--muon-lr, --muon-momentum), Nesterov SGD for "
                                 "the rest", tuple(OPTIMIZERS))
-    lr: float = opt(0.05, "learning rate (peak rate for onecycle)")
-    muon_lr: float = opt(0.02, "optimizer muon: learning rate of the hidden layers' weights")
-    muon_momentum: float = opt(0.95, "optimizer muon: momentum of the hidden layers' weights")
-    weight_decay: float = opt(5e-4, "weight decay")
-    momentum: float = opt(0.9, "SGD momentum")
+    lr: float = opt(0.05, "learning rate (peak rate for onecycle)", positive=True)
+    muon_lr: float = opt(0.02, "optimizer muon: learning rate of the hidden layers' weights",
+                         positive=True)
+    muon_momentum: float = opt(0.95, "optimizer muon: momentum of the hidden layers' weights",
+                               min=0)
+    weight_decay: float = opt(5e-4, "weight decay", min=0)
+    momentum: float = opt(0.9, "SGD momentum", min=0)
     nesterov: bool = opt(True, "Nesterov momentum for SGD")
     schedule: str = opt("onecycle", "learning-rate schedule (linear: warm up over 23%% of the "
                                     "steps from 0.2x, then down to 0.07x; decay: straight "
                                     "down from the full rate to 0)",
                         tuple(SCHEDULES))
     bias_lr_scale: float = opt(1.0, "learning-rate multiplier for biases and normalization "
-                                    "parameters (their weight decay is divided by it)")
-    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+                                    "parameters (their weight decay is divided by it)",
+                                positive=True)
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", min=0,
+                                 below=1)
     augment: bool = opt(True, "augment training batches (random crop and flip)")
-    crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)")
+    crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)", min=0)
     crop_fill: str = opt("zeros", "what the crop padding holds", ("zeros", "reflect"))
     flip: str = opt("random", "horizontal flip: random, alternate (each image mirrored in "
                               "every other epoch) or none", FLIPS)
@@ -84,19 +112,22 @@ class TrainConfig:
     freeze: str = opt("none", "none: train all layers; backbone: train only the new head",
                       ("none", "backbone"))
     input_size: int | None = opt(None, "network input side (default: the model's, 224 for "
-                                       "alexnet/vgg16, else the image size)")
+                                       "alexnet/vgg16, else the image size)", min=8,
+                                 max=MAX_IMAGE_SIDE, unit="pixels")
     seed: int = opt(0, "seed for weights, shuffling and augmentation")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: str = opt("auto", "auto: bf16 (fp16 if unsupported) on CUDA, fp32 elsewhere",
                          ("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = opt(True, "channels_last memory layout for conv nets")
-    patience: int = opt(10, "early stopping: epochs without improvement before stopping (0: off)")
-    min_delta: float = opt(0.0, "early stopping: smallest change that counts as improvement")
+    patience: int = opt(10, "early stopping: epochs without improvement before stopping (0: off)",
+                        min=0)
+    min_delta: float = opt(0.0, "early stopping: smallest change that counts as improvement",
+                           min=0)
     monitor: str = opt("val_acc", "early stopping: metric to watch", ("val_acc", "val_loss"))
     async_logging: bool = opt(True, "write checkpoints and epoch metrics on a background "
                                     "thread, so training never waits on the disk or the server")
     checkpoint_every: int = opt(1, "save a checkpoint every N epochs (0: never); epoch metrics "
-                                   "reach MLflow with each checkpoint")
+                                   "reach MLflow with each checkpoint", min=0)
     resume: str | None = opt(None, "RUN_ID or 'last': continue that run from its checkpoint "
                                    "(its own settings are used)")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
@@ -104,13 +135,13 @@ class TrainConfig:
     experiment: str = opt("training", "MLflow experiment name")
     run_name: str | None = opt(None, "MLflow run name (default: model and weights)")
     register: str | None = opt(None, "registered model name (default: <dataset>-<model>)")
-    no_register: bool = opt(False, "do not register the model")
+    no_register: bool = opt(False, "do not register the model", switch=True)
     system_metrics: bool = opt(True, "log CPU, memory and GPU use through MLflow")
     progress: bool = opt(True, "show a progress bar during each epoch")
 
     def validate(self) -> "TrainConfig":
         get_spec(self.model)
-        kinds = _types(type(self))
+        kinds = setting_types(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
             if kinds[f.name] is float and value is not None and not math.isfinite(value):
@@ -120,30 +151,10 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(choices)}")
-        positive = ["epochs", "batch_size", "eval_batch_size"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("lr", "muon_lr"):
-            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
-                raise ConfigError(f"{name} must be a positive number (got {getattr(self, name)})")
-        for name in ("weight_decay", "momentum", "muon_momentum", "min_delta", "crop_padding",
-                     "patience", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
+            check_rules(f.name, value, f.metadata)
         if self.val_fraction == 0 and self.patience:
             raise ConfigError("early stopping watches the validation split, and val_fraction 0 "
                               "leaves none: add --patience 0, or keep a --val-fraction")
-        if not (self.bias_lr_scale > 0 and math.isfinite(self.bias_lr_scale)):
-            raise ConfigError(f"bias_lr_scale must be a positive number (got {self.bias_lr_scale})")
-        for name in ("image_size", "input_size"):
-            side = getattr(self, name)
-            if side is not None and not 8 <= side <= MAX_IMAGE_SIDE:
-                raise ConfigError(f"{name} must be 8 to {MAX_IMAGE_SIDE} pixels (got {side})")
         if self.register is not None and not REGISTERED_NAME.fullmatch(self.register):
             raise ConfigError(f"register name {self.register!r}: use letters, digits, '_', '.' "
                               "and '-' (up to 100, starting with a letter or digit); the name "
@@ -158,16 +169,18 @@ class TrainConfig:
         return {k: mask_secrets(v) if isinstance(v, str) else v for k, v in self.to_dict().items()}
 
 
-def _types(cls: type = TrainConfig) -> dict[str, type]:
+def setting_types(cls: type = TrainConfig) -> dict[str, type]:
+    """Each field's type as the dataclass declares it (bool, int, float or str; None allowed
+    where the type says `| None`)."""
+    hints = typing.get_type_hints(cls)
     kinds = {}
     for f in fields(cls):
-        text = str(f.type)
-        kinds[f.name] = bool if text == "bool" else int if "int" in text else \
-            float if "float" in text else str
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        kinds[f.name] = args[0] if args else hints[f.name]
     return kinds
 
 
-def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
+def coerce(name: str, value: Any, kind: type, source: str) -> Any:
     if value is None:
         return None
     if kind is bool:
@@ -195,15 +208,8 @@ def read_config_file(path: str | Path, cls: type = TrainConfig) -> dict[str, Any
         raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting: value")
-    kinds = _types(cls)
-    settings = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        if name not in kinds:
-            raise ConfigError(f"config file {path}: unknown setting {key!r}; valid settings: "
-                              f"{', '.join(kinds)}")
-        settings[name] = _coerce(name, value, kinds[name], f"config file {path}")
-    return settings
+    return typed_settings({key.replace("-", "_"): value for key, value in data.items()},
+                          f"config file {path}", cls)
 
 
 TRAIN_DESCRIPTION = ("Train an image classifier; every run is tracked in MLflow and its model "
@@ -217,15 +223,15 @@ def build_parser(cls: type = TrainConfig, prog: str = "python -m training.train"
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="TOML or YAML file of settings")
     parser.add_argument("--list-models", action="store_true", help="list the models and exit")
-    kinds = _types(cls)
+    kinds = setting_types(cls)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
-        if kinds[f.name] is bool and f.name != "no_register":
+        if f.metadata.get("switch"):
+            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+        elif kinds[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 help=help_text)
-        elif f.name == "no_register":
-            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
         else:
             parser.add_argument(flag, dest=f.name, type=kinds[f.name],
                                 choices=f.metadata.get("choices"), help=help_text)
@@ -238,11 +244,26 @@ def resolve(cli: dict[str, Any], file_settings: dict[str, Any] | None = None,
     file_settings = file_settings or {}
     chosen = {**file_settings, **cli}
     spec = get_spec(chosen.get("model", TrainConfig.model))
-    layers = dict(spec.recipe)
+    layers = [(f"the {spec.name} recipe", spec.recipe)]
     if chosen.get("weights", "none") != "none":
-        layers.update(spec.finetune_recipe)
-    layers.update(chosen)
-    return cls(**layers).validate()
+        layers.append((f"the {spec.name} fine-tuning recipe", spec.finetune_recipe))
+    settings = {}
+    for source, layer in layers:
+        settings.update(typed_settings(layer, source, cls))
+    settings.update(typed_settings(chosen, "the settings given", cls))
+    return cls(**settings).validate()
+
+
+def typed_settings(settings: Mapping[str, Any], source: str,
+                   cls: type = TrainConfig) -> dict[str, Any]:
+    """`settings` checked against the fields: an unknown name is an error naming it, and each
+    value is given its field's type (or refused, naming it)."""
+    kinds = setting_types(cls)
+    unknown = sorted(set(settings) - set(kinds))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting {', '.join(map(repr, unknown))}; valid "
+                          f"settings: {', '.join(kinds)}")
+    return {k: coerce(k, v, kinds[k], source) for k, v in settings.items()}
 
 
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None,

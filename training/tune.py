@@ -39,10 +39,10 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 @dataclass
 class TuneConfig(TrainConfig):
     trials: int = opt(20, "trials the study must finish (complete or pruned), counting earlier "
-                          "runs of the same study and every worker")
+                          "runs of the same study and every worker", min=1)
     timeout: float | None = opt(None, "seconds after which no new trial starts")
     epoch_budget: int | None = opt(None, "epochs, summed over all trials, after which no new "
-                                         "trial starts (compare recipes at equal cost)")
+                                         "trial starts (compare recipes at equal cost)", min=1)
     search: str = opt("lr,epochs", f"parameters to search, from: {', '.join(SEARCHABLE)}")
     lr_range: str | None = opt(None, "LOW,HIGH of the log-scale learning-rate search "
                                      "(default: the recipe's lr / 10 to x 10)")
@@ -64,13 +64,9 @@ class TuneConfig(TrainConfig):
 
     def validate(self) -> "TuneConfig":
         super().validate()
-        if self.trials < 1:
-            raise ConfigError(f"trials must be at least 1 (got {self.trials})")
         if self.val_fraction == 0:
             raise ConfigError("tuning scores trials on the validation split (never the test set), "
                               "and val_fraction 0 leaves none: pass --val-fraction 0.1")
-        if self.epoch_budget is not None and self.epoch_budget < 1:
-            raise ConfigError(f"epoch_budget must be at least 1 (got {self.epoch_budget})")
         unknown = sorted(set(self.search_names()) - set(SEARCHABLE))
         if unknown or not self.search_names():
             raise ConfigError(f"--search {self.search!r}: unknown parameter(s) {unknown}; "
