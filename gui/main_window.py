@@ -14,7 +14,7 @@ from gui.export import write_csv
 from gui.image_list import ImageListModel, ItemRole
 from gui.workers import InferenceWorker, ThumbnailSignals, ThumbnailTask, read_scaled
 from shared.files import display_name, image_files
-from shared.registry import newest_champion
+from shared.registry import find_version, newest_champion
 
 THUMBNAIL = 128
 FACTS = ["model", "training", "weights", "dataset", "device", "epochs run", "test accuracy",
@@ -203,12 +203,8 @@ class MainWindow(QMainWindow):
     def _default_index(self, versions: list) -> int:
         """The model in use, else the one asked for or last used, else the newest champion."""
         for wanted in (self.model_uri, self.wanted_model):
-            if not wanted:
-                continue
-            wanted = wanted if wanted.startswith("models:/") else f"models:/{wanted}"
-            for i, v in enumerate(versions):
-                if wanted == v.uri or wanted in {f"models:/{v.name}@{a}" for a in v.aliases}:
-                    return i
+            if wanted and (index := find_version(versions, wanted)) is not None:
+                return index
         return versions.index(newest_champion(versions))
 
     @Slot(str)

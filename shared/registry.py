@@ -81,16 +81,29 @@ def list_versions(tracking_uri: str) -> list[ModelVersionInfo]:
     return infos
 
 
+def spec_uri(spec: str) -> str:
+    """NAME@ALIAS, NAME/VERSION, NAME (its champion), or a models:/ or runs:/ URI, as a URI."""
+    if spec.startswith(("models:/", "runs:/")):
+        return spec
+    if "@" in spec or "/" in spec:
+        return f"models:/{spec}"
+    return f"models:/{spec}@{CHAMPION}"
+
+
 def resolve_model_uri(spec: str | None, tracking_uri: str) -> str:
-    """NAME@ALIAS, NAME/VERSION or NAME (its champion); None: the champion of the newest model."""
+    """The URI `spec` names (see spec_uri); None: the champion of the newest model."""
     if spec:
-        if spec.startswith(("models:/", "runs:/")):
-            return spec
-        if "@" in spec or "/" in spec:
-            return f"models:/{spec}"
-        return f"models:/{spec}@{CHAMPION}"
-    versions = list_versions(tracking_uri)
-    return newest_champion(versions).uri
+        return spec_uri(spec)
+    return newest_champion(list_versions(tracking_uri)).uri
+
+
+def find_version(versions: list[ModelVersionInfo], spec: str) -> int | None:
+    """The index of the version `spec` names (by version or by alias), None if none is."""
+    uri = spec_uri(spec)
+    for i, v in enumerate(versions):
+        if uri == v.uri or uri in {f"models:/{v.name}@{a}" for a in v.aliases}:
+            return i
+    return None
 
 
 def newest_champion(versions: list[ModelVersionInfo]) -> ModelVersionInfo:

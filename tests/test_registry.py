@@ -1,6 +1,6 @@
 import pytest
 
-from shared.registry import RegistryError, list_versions, resolve_model_uri
+from shared.registry import RegistryError, find_version, list_versions, resolve_model_uri
 
 
 def test_versions_carry_their_aliases_and_run_facts(registered_store):
@@ -20,6 +20,14 @@ def test_versions_carry_their_aliases_and_run_facts(registered_store):
 ])
 def test_model_specs_resolve_to_registry_uris(registered_store, spec, uri):
     assert resolve_model_uri(spec, registered_store) == uri
+
+
+@pytest.mark.parametrize("spec, index", [
+    ("tiny-cnn", 0), ("tiny-cnn@champion", 0), ("models:/tiny-cnn/2", 1), ("tiny-cnn/2", 1),
+    ("tiny-cnn/7", None), ("other@champion", None),
+])
+def test_a_spec_finds_the_version_it_names_by_number_or_alias(registered_store, spec, index):
+    assert find_version(list_versions(registered_store), spec) == index
 
 
 def test_an_empty_registry_says_how_to_train(store):

@@ -7,11 +7,13 @@ import torch
 from datagen import CLASSES
 from training import checkpoint
 from training.build import build, prepare
-from training.loop import Callbacks, FitResult, StopRequested, fit, train_epoch
+from training.loop import (Callbacks, FitResult, StopRequested, Validation, fit,
+                           train_epoch)
 from training.state import TrainingState
 
 # every stateful option on: lookahead, one-cycle schedule, alternating flips, random crops
-OPTIONS = dict(model="cnn", epochs=4, lookahead=True, schedule="onecycle", flip="alternate", crop_padding=2)
+OPTIONS = dict(model="cnn", epochs=4, lookahead=True, schedule="onecycle", flip="alternate",
+               crop_padding=2)
 
 
 def quiet(*_):
@@ -21,6 +23,11 @@ def quiet(*_):
 def built(train_config, **overrides):
     cfg = train_config(**{**OPTIONS, **overrides})
     return build(cfg, prepare(cfg, log=quiet), log=quiet)
+
+
+def run_fit(setup, epochs, **options):
+    return fit(setup.network, setup.state, setup.loss_fn,
+               Validation(setup.loaders.val, len(CLASSES)), epochs=epochs, **options)
 
 
 def weights(model):
@@ -51,8 +58,7 @@ def test_a_restored_state_trains_on_exactly_as_the_one_it_was_saved_from(train_c
 def test_fit_tells_each_epoch_once_in_order(train_config):
     setup = built(train_config)
     told = []
-    result = fit(setup.network, setup.state, setup.loaders.val, setup.loss_fn, epochs=3,
-                 num_classes=len(CLASSES), callbacks=Callbacks(on_epoch=lambda e, m: told.append((e, m))))
+    result = run_fit(setup, 3, callbacks=Callbacks(on_epoch=lambda e, m: told.append((e, m))))
     assert [e for e, _ in told] == [1, 2, 3] and result.epochs_run == 3
     assert [m for _, m in told] == result.history
     assert {"train_loss", "val_acc", "lr", "epoch_seconds"} <= set(told[0][1])
@@ -60,12 +66,11 @@ def test_fit_tells_each_epoch_once_in_order(train_config):
 
 def test_fit_goes_on_after_the_history_it_starts_from(train_config):
     setup = built(train_config)
-    done = fit(setup.network, setup.state, setup.loaders.val, setup.loss_fn, epochs=2,
-               num_classes=len(CLASSES))
+    done = run_fit(setup, 2)
     told = []
     start = FitResult(history=list(done.history), train_seconds=done.train_seconds)
-    result = fit(setup.network, setup.state, setup.loaders.val, setup.loss_fn, epochs=4,
-                 num_classes=len(CLASSES), start=start, callbacks=Callbacks(on_epoch=lambda e, m: told.append(e)))
+    result = run_fit(setup, 4, start=start,
+                     callbacks=Callbacks(on_epoch=lambda e, m: told.append(e)))
     assert told == [3, 4] and result.epochs_run == 4
 
 
@@ -78,16 +83,14 @@ def test_fit_stops_after_the_step_in_progress_when_asked(train_config):
         return len(steps) == 2
 
     with pytest.raises(StopRequested):
-        fit(setup.network, setup.state, setup.loaders.val, setup.loss_fn, epochs=3,
-            num_classes=len(CLASSES), callbacks=Callbacks(stop_requested=requested))
+        run_fit(setup, 3, callbacks=Callbacks(stop_requested=requested))
     assert len(steps) == 2 and setup.state.averager.steps == 2
 
 
 def test_a_stopped_early_run_restores_its_best_weights(train_config):
     setup = built(train_config, model="mlp", patience=1, lr=1e-9, schedule="none",
                   lookahead=False)
-    result = fit(setup.network, setup.state, setup.loaders.val, setup.loss_fn, epochs=6,
-                 num_classes=len(CLASSES))
+    result = run_fit(setup, 6)
     assert result.stopped_epoch == result.best_epoch + 1
     assert all(torch.equal(v, setup.state.stopper.best_state[k])
                for k, v in setup.model.state_dict().items())

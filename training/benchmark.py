@@ -15,6 +15,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -31,9 +32,11 @@ from shared.device import DeviceError, describe_device, resolve_device
 from shared.models import MODELS, ModelError, build_model, input_size_for, is_convolutional
 from shared.preprocess import InputTransform, Preprocessing
 from shared.store import tracking_uri, ui_command, use_store
+from training.build import random_rows, resolve_precision
+from training.config import TrainConfig
 from training.loop import autocast_for, train_epoch
+from training.optim import make_optimizer
 from training.state import TrainingState
-from training.build import resolve_precision
 
 
 def available_devices(names: list[str], log=print) -> list[str]:
@@ -69,7 +72,9 @@ def measure(model_name: str, device: torch.device, images: torch.Tensor, labels:
                           flip="random", drop_last=True, channels_last=conv, seed=seed)
     warmup = DeviceLoader(x[:batch_size * 3], y[:batch_size * 3], batch_size, InputTransform(prep),
                           channels_last=conv)
-    state = TrainingState(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), warmup)
+    # plain momentum SGD through the training command's factory: the step, not the recipe
+    sgd = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0)
+    state = TrainingState(model, make_optimizer(sgd, model), warmup)
     loss_fn = nn.CrossEntropyLoss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -127,42 +132,86 @@ def report(rows: list[dict], gpu: bool) -> tuple[str, object]:
     return "\n".join(lines) + "\n", fig
 
 
-def benchmark(data_dir: str, models: list[str], devices: list[str], epochs: int, images: int,
-              batch_size: int | None, out: Path, uri: str, seed: int = 0, log=print) -> list[dict]:
+@dataclass
+class Plan:
+    """What to measure: models x devices, on `images` training images of `data_dir`."""
+
+    data_dir: str
+    models: list[str]
+    devices: list[str]
+    epochs: int = 1
+    images: int = 10_000
+    batch_size: int | None = None  # None: each model's recipe
+    seed: int = 0
+
+
+def settings(devices: list[str]) -> list[tuple[str, int | None]]:
+    """(device, CPU threads): the CPU with all its threads and with one, then the others."""
+    others = [(d, None) for d in devices if d != "cpu"]
+    if "cpu" not in devices:
+        return others
+    threads = torch.get_num_threads()
+    return [("cpu", threads)] + ([("cpu", 1)] if threads > 1 else []) + others
+
+
+def log_row(row: dict, images: int, epochs: int) -> None:
+    import mlflow
+
+    mlflow.log_params({k: row[k] for k in ("model", "setting", "device", "device_name",
+                                            "threads", "batch_size", "precision")}
+                      | {"images": images, "epochs": epochs})
+    mlflow.log_metrics({k: row[k] for k in ("seconds_per_epoch", "images_per_second",
+                                             "peak_memory_mb", "inference_images_per_second",
+                                             "latency_ms")})
+
+
+def write_report(rows: list[dict], gpu: bool, out: Path) -> str:
+    import mlflow
+
+    table, fig = report(rows, gpu)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.md").write_text(table)
+    fig.savefig(out / "seconds_per_epoch.png", dpi=110)
+    plt.close(fig)
+    mlflow.log_artifacts(str(out))
+    mlflow.set_tag("gpu_available", str(gpu))
+    return table
+
+
+def benchmark(plan: Plan, out: Path, uri: str, log=print) -> list[dict]:
     import mlflow
 
     from shared.tracking import ensure_experiment
 
-    for name in models:
+    for name in plan.models:
         if name not in MODELS:
             raise ModelError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    devices = available_devices(devices, log)
+    devices = available_devices(plan.devices, log)
     if not devices:
         raise DeviceError("none of the requested devices is available")
-    data = load_dataset(data_dir, log=log)
-    count = min(images, len(data.train_labels))
-    subset = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(seed))[:count]
+    data = load_dataset(plan.data_dir, log=log)
+    count = min(plan.images, len(data.train_labels))
+    subset = random_rows(len(data.train_labels), count, plan.seed)
     x, y = data.train_images[subset], data.train_labels[subset]
     mean, std = channel_stats(x)
     gpu = any(d != "cpu" for d in devices)
-    settings = [(d, None) for d in devices if d != "cpu"]
-    if "cpu" in devices:
-        settings = [("cpu", torch.get_num_threads())] + ([("cpu", 1)] if torch.get_num_threads() > 1 else []) + settings
     use_store(uri)
     experiment_id = ensure_experiment("benchmark", uri)
-    rows = []
+    rows, plan_settings = [], settings(devices)
     all_threads = torch.get_num_threads()
     with mlflow.start_run(experiment_id=experiment_id, run_name="device-benchmark") as parent:
-        for model_name in models:
-            batch = min(count, batch_size or MODELS[model_name].recipe.get("batch_size", 128))
-            prep = Preprocessing(data.image_size, input_size_for(model_name, data.image_size), mean, std)
-            for device_name, threads in settings:
+        for model_name in plan.models:
+            batch = min(count, plan.batch_size or MODELS[model_name].recipe.get("batch_size", 128))
+            prep = Preprocessing(data.image_size, input_size_for(model_name, data.image_size),
+                                 mean, std)
+            for device_name, threads in plan_settings:
                 device = resolve_device(device_name)
                 torch.set_num_threads(threads or all_threads)
                 setting = (f"cpu ({'all threads' if threads == all_threads else f'{threads} thread'})"
                            if device.type == "cpu" else device_name)
-                log(f"{model_name} on {setting}: {epochs} timed epoch(s) of {count} images, batch {batch}")
-                result = measure(model_name, device, x, y, prep, batch, epochs, seed)
+                log(f"{model_name} on {setting}: {plan.epochs} timed epoch(s) of {count} images, "
+                    f"batch {batch}")
+                result = measure(model_name, device, x, y, prep, batch, plan.epochs, plan.seed)
                 info = describe_device(device)
                 row = {"model": model_name, "setting": setting, "device": device.type,
                        "device_name": info["device_name"] if device.type != "cpu" else info["cpu_name"],
@@ -170,20 +219,9 @@ def benchmark(data_dir: str, models: list[str], devices: list[str], epochs: int,
                 rows.append(row)
                 with mlflow.start_run(experiment_id=experiment_id, nested=True,
                                       run_name=f"{model_name}-{setting}"):
-                    mlflow.log_params({k: row[k] for k in ("model", "setting", "device", "device_name",
-                                                            "threads", "batch_size", "precision")}
-                                      | {"images": count, "epochs": epochs})
-                    mlflow.log_metrics({k: row[k] for k in ("seconds_per_epoch", "images_per_second",
-                                                             "peak_memory_mb", "inference_images_per_second",
-                                                             "latency_ms")})
+                    log_row(row, count, plan.epochs)
         torch.set_num_threads(all_threads)
-        table, fig = report(rows, gpu)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.md").write_text(table)
-        fig.savefig(out / "seconds_per_epoch.png", dpi=110)
-        plt.close(fig)
-        mlflow.log_artifacts(str(out))
-        mlflow.set_tag("gpu_available", str(gpu))
+        table = write_report(rows, gpu, out)
         log(f"\n{table}\nreport in {out}/ and in run {parent.info.run_id} (see it: {ui_command(uri)})")
     return rows
 
@@ -206,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or Path("reports") / time.strftime("benchmark-%Y%m%d-%H%M%S")
     try:
-        benchmark(args.data_dir, args.models.split(","), args.devices.split(","), args.epochs,
-                  args.images, args.batch_size, out, tracking_uri(args.tracking_uri))
+        plan = Plan(args.data_dir, args.models.split(","), args.devices.split(","), args.epochs,
+                    args.images, args.batch_size)
+        benchmark(plan, out, tracking_uri(args.tracking_uri))
     except (DatasetError, DeviceError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -191,11 +191,20 @@ class FitResult:
         return max((h["val_acc"] for h in self.history if "val_acc" in h), default=float("nan"))
 
 
-def fit(network: nn.Module, state: TrainingState, val_loader: DeviceLoader, loss_fn: nn.Module,
-        *, epochs: int, num_classes: int, precision: str = "fp32", tta: str = "none",
-        callbacks: Callbacks = Callbacks(), start: FitResult | None = None) -> FitResult:
-    """Train for up to `epochs`, validating after each (when `val_loader` holds images);
-    restores the best weights at the end.
+@dataclass
+class Validation:
+    """What fit scores after each epoch: the held-out images (none: no validation), the
+    number of classes, the test-time augmentation views."""
+
+    loader: DeviceLoader
+    num_classes: int
+    tta: str = "none"
+
+
+def fit(network: nn.Module, state: TrainingState, loss_fn: nn.Module, validation: Validation,
+        *, epochs: int, precision: str = "fp32", callbacks: Callbacks = Callbacks(),
+        start: FitResult | None = None) -> FitResult:
+    """Train for up to `epochs`, validating after each; restores the best weights at the end.
 
     `start` continues a resumed run after the epochs in its history. `on_epoch` runs once the
     epoch is recorded everywhere, early stopping included, so a checkpoint taken there is whole.
@@ -213,9 +222,9 @@ def fit(network: nn.Module, state: TrainingState, val_loader: DeviceLoader, loss
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"the training loss became {metrics['train_loss']} in epoch "
                                      f"{epoch} (lr {lr:g}); lower the learning rate")
-        if val_loader.num_images:
-            val = evaluate(state.model, val_loader, loss_fn, num_classes, autocast=autocast,
-                           tta=tta)
+        if validation.loader.num_images:
+            val = evaluate(state.model, validation.loader, loss_fn, validation.num_classes,
+                           autocast=autocast, tta=validation.tta)
             metrics.update(val_loss=val["loss"], val_acc=val["acc"])
         seconds = time.perf_counter() - started
         metrics.update(lr=lr, epoch_seconds=seconds,

@@ -25,7 +25,7 @@ from training import tracking
 from training.build import Prepared, Setup, build, prepare
 from training.cli import StopSignals, resume_config, run_command
 from training.config import TrainConfig, parse_args
-from training.loop import Callbacks, FitResult, evaluate, fit, never, autocast_for
+from training.loop import Callbacks, FitResult, Validation, autocast_for, evaluate, fit, never
 from training.report import model_summary
 from training.run import EpochRecorder, Resume, RunOptions, TrackedRun, progress_bar
 
@@ -68,9 +68,9 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
         log(describe(cfg, prepared, setup))
         run.start(tracking.run_tags(prepared.data), tracking.run_params(cfg, prepared, setup))
         recorder = EpochRecorder(run, setup.state, setup.start.history if setup.start else [])
-        result = fit(setup.network, setup.state, setup.loaders.val, setup.loss_fn,
-                     epochs=cfg.epochs, num_classes=prepared.num_classes,
-                     precision=setup.precision, tta=cfg.tta, start=setup.start,
+        result = fit(setup.network, setup.state, setup.loss_fn,
+                     Validation(setup.loaders.val, prepared.num_classes, cfg.tta),
+                     epochs=cfg.epochs, precision=setup.precision, start=setup.start,
                      callbacks=Callbacks(recorder, progress_bar(cfg.progress), stop_requested))
         run.ensure_stored(result.epochs_run)
         outcome = record_fit(run.run_id, result, setup, recorder.seconds, log)
