@@ -27,17 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.models import MODELS  # noqa: E402
 from training.config import resolve  # noqa: E402
-from training.build import Prepared, prepare  # noqa: E402
+from training.build import DeviceSplits, prepare  # noqa: E402
 from training.train import train  # noqa: E402
 
 PLAIN = {"precision": "fp32", "channels_last": False, "compile": "none", "async_logging": False}
 FULL_EPOCH = 50_000
 
 
-def measure(settings: dict, prepared: Prepared) -> dict:
-    result = train(resolve(settings), log=lambda *_: None, prepared=prepared)
+def measure(settings: dict, splits: DeviceSplits) -> dict:
+    result = train(resolve(settings), log=lambda *_: None, splits=splits)
     seconds = [h["epoch_seconds"] for h in result.history[1:]] or [result.history[0]["epoch_seconds"]]
-    images = len(prepared.train[1]) + len(prepared.val[1])
+    images = len(splits.train[1]) + len(splits.val[1])
     return {"s_per_epoch": statistics.median(seconds),
             "s_per_full_epoch": statistics.median(seconds) * FULL_EPOCH / images,
             "tracking_share": result.tracking_seconds / (result.tracking_seconds + result.train_seconds),
@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                 **({"batch_size": args.batch_size} if args.batch_size else {})}
         # a subset keeps the 45k/5k proportion: n training and n/9 validation images
         n = args.train_images
-        prepared = prepare(resolve({**base, "model": models[0]}), log=lambda *_: None).subset(
+        splits = prepare(resolve({**base, "model": models[0]}), log=lambda *_: None).subset(
             n, max(1, n // 9) if n else None)
         for model in models:
-            plain = measure({**base, "model": model, **PLAIN}, prepared)
-            tuned = measure({**base, "model": model, "compile": args.compile}, prepared)
+            plain = measure({**base, "model": model, **PLAIN}, splits)
+            tuned = measure({**base, "model": model, "compile": args.compile}, splits)
             rows.append({"model": model, "plain": plain, "tuned": tuned})
             print(f"{model}: plain {plain['s_per_full_epoch']:.2f} s, tuned "
                   f"{tuned['s_per_full_epoch']:.2f} s per 50k-image epoch", flush=True)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.models import FAST_SGD  # noqa: E402
 from training.config import ConfigError, coerce, resolve, setting_types  # noqa: E402
-from training.build import Prepared, prepare  # noqa: E402
+from training.build import DeviceSplits, prepare  # noqa: E402
 from training.train import train  # noqa: E402
 
 # each piece, the row's name and the settings that take it out of the recipe (or, for an
@@ -47,10 +47,10 @@ PIECES = {
 }
 
 
-def one_run(settings: dict, prepared: Prepared) -> dict:
+def one_run(settings: dict, splits: DeviceSplits) -> dict:
     cfg = resolve(settings)
     start = time.perf_counter()
-    result = train(cfg, log=lambda *_: None, prepared=prepared)
+    result = train(cfg, log=lambda *_: None, splits=splits)
     wall = time.perf_counter() - start
     record = result.train_seconds + result.tracking_seconds + result.test_seconds
     return {"seed": cfg.seed, "test_acc": result.test_acc, "record_seconds": record,
@@ -125,17 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                 **({"cache_dir": args.cache_dir} if args.cache_dir else {})}
         # the user's overrides hold in every row, over the piece's own settings
         overrides = {**({"epochs": args.epochs} if args.epochs else {}), **dict(args.set)}
-        prepared = prepare(resolve({**base, **overrides}), log=lambda *_: None).subset(
+        splits = prepare(resolve({**base, **overrides}), log=lambda *_: None).subset(
             args.train_images)
-        device = prepared.device
+        device = splits.device
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; "
-              f"{len(prepared.train[1])} training images, seeds 0..{args.seeds - 1}", flush=True)
+              f"{len(splits.train[1])} training images, seeds 0..{args.seeds - 1}", flush=True)
         rows, detail = [], []
         for name, change in [("recipe", {}), *(PIECES[p] for p in pieces)]:
             runs = []
             for seed in range(args.seeds):
                 run = one_run({**base, **change, **overrides, "seed": seed,
-                               "run_name": f"fast: {name}"}, prepared)
+                               "run_name": f"fast: {name}"}, splits)
                 runs.append(run)
                 print(f"{name}, seed {seed}: {100 * run['test_acc']:.2f}% in "
                       f"{run['record_seconds']:.2f} s (compile {run['compile_seconds']:.1f} s, "

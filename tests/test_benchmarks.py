@@ -51,10 +51,10 @@ def test_epoch_speed_compares_plain_and_tuned_for_each_model(image_folder, tmp_p
 
 
 def test_a_benchmark_subset_is_drawn_from_every_class(train_config):
-    prepared = prepare(train_config(val_fraction=0.0, patience=0))  # in folder order: by class
-    classes = set(prepared.train[1].tolist())
-    small = prepared.subset(len(prepared.train[1]) // 2)
-    assert len(small.train[1]) == len(prepared.train[1]) // 2
+    splits = prepare(train_config(val_fraction=0.0, patience=0))  # in folder order: by class
+    classes = set(splits.train[1].tolist())
+    small = splits.subset(len(splits.train[1]) // 2)
+    assert len(small.train[1]) == len(splits.train[1]) // 2
     assert set(small.train[1].tolist()) == classes
 
 

@@ -163,9 +163,9 @@ class Outage:
     """Epoch metrics fail to log while `down` is true, as with a tracking server gone away."""
 
     def __init__(self, monkeypatch):
-        import training.tracking
-        self.down, self.real = False, training.tracking.log_epoch
-        monkeypatch.setattr(training.tracking, "log_epoch", self)
+        import training.run_log
+        self.down, self.real = False, training.run_log.log_epoch
+        monkeypatch.setattr(training.run_log, "log_epoch", self)
 
     def __call__(self, *args, **kwargs):
         if self.down:

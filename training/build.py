@@ -12,7 +12,7 @@ from shared.data import DatasetError, ImageData, channel_stats, load_dataset, sp
 from shared.device import resolve_device
 from shared.models import build_model, input_size_for, is_convolutional
 from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
-from training import checkpoint, tracking
+from training import checkpoint, run_log
 from training.averaging import Lookahead
 from training.config import ConfigError, TrainConfig
 from training.loop import EarlyStopping, FitResult, autocast_for, warm_up
@@ -49,7 +49,7 @@ def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
 
 
 @dataclass
-class Prepared:
+class DeviceSplits:
     """A dataset, split and moved to the training device once; the trials of a study share it."""
 
     data: ImageData
@@ -67,7 +67,7 @@ class Prepared:
         return {"train_size": len(self.train[1]), "val_size": len(self.val[1]),
                 "test_size": len(self.test[1])}
 
-    def subset(self, n_train: int | None, n_val: int | None = None) -> "Prepared":
+    def subset(self, n_train: int | None, n_val: int | None = None) -> "DeviceSplits":
         """n_train training and n_val validation images (None: all), drawn at random with a
         fixed seed: benchmarks measure on a subset."""
         def draw(pair, n):
@@ -75,11 +75,11 @@ class Prepared:
                 return pair
             pick = random_rows(len(pair[1]), n, seed=0).sort().values.to(pair[1].device)
             return pair[0][pick], pair[1][pick]
-        return Prepared(self.data, self.device, draw(self.train, n_train), draw(self.val, n_val),
+        return DeviceSplits(self.data, self.device, draw(self.train, n_train), draw(self.val, n_val),
                         self.test, self.scratch_stats)
 
 
-def prepare(cfg: TrainConfig, log=print) -> Prepared:
+def prepare(cfg: TrainConfig, log=print) -> DeviceSplits:
     """Device, dataset, split. Raises DeviceError / DatasetError on bad input."""
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir, log=log)
@@ -88,7 +88,7 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
         raise DatasetError(f"{data.root}: labels exceed the {len(data.classes)} classes found")
     images, labels = data.train_images.to(device), data.train_labels.to(device)
     train_idx_d, val_idx_d = train_idx.to(device), val_idx.to(device)
-    return Prepared(data, device, (images[train_idx_d], labels[train_idx_d]),
+    return DeviceSplits(data, device, (images[train_idx_d], labels[train_idx_d]),
                     (images[val_idx_d], labels[val_idx_d]),
                     (data.test_images.to(device), data.test_labels.to(device)),
                     channel_stats(data.train_images[train_idx]))
@@ -103,7 +103,7 @@ class Loaders:
 
 @dataclass
 class Setup:
-    """The training objects of one run, built from its config and prepared data."""
+    """The training objects of one run, built from its config and data splits."""
 
     prep: Preprocessing
     state: TrainingState  # the model, optimizer, training loader...
@@ -120,24 +120,24 @@ class Setup:
         return self.state.model
 
 
-def preprocessing(cfg: TrainConfig, prepared: Prepared) -> Preprocessing:
+def preprocessing(cfg: TrainConfig, splits: DeviceSplits) -> Preprocessing:
     # pretrained features expect the inputs they were trained on
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.weights != "none" else prepared.scratch_stats
-    image_size = prepared.data.image_size
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.weights != "none" else splits.scratch_stats
+    image_size = splits.data.image_size
     return Preprocessing(image_size, cfg.input_size or input_size_for(cfg.model, image_size),
                          mean, std, cfg.tta)
 
 
-def make_loaders(cfg: TrainConfig, prepared: Prepared, prep: Preprocessing,
+def make_loaders(cfg: TrainConfig, splits: DeviceSplits, prep: Preprocessing,
                  channels_last: bool) -> Loaders:
     common = {"transform": InputTransform(prep), "channels_last": channels_last}
-    n_train = len(prepared.train[1])
-    train = DeviceLoader(*prepared.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+    n_train = len(splits.train[1])
+    train = DeviceLoader(*splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                          crop_padding=cfg.crop_padding if cfg.augment else 0,
                          crop_fill=cfg.crop_fill, flip=cfg.flip if cfg.augment else "none",
                          drop_last=n_train > cfg.batch_size, **common)
-    return Loaders(train, DeviceLoader(*prepared.val, cfg.eval_batch_size, **common),
-                   DeviceLoader(*prepared.test, cfg.eval_batch_size, **common))
+    return Loaders(train, DeviceLoader(*splits.val, cfg.eval_batch_size, **common),
+                   DeviceLoader(*splits.test, cfg.eval_batch_size, **common))
 
 
 def training_state(cfg: TrainConfig, model: nn.Module, loader: DeviceLoader,
@@ -165,27 +165,27 @@ def compiled(setup: Setup, log=print) -> Setup:
         setup.network = network
     except Exception as exc:  # noqa: BLE001 - no compiler toolchain, an unsupported op...
         log(f"warning: torch.compile ({setup.compile_mode}) failed, training without it: "
-            f"{tracking.brief(exc)}")
+            f"{run_log.brief(exc)}")
         setup.compile_mode = "none"
     return setup
 
 
-def build(cfg: TrainConfig, prepared: Prepared, resume_from: dict | None = None,
+def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = None,
           log=print) -> Setup:
     """Model, loaders, optimizer and the rest, seeded; restored from `resume_from` (a
     checkpoint) when given; compiled when asked."""
-    device, data = prepared.device, prepared.data
+    device, data = splits.device, splits.data
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, prepared.num_classes, data.image_size, weights=cfg.weights,
+    model = build_model(cfg.model, splits.num_classes, data.image_size, weights=cfg.weights,
                         freeze=cfg.freeze)
-    prep = preprocessing(cfg, prepared)
+    prep = preprocessing(cfg, splits)
     channels_last = cfg.channels_last and is_convolutional(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last
                      else torch.preserve_format)
-    loaders = make_loaders(cfg, prepared, prep, channels_last)
+    loaders = make_loaders(cfg, splits, prep, channels_last)
     if cfg.whiten_init:
-        whiten_first_conv(model, loaders.train.transform(whitening_sample(prepared.train[0],
+        whiten_first_conv(model, loaders.train.transform(whitening_sample(splits.train[0],
                                                                           cfg.seed)))
     state = training_state(cfg, model, loaders.train, precision)
     start = checkpoint.restore(resume_from, state) if resume_from is not None else None

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from shared.store import mask_secrets, tracking_uri, use_store
 from shared.tracking import ensure_experiment
-from training import checkpoint, tracking
+from training import checkpoint, run_log
 from training.config import TrainConfig
 from training.loop import NonFiniteLossError, StopRequested, StopTraining
 from training.state import TrainingState
@@ -64,7 +64,7 @@ def open_run(cfg: TrainConfig, uri: str, run_name: str, run_id: str | None,
                                 log_system_metrics=cfg.system_metrics).info.run_id
     except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
         raise StoreError(f"the tracking store {mask_secrets(uri)} cannot take the run "
-                         f"({mask_secrets(tracking.brief(exc))});"
+                         f"({mask_secrets(run_log.brief(exc))});"
                          f" check that it is reachable and writable (disk space, "
                          f"permissions, server), or pass another --tracking-uri") from exc
 
@@ -102,7 +102,7 @@ class TrackedRun:
         self.ckpt_path = checkpoint.checkpoint_path(self.uri, self.run_id)
         saved = len(self.resume.checkpoint["history"]) if self.resume else 0
         self.saver = checkpoint.Saver(self.ckpt_path, self.cfg.checkpoint_every, saved, self.log)
-        self.epoch_log = tracking.EpochLog(self.run_id, self.log)
+        self.epoch_log = run_log.EpochLog(self.run_id, self.log)
         self.writer = BackgroundWriter(self.cfg.async_logging)
         if self.options.on_run_start is not None:
             self.options.on_run_start(self.run_id)
@@ -149,12 +149,12 @@ class TrackedRun:
         and MLflow lacks (a crash between checkpoint and log)."""
         if self.resume is not None:
             self.log(f"resumed after epoch {self.saver.saved} from {self.ckpt_path}")
-            tracking.log_missing_epochs(self.run_id, self.resume.checkpoint["history"])
+            run_log.log_missing_epochs(self.run_id, self.resume.checkpoint["history"])
             return
         checkpoint_tag = ({checkpoint.CHECKPOINT_TAG: str(self.ckpt_path)}
                           if self.cfg.checkpoint_every else {})
         mlflow.set_tags({**tags, **self.options.tags, **checkpoint_tag})
-        tracking.log_params(params)
+        run_log.log_params(params)
 
     def record(self, epoch: int, metrics: dict[str, float], state: dict | None) -> None:
         """One epoch, written off the training thread: the checkpoint `state` (when due) first,
@@ -193,7 +193,7 @@ class TrackedRun:
             if not self.saver.covers(epochs_run):
                 raise
             raise StoreUnavailable(f"training ended but its results could not be stored "
-                                   f"({tracking.brief(exc)}); fix the store (space, "
+                                   f"({run_log.brief(exc)}); fix the store (space, "
                                    f"permissions, server); {self._resume_hint()}") from exc
 
 

@@ -21,8 +21,8 @@ from shared.models import count_parameters, describe_models
 from shared.preprocess import Preprocessing
 from shared.store import tracking_uri, ui_command
 from shared.tracking import log_classifier, register_version
-from training import tracking
-from training.build import Prepared, Setup, build, prepare
+from training import run_log
+from training.build import DeviceSplits, Setup, build, prepare
 from training.cli import StopSignals, resume_config, run_command
 from training.config import TrainConfig, parse_args
 from training.loop import Callbacks, FitResult, Validation, autocast_for, evaluate, fit, never
@@ -52,7 +52,7 @@ class TrainResult:
     promoted: bool = False
 
 
-def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
+def train(cfg: TrainConfig, log=print, *, splits: DeviceSplits | None = None,
           options: RunOptions | None = None, resume: Resume | None = None,
           stop_requested: Callable[[], bool] = never) -> TrainResult:
     """Run one tracked training run. Bad input raises before any MLflow run is created.
@@ -62,31 +62,31 @@ def train(cfg: TrainConfig, log=print, *, prepared: Prepared | None = None,
     Once `stop_requested()` is true, the step in progress finishes and the run ends KILLED.
     """
     options = options or RunOptions()
-    prepared = prepared or prepare(cfg, log)
-    setup = build(cfg, prepared, resume.checkpoint if resume else None, log)
+    splits = splits or prepare(cfg, log)
+    setup = build(cfg, splits, resume.checkpoint if resume else None, log)
     with TrackedRun(cfg, options, resume, log) as run:
-        log(describe(cfg, prepared, setup))
-        run.start(tracking.run_tags(prepared.data), tracking.run_params(cfg, prepared, setup))
+        log(describe(cfg, splits, setup))
+        run.start(run_log.run_tags(splits.data), run_log.run_params(cfg, splits, setup))
         recorder = EpochRecorder(run, setup.state, setup.start.history if setup.start else [])
         result = fit(setup.network, setup.state, setup.loss_fn,
-                     Validation(setup.loaders.val, prepared.num_classes, cfg.tta),
+                     Validation(setup.loaders.val, splits.num_classes, cfg.tta),
                      epochs=cfg.epochs, precision=setup.precision, start=setup.start,
                      callbacks=Callbacks(recorder, progress_bar(cfg.progress), stop_requested))
         run.ensure_stored(result.epochs_run)
         outcome = record_fit(run.run_id, result, setup, recorder.seconds, log)
         if not options.trial:
             with run.storing_results(result.epochs_run):
-                finish(cfg, outcome, setup, prepared.data)
+                test_and_store(cfg, outcome, setup, splits.data)
     return outcome
 
 
-def describe(cfg: TrainConfig, prepared: Prepared, setup: Setup) -> str:
+def describe(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> str:
     trainable, total = count_parameters(setup.model)
-    sizes = prepared.sizes()
-    return (f"{prepared.data.name}: {sizes['train_size']} train / {sizes['val_size']} val / "
-            f"{sizes['test_size']} test, {prepared.num_classes} classes; {cfg.model} "
+    sizes = splits.sizes()
+    return (f"{splits.data.name}: {sizes['train_size']} train / {sizes['val_size']} val / "
+            f"{sizes['test_size']} test, {splits.num_classes} classes; {cfg.model} "
             f"({trainable:,} trainable of {total:,} params) on "
-            f"{describe_device(prepared.device)['device_name']}, {setup.precision}")
+            f"{describe_device(splits.device)['device_name']}, {setup.precision}")
 
 
 def record_fit(run_id: str, result: FitResult, setup: Setup, tracking_seconds: float,
@@ -95,7 +95,7 @@ def record_fit(run_id: str, result: FitResult, setup: Setup, tracking_seconds: f
     stop_note = (f"stopped early at epoch {result.stopped_epoch} (best epoch {result.best_epoch})"
                  if result.stopped_epoch else "ran every requested epoch")
     log(f"{stop_note}; best weights from epoch {result.best_epoch} restored")
-    tracking.log_fit_end(result, setup.compile_seconds, tracking_seconds)
+    run_log.log_fit_end(result, setup.compile_seconds, tracking_seconds)
     return TrainResult(run_id, result.best_val_acc, result.best_epoch, result.epochs_run,
                        result.stopped_epoch, result.history, setup.model, setup.prep,
                        train_seconds=result.train_seconds, compile_seconds=setup.compile_seconds,
@@ -106,7 +106,7 @@ def default_model_name(dataset: str, model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{dataset}-{model}")
 
 
-def finish(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: ImageData) -> None:
+def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: ImageData) -> None:
     """The end of a full run: test set once, report, model, registry. Fills `outcome`."""
     model, prep = outcome.model, outcome.prep
     start = time.perf_counter()
@@ -118,11 +118,11 @@ def finish(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: ImageData
     mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"],
                         "test_seconds": outcome.test_seconds})
     summary = model_summary(model, (1, 3, prep.input_size, prep.input_size))
-    tracking.log_final_report(outcome.history, outcome.best_epoch, test, data.classes, summary,
+    run_log.log_final_report(outcome.history, outcome.best_epoch, test, data.classes, summary,
                               {**cfg.public_dict(), "resolved_precision": setup.precision})
     model_info = log_classifier(model, prep, data.classes, data.test_images[:2],
                                 extra={"model": cfg.model, "dataset": data.name,
-                                       "weights_source": tracking.weights_source(cfg.weights)})
+                                       "weights_source": run_log.weights_source(cfg.weights)})
     outcome.model_uri = model_info.model_uri
     if not cfg.no_register:
         outcome.registered_name = cfg.register or default_model_name(data.name, cfg.model)

@@ -182,8 +182,8 @@ def objective_value(history: list[dict[str, float]], objective: str) -> float:
 class Objective:
     """One trial: sample, train as a child run, report each epoch to the pruner."""
 
-    def __init__(self, cfg: TuneConfig, prepared, parent_run_id: str, study_name: str, log):
-        self.cfg, self.prepared, self.parent_run_id = cfg, prepared, parent_run_id
+    def __init__(self, cfg: TuneConfig, splits, parent_run_id: str, study_name: str, log):
+        self.cfg, self.splits, self.parent_run_id = cfg, splits, parent_run_id
         self.study_name, self.log, self.space = study_name, log, cfg.space()
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -201,7 +201,7 @@ class Objective:
 
         tags = {"optuna_study": self.study_name, "optuna_trial": str(trial.number)}
         try:
-            result = train(trial_cfg, log=lambda *_: None, prepared=self.prepared,
+            result = train(trial_cfg, log=lambda *_: None, splits=self.splits,
                            options=RunOptions(
                                parent_run_id=self.parent_run_id, tags=tags, trial=True,
                                epoch_hook=report,
@@ -338,7 +338,7 @@ def tune(cfg: TuneConfig, log=print) -> dict:
     storage_url = cfg.storage or default_storage(uri)
     storage = open_storage(storage_url)
     name = cfg.study_name or f"{cfg.model}-{cfg.objective}"
-    prepared = prepare(cfg, log)
+    splits = prepare(cfg, log)
     use_store(uri)
     experiment_id = ensure_experiment(cfg.experiment, uri)
     study = open_study(cfg, storage, name)
@@ -347,7 +347,7 @@ def tune(cfg: TuneConfig, log=print) -> dict:
 
     if cfg.worker:
         parent_id = wait_for_parent(study)
-        objective = Objective(cfg, prepared, parent_id, name, log)
+        objective = Objective(cfg, splits, parent_id, name, log)
         study.optimize(objective, timeout=cfg.timeout, callbacks=stop_callbacks(cfg),
                        catch=(NonFiniteLossError, RuntimeError))
         return summarize(study)
@@ -369,7 +369,7 @@ def tune(cfg: TuneConfig, log=print) -> dict:
     try:
         budget_left = cfg.epoch_budget is None or epochs_spent(study) < cfg.epoch_budget
         if finished_count(study) < cfg.trials and budget_left:
-            objective = Objective(cfg, prepared, parent.info.run_id, name, log)
+            objective = Objective(cfg, splits, parent.info.run_id, name, log)
             study.optimize(objective, timeout=cfg.timeout, callbacks=stop_callbacks(cfg),
                            catch=(NonFiniteLossError, RuntimeError))
         summary = summarize(study)
@@ -391,7 +391,7 @@ def tune(cfg: TuneConfig, log=print) -> dict:
             final_cfg = training_settings(cfg, **best.params, run_name=f"study-{name}-best")
             final = RunOptions(parent_run_id=parent.info.run_id,
                                tags={"optuna_study": name, "optuna_final": "true"})
-            result = train(final_cfg, log=log, prepared=prepared, options=final)
+            result = train(final_cfg, log=log, splits=splits, options=final)
             mlflow.log_metric("final_test_acc", result.test_acc)
             summary.update(final_run_id=result.run_id, test_acc=result.test_acc,
                            registered=(result.registered_name, result.version, result.promoted))

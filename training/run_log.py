@@ -17,7 +17,7 @@ from shared.models import count_parameters, get_spec
 from training import report
 
 if TYPE_CHECKING:
-    from training.build import Prepared, Setup
+    from training.build import DeviceSplits, Setup
     from training.config import TrainConfig
     from training.loop import FitResult
 
@@ -58,7 +58,7 @@ def weights_source(weights: str) -> str:
     return weights if weights == "imagenet" else f"checkpoint:{weights}"
 
 
-def run_params(cfg: TrainConfig, prepared: Prepared, setup: Setup) -> dict:
+def run_params(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> dict:
     """Every setting of a new run, and what it resolved to on this machine and data."""
     trainable, total = count_parameters(setup.model)
     prep = setup.prep
@@ -66,12 +66,12 @@ def run_params(cfg: TrainConfig, prepared: Prepared, setup: Setup) -> dict:
         **cfg.public_dict(),
         "weights_source": weights_source(cfg.weights), "fine_tuned": cfg.weights != "none",
         "frozen_layers": "none" if cfg.freeze == "none" else f"all but {get_spec(cfg.model).head}",
-        **describe_device(prepared.device), "precision_resolved": setup.precision,
+        **describe_device(splits.device), "precision_resolved": setup.precision,
         "compile_resolved": setup.compile_mode, "epochs_requested": cfg.epochs,
         "early_stopping": (f"patience={cfg.patience},min_delta={cfg.min_delta},"
                            f"monitor={cfg.monitor}") if cfg.patience else "off",
-        **prepared.sizes(), "num_classes": prepared.num_classes,
-        "classes": ",".join(prepared.data.classes), "image_size_resolved": prep.image_size,
+        **splits.sizes(), "num_classes": splits.num_classes,
+        "classes": ",".join(splits.data.classes), "image_size_resolved": prep.image_size,
         "input_size_resolved": prep.input_size, "normalize_mean": list(prep.mean),
         "normalize_std": list(prep.std), "trainable_params": trainable, "total_params": total,
     }
