@@ -94,3 +94,11 @@ def test_a_stopped_early_run_restores_its_best_weights(train_config):
     assert result.stopped_epoch == result.best_epoch + 1
     assert all(torch.equal(v, setup.state.stopper.best_state[k])
                for k, v in setup.model.state_dict().items())
+
+
+def test_optional_parts_may_be_missing_from_a_saved_state_but_the_model_may_not(train_config):
+    setup = built(train_config)
+    saved = checkpoint.snapshot(setup.state.state_dict())
+    setup.state.load_state_dict({k: v for k, v in saved.items() if k != "averager"})
+    with pytest.raises(KeyError, match="model"):
+        setup.state.load_state_dict({k: v for k, v in saved.items() if k != "model"})

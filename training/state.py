@@ -1,7 +1,7 @@
 """The stateful objects of a run, held together: one object steps them, saves and restores them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -14,8 +14,9 @@ from training.loop import EarlyStopping
 @dataclass
 class TrainingState:
     """Everything a run changes as it trains. `state_dict()` / `load_state_dict()` follow the
-    protocol torch.distributed.checkpoint calls Stateful, and give the keys of the checkpoint
-    format 2, so a new stateful option is one field and one line in each."""
+    protocol torch.distributed.checkpoint calls Stateful and give the keys of checkpoint
+    format 2: each part under its field's name, plus the RNG. Every part has a state_dict, so
+    a new stateful option is one field here (and where build.py makes it)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -41,28 +42,20 @@ class TrainingState:
             self.averager.step()
 
     def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": _state_of(self.scheduler), "scaler": _state_of(self.scaler),
-            "stopper": self.stopper.state_dict(), "averager": _state_of(self.averager),
-            "loader": self.loader.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        }
+        parts = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**{name: None if part is None else part.state_dict()
+                   for name, part in parts.items()},
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for name in ("scheduler", "scaler", "averager"):
-            part = getattr(self, name)
-            if part is not None and state.get(name) is not None:
-                part.load_state_dict(state[name])
-        self.stopper.load_state_dict(state["stopper"])
+        """Parts that are optional (None by default) may be absent from `state`; the others
+        must be there."""
+        for f in fields(self):
+            part = getattr(self, f.name)
+            if part is None or (f.default is None and state.get(f.name) is None):
+                continue
+            part.load_state_dict(state[f.name])
         torch.set_rng_state(state["rng"]["torch"])
-        self.loader.load_state_dict(state["loader"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-
-def _state_of(part) -> dict | None:
-    return part.state_dict() if part is not None else None
