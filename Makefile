@@ -3,6 +3,7 @@
 #   make train DATA=~/data/cifar10   the same on an already-extracted copy (offline machines)
 #   make tune / make app             tune lr and epochs with Optuna / open the desktop app
 #   make test                        run the test suite
+#   make server                      PostgreSQL + mlflow server for a team (ARGS="--host 0.0.0.0")
 PYTHON ?= python3
 VENV ?= .venv
 # The CUDA build of PyTorch; it also runs on CPU-only machines.
@@ -14,7 +15,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train tune app test benchmark ui clean-venv
+.PHONY: setup train tune app test benchmark ui server clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +34,9 @@ tune: $(STAMP)
 
 app: $(STAMP)
 	$(BIN)/python -m gui $(ARGS)
+
+server: $(STAMP)
+	$(BIN)/python -m training.servers $(ARGS)
 
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -n 2 $(ARGS)

@@ -76,9 +76,33 @@ def mask_secrets(text: str) -> str:
     return SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
+class DriverMissing(Exception):
+    """A database URL whose Python driver is not installed; the message names the install."""
+
+
+def check_driver(url: str) -> None:
+    """Raise DriverMissing when `url` is a database URL (postgresql://, mysql://...) whose
+    driver, as the installed SQLAlchemy resolves it, cannot be imported."""
+    scheme = url.split(":", 1)[0].lower()
+    if "://" not in url or scheme in ("sqlite", "file", "http", "https", "databricks"):
+        return
+    try:
+        from sqlalchemy.engine import make_url
+        make_url(url).get_dialect().import_dbapi()
+    except ImportError as exc:
+        install = ("pip install 'cifarlab[server]' (it brings psycopg, the driver SQLAlchemy "
+                   "uses for postgresql://)" if scheme.startswith("postgresql")
+                   else f"install the driver module that {scheme}:// needs")
+        raise DriverMissing(f"the database driver for {mask_secrets(url)} is not installed "
+                            f"({exc}); {install}") from None
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy knows: the store says what is wrong
+        return
+
+
 def use_store(uri: str) -> None:
     """Point MLflow's tracking and registry at `uri`, creating a new SQLite store under the
-    creation lock. Raises StoreBroken, with the repair, for a store that cannot be opened."""
+    creation lock. Raises StoreBroken, with the repair, for a store that cannot be opened, and
+    DriverMissing for a database URL whose driver is not installed."""
     import mlflow  # here, not at the top: see the module docstring
     from mlflow.tracking import MlflowClient
 
@@ -86,6 +110,7 @@ def use_store(uri: str) -> None:
     mlflow.set_registry_uri(uri)
     if mask_secrets(uri) != uri:  # MLflow would print "View run at <uri with the password>"
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    check_driver(uri)
     if sqlite_path(uri) is None:
         return
     with creation_lock(uri):

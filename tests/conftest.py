@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -113,3 +117,63 @@ def registered_store(registered, tmp_path) -> str:
     db = tmp_path / "registered.db"
     shutil.copy(uri.removeprefix("sqlite:///"), db)
     return f"sqlite:///{db}"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "postgres" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many tests ran against the real PostgreSQL: CI must never skip them unseen."""
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        reports = terminalreporter.stats.get(outcome, [])
+        counts[outcome] = sum(1 for r in reports if r.when in ("call", "setup")
+                              and "postgres" in getattr(r, "keywords", {}))
+    if any(counts.values()):
+        terminalreporter.write_line("PostgreSQL tests: " + ", ".join(
+            f"{n} {outcome}" for outcome, n in counts.items() if n))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL on a private folder and port of 127.0.0.1, for the whole session,
+    with a migrated MLflow database to copy. Skipped where PostgreSQL is not installed, except
+    in CI (CI=true), which must run these tests."""
+    from training.servers import Postgres, ServerError, free_port, postgres_tool
+    try:
+        postgres_tool("initdb")
+        importlib.import_module("psycopg")
+    except (ServerError, ImportError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs the PostgreSQL tests, and this machine cannot: {exc}")
+        pytest.skip(f"PostgreSQL is not available here: {exc}")
+    folder = Path(tempfile.mkdtemp(prefix="cifarlab-pg-"))
+    folder.chmod(0o755)  # the postgres user, when tests run as root, must reach its folder
+    server = Postgres(folder / "postgres", free_port())
+    server.start()
+    server.create_database("mlflow_template")
+    subprocess.run([sys.executable, "-c", "import sys; from mlflow.tracking import MlflowClient; "
+                    "MlflowClient(sys.argv[1]).search_experiments()",
+                    server.url("mlflow_template")], check=True, capture_output=True)
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_store(postgres) -> str:
+    """A fresh, migrated MLflow database for one test, as a postgresql:// URL."""
+    name = f"mlflow_{uuid.uuid4().hex[:12]}"
+    postgres.create_database(name, template="mlflow_template")
+    return postgres.url(name)
+
+
+@pytest.fixture
+def postgres_storage(postgres) -> str:
+    """A fresh, empty Optuna database for one test."""
+    name = f"optuna_{uuid.uuid4().hex[:12]}"
+    postgres.create_database(name)
+    return postgres.url(name)

@@ -1,4 +1,6 @@
 """Bad input through the command line: a clear message, the right exit status, nothing lost."""
+import sys
+
 import mlflow
 import pytest
 import torch
@@ -85,3 +87,27 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_what_was_logged(image_folder, sto
     history = MlflowClient(store).get_metric_history(run.info.run_id, "val_acc")
     assert [m.step for m in history] == [1, 2]
     assert mlflow.get_run(run.info.run_id).data.params["model"] == "cnn"
+
+
+def without_psycopg(monkeypatch):
+    for name in ("psycopg", "psycopg2"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
+
+
+def test_a_postgresql_store_without_its_driver_names_the_extra_to_install(
+        image_folder, tmp_path, capsys, monkeypatch):
+    without_psycopg(monkeypatch)
+    url = "postgresql://team:s3cret@127.0.0.1:1/mlflow"
+    assert main(args(image_folder, url, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'cifarlab[server]'" in err and "s3cret" not in err
+
+
+def test_a_postgresql_study_storage_without_its_driver_names_the_extra_to_install(
+        image_folder, store, tmp_path, capsys, monkeypatch):
+    from training.tune import main as tune_main
+    without_psycopg(monkeypatch)
+    url = "postgresql://team:s3cret@127.0.0.1:1/optuna"
+    assert tune_main(args(image_folder, store, tmp_path, "--storage", url)) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'cifarlab[server]'" in err and "s3cret" not in err

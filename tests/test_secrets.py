@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 import training.tune
 from shared.store import mask_secrets
-from test_tracking_server import Server
+from training.servers import MlflowServer
 
 PASSWORD = "S3cret-Pw"
 
@@ -38,7 +38,7 @@ def everything_logged(client: MlflowClient, run_id: str, folder: Path) -> str:
 
 @pytest.fixture
 def password_server(tmp_path, store):
-    server = Server(store, tmp_path / "server-artifacts")
+    server = MlflowServer(store, tmp_path / "server-artifacts")
     server.start()
     yield server.url.replace("http://", f"http://alice:{PASSWORD}@")
     server.stop()
@@ -67,7 +67,7 @@ def test_a_study_keeps_its_storage_password_secret(store, image_folder, tmp_path
     real SQLite storage underneath, so every place the URL flows to is exercised."""
     real_open = training.tune.open_storage
     sqlite_storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    monkeypatch.setattr(training.tune, "open_storage", lambda url: real_open(sqlite_storage))
+    monkeypatch.setattr(training.tune, "open_storage", lambda url, heartbeat: real_open(sqlite_storage, heartbeat))
     storage = f"postgresql://bob:{PASSWORD}@db.example.org/optuna"
     code = training.tune.main([
         "--model", "mlp", "--data-dir", str(image_folder), "--tracking-uri", store,

@@ -1,62 +1,22 @@
-"""A run against a real MLflow tracking server on loopback works as against the local store."""
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
+"""A run against a real MLflow tracking server on loopback (over SQLite, or over a real
+PostgreSQL) works as against the local store."""
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from training.run import RunOptions
+from training.servers import MlflowServer
 from training.train import train
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`mlflow server` on loopback, over a SQLite store; it can be stopped and started again."""
-
-    def __init__(self, store: str, artifacts: Path):
-        self.store, self.artifacts, self.port = store, artifacts, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = None
-
-    def start(self) -> None:
-        mlflow_cli = Path(sys.executable).with_name("mlflow")
-        self.process = subprocess.Popen(
-            [str(mlflow_cli), "server", "--backend-store-uri", self.store, "--artifacts-destination",
-             str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=1)
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.process.kill()
-                    pytest.fail("the MLflow server did not start")
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-
-@pytest.fixture
-def server(tmp_path, store):
-    server = Server(store, tmp_path / "server-artifacts")
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def server(request, tmp_path, store):
+    """`mlflow server` with proxied artifacts, on a SQLite store or a real PostgreSQL."""
+    backend = store if request.param == "sqlite" else request.getfixturevalue("postgres_store")
+    server = MlflowServer(backend, tmp_path / "server-artifacts")
     server.start()
     yield server
-    if server.process.poll() is None:
-        server.stop()
+    server.stop()
 
 
 @pytest.fixture

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from shared.data import DatasetError
 from shared.device import DeviceError
 from shared.models import ModelError
-from shared.store import StoreBroken, tracking_uri
+from shared.store import DriverMissing, StoreBroken, tracking_uri
 from training import checkpoint
 from training.config import ConfigError, TrainConfig
 from training.loop import NonFiniteLossError
 from training.run import Resume, StoreError, StoreUnavailable, TrainingInterrupted
 
 BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError, StoreError,
-             StoreBroken)
+             StoreBroken, DriverMissing)
 RUN_FAILED = (NonFiniteLossError, StoreUnavailable)
 
 

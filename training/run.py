@@ -11,7 +11,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from tqdm import tqdm
 
-from shared.store import mask_secrets, tracking_uri, use_store
+from shared.store import DriverMissing, mask_secrets, tracking_uri, use_store
 from shared.tracking import ensure_experiment
 from training import checkpoint, run_log
 from training.config import TrainConfig
@@ -62,6 +62,8 @@ def open_run(cfg: TrainConfig, uri: str, run_name: str, run_id: str | None,
         return mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
                                 parent_run_id=parent_run_id, nested=parent_run_id is not None,
                                 log_system_metrics=cfg.system_metrics).info.run_id
+    except DriverMissing:
+        raise
     except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
         raise StoreError(f"the tracking store {mask_secrets(uri)} cannot take the run "
                          f"({mask_secrets(run_log.brief(exc))});"

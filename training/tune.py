@@ -20,8 +20,8 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from shared.models import describe_models
-from shared.store import (creation_lock, mask_secrets, store_folder, tracking_uri, ui_command,
-                          use_store)
+from shared.store import (check_driver, creation_lock, mask_secrets, store_folder, tracking_uri,
+                          ui_command, use_store)
 from shared.tracking import ensure_experiment
 from training.config import ConfigError, TrainConfig, build_parser, opt, parse_args
 from training.loop import NonFiniteLossError, StopTraining
@@ -61,6 +61,8 @@ class TuneConfig(TrainConfig):
                                     "mysql://... (default: sqlite beside the MLflow store)")
     worker: bool = opt(False, "only run trials of a study that another tuner process leads")
     final: bool = opt(True, "retrain with the best settings, test once and register")
+    heartbeat: int = opt(30, "seconds between a running trial's heartbeats; a trial silent "
+                             "for 3 of them (its process died) is marked failed", min=1)
 
     def validate(self) -> "TuneConfig":
         super().validate()
@@ -133,15 +135,31 @@ def default_storage(mlflow_uri: str) -> str:
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """RDB storage with heartbeats, so a trial whose process died is marked failed on resume."""
+def mark_run_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna found `trial` stale (its process stopped sending heartbeats): its MLflow run,
+    left RUNNING by a process that could not close it, ends FAILED with the reason."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id is None:
+        return
+    client = MlflowClient()
+    client.set_tag(run_id, "failure_reason", "its tuner process stopped sending heartbeats "
+                                             "(killed, or its machine went away)")
+    client.set_tag(run_id, "optuna_state", "FAIL")
+    client.set_terminated(run_id, "FAILED")
+
+
+def open_storage(url: str, heartbeat: int = 30) -> optuna.storages.BaseStorage:
+    """RDB storage with heartbeats, so a trial whose process died is marked failed (by the
+    next trial started, or by the lead before it reports)."""
+    check_driver(url)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(4):  # processes started together race to create the schema: retry
         try:
             with warnings.catch_warnings(), creation_lock(url):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30,
-                                                  grace_period=90)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                    grace_period=3 * heartbeat, failed_trial_callback=mark_run_failed)
         except Exception as exc:  # noqa: BLE001 - drivers raise many types
             error = exc
             if isinstance(exc, ImportError):
@@ -150,7 +168,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     raise ConfigError(f"cannot open the Optuna storage {mask_secrets(url)!r}: "
                       f"{mask_secrets(str(error))}. Check the URL, that the "
                       "database server is reachable, and that its driver is installed "
-                      "(psycopg2 for PostgreSQL, pymysql for MySQL).") from error
+                      "(pip install 'cifarlab[server]' for PostgreSQL).") from error
 
 
 def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
@@ -257,6 +275,18 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage, name: str)
     return study
 
 
+def settle(study: optuna.Study, log=print) -> None:
+    """Wait until no trial is running: other workers' trials end, and a trial whose process
+    died is marked failed once its heartbeat is overdue. The best trial is then final."""
+    said = False
+    while running := study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not said:
+            log(f"waiting for {len(running)} running trial(s) of other tuner processes")
+            said = True
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(1)
+
+
 def wait_for_parent(study: optuna.Study, seconds: float = 120) -> str:
     deadline = time.monotonic() + seconds
     while (parent := study.user_attrs.get(PARENT_ATTR)) is None:
@@ -336,7 +366,7 @@ def tune(cfg: TuneConfig, log=print) -> dict:
     """Run (or resume, or join) a study. Returns a summary of the study."""
     uri = tracking_uri(cfg.tracking_uri)
     storage_url = cfg.storage or default_storage(uri)
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, cfg.heartbeat)
     name = cfg.study_name or f"{cfg.model}-{cfg.objective}"
     splits = prepare(cfg, log)
     use_store(uri)
@@ -372,6 +402,7 @@ def tune(cfg: TuneConfig, log=print) -> dict:
             objective = Objective(cfg, splits, parent.info.run_id, name, log)
             study.optimize(objective, timeout=cfg.timeout, callbacks=stop_callbacks(cfg),
                            catch=(NonFiniteLossError, RuntimeError))
+        settle(study, log)
         summary = summarize(study)
         mlflow.log_metrics(summary)
         if summary["trials_complete"] == 0:
