@@ -1,10 +1,13 @@
 """A team's set-up, for real: `mlflow server` on PostgreSQL with proxied artifacts, Optuna's
 storage on PostgreSQL, and the project's processes started from other folders."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import optuna
 import pytest
@@ -12,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from shared.inference import load_classifier
 from shared.store import use_store
-from training.servers import MlflowServer
+from training.servers import MlflowServer, free_port
 from training.train import train
 
 pytestmark = pytest.mark.postgres
@@ -100,6 +103,27 @@ def test_a_lead_and_two_workers_finish_one_study_with_each_trial_run_once(
     assert sorted(numbers) == sorted(t.number for t in study.trials)  # each trial once
     final = MlflowClient(team_server.url, registry_uri=team_server.url)
     assert final.get_model_version_by_alias("tiny-mlp", "champion")
+    assert "team" in dashboard_studies(postgres_storage)
+
+
+def dashboard_studies(storage: str) -> list[str]:
+    """The study names optuna-dashboard shows for `storage` (it is started and stopped here)."""
+    port = free_port()
+    dashboard = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), storage,
+                                  "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies") as answer:
+                    return [s["study_name"] for s in json.load(answer)["study_summaries"]]
+            except OSError:
+                assert dashboard.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+    finally:
+        dashboard.terminate()
+        dashboard.wait()
 
 
 def test_a_worker_killed_mid_trial_is_failed_after_its_heartbeat_and_the_study_finishes(
