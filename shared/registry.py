@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from shared.store import CHAMPION, mask_secrets
+from shared.store import CHAMPION, DriverMissing, check_driver, mask_secrets
 
 
 class RegistryError(Exception):
@@ -55,6 +55,10 @@ def list_versions(tracking_uri: str) -> list[ModelVersionInfo]:
     """Every registered version, champions first, then newest first."""
     from mlflow.tracking import MlflowClient  # imported here: the app calls this off its UI thread
 
+    try:
+        check_driver(tracking_uri)
+    except DriverMissing as exc:
+        raise RegistryError(str(exc)) from None
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         versions = client.search_model_versions(max_results=1000)

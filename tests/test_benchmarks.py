@@ -1,6 +1,8 @@
 """A one-epoch smoke run of each speed benchmark on tiny data: they run and report every row."""
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,14 @@ def test_store_race_starts_processes_together_and_checks_each_store(capsys):
     assert load("store_race").main(["--tries", "1", "--processes", "2"]) == 0
     assert "1 tries of 2 processes: 0 of 2 processes failed, 0 of 1 stores broken" in \
         capsys.readouterr().out
+
+
+def test_tracking_stores_reports_a_row_per_store_with_every_writer_count():
+    # a process of its own: its writers are spawned processes that import it by name
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "tracking_stores.py"), "--epochs", "2",
+                           "--writers", "1,2", "--stores", "sqlite"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "| SQLite file |" in out and "1.0× |" in out
+    assert out.count("0, 0, ") == 2  # no failed call, no missing epoch, for 1 and 2 writers

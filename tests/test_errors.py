@@ -111,3 +111,10 @@ def test_a_postgresql_study_storage_without_its_driver_names_the_extra_to_instal
     assert tune_main(args(image_folder, store, tmp_path, "--storage", url)) == 2
     err = capsys.readouterr().err
     assert "pip install 'cifarlab[server]'" in err and "s3cret" not in err
+
+
+def test_the_app_pointed_at_a_postgresql_store_without_its_driver_names_the_extra(monkeypatch):
+    from shared.registry import RegistryError, list_versions
+    without_psycopg(monkeypatch)
+    with pytest.raises(RegistryError, match=r"pip install 'cifarlab\[server\]'"):
+        list_versions("postgresql://team:s3cret@127.0.0.1:1/mlflow")

@@ -143,6 +143,7 @@ def test_a_worker_killed_mid_trial_is_failed_after_its_heartbeat_and_the_study_f
     assert not study.get_trials(states=(State.RUNNING,))
     parents, trials = study_runs(team_server.url)
     assert len(parents) == 1
-    (dead_run,) = [r for r in trials if r.data.tags["optuna_trial"] == str(dead.number)]
+    (dead_run,) = [r for r in trials if r.info.run_id == dead.user_attrs["mlflow_run_id"]]
+    assert dead_run.data.tags["optuna_trial"] == str(dead.number)
     assert dead_run.info.status == "FAILED"
     assert "heartbeats" in dead_run.data.tags["failure_reason"]

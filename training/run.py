@@ -52,15 +52,18 @@ class Resume:
 
 
 def open_run(cfg: TrainConfig, uri: str, run_name: str, run_id: str | None,
-             parent_run_id: str | None) -> str:
-    """Start a new MLflow run, or reopen `run_id` (its status goes back to RUNNING)."""
+             options: RunOptions) -> str:
+    """Start a new MLflow run with the caller's tags, or reopen `run_id` (its status goes
+    back to RUNNING). A run is born tagged: one whose process dies at once is still found."""
     try:
         use_store(uri)
         experiment_id = ensure_experiment(cfg.experiment, uri)
         if run_id is not None:
             return mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics).info.run_id
+        parent = options.parent_run_id
         return mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                                parent_run_id=parent_run_id, nested=parent_run_id is not None,
+                                parent_run_id=parent, nested=parent is not None,
+                                tags=options.tags or None,
                                 log_system_metrics=cfg.system_metrics).info.run_id
     except DriverMissing:
         raise
@@ -99,8 +102,7 @@ class TrackedRun:
 
     def __enter__(self) -> "TrackedRun":
         resumed_id = self.resume.run_id if self.resume else None
-        self.run_id = open_run(self.cfg, self.uri, self.name, resumed_id,
-                               self.options.parent_run_id)
+        self.run_id = open_run(self.cfg, self.uri, self.name, resumed_id, self.options)
         self.ckpt_path = checkpoint.checkpoint_path(self.uri, self.run_id)
         saved = len(self.resume.checkpoint["history"]) if self.resume else 0
         self.saver = checkpoint.Saver(self.ckpt_path, self.cfg.checkpoint_every, saved, self.log)
@@ -155,7 +157,7 @@ class TrackedRun:
             return
         checkpoint_tag = ({checkpoint.CHECKPOINT_TAG: str(self.ckpt_path)}
                           if self.cfg.checkpoint_every else {})
-        mlflow.set_tags({**tags, **self.options.tags, **checkpoint_tag})
+        mlflow.set_tags({**tags, **checkpoint_tag})
         run_log.log_params(params)
 
     def record(self, epoch: int, metrics: dict[str, float], state: dict | None) -> None:
