@@ -64,7 +64,8 @@ def kill_mid_trial(worker, storage):
             worker.send_signal(signal.SIGKILL)
             worker.wait()
             return
-    pytest.fail("the worker ended before it could be killed mid-trial")
+    pytest.fail("the worker ended before it could be killed mid-trial: "
+                f"{worker.communicate()[0][-1500:]}")
 
 
 def test_a_model_trained_through_the_server_is_loaded_from_it_by_the_app_and_the_cli(
@@ -128,18 +129,19 @@ def dashboard_studies(storage: str) -> list[str]:
 
 def test_a_worker_killed_mid_trial_is_failed_after_its_heartbeat_and_the_study_finishes(
         team_server, postgres_storage, image_folder):
-    command = tune_command(image_folder, team_server.url, postgres_storage, "--trials", "4",
+    command = tune_command(image_folder, team_server.url, postgres_storage, "--trials", "6",
                            "--heartbeat", "1", "--no-final")
-    lead = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the worker first (it waits for the lead's study): the lead must not finish alone
     worker = subprocess.Popen(command + ["--worker"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lead = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     kill_mid_trial(worker, postgres_storage)
     output = lead.communicate(timeout=400)[0]
     assert lead.returncode == 0, output[-2000:]
     study = optuna.load_study(study_name="team", storage=postgres_storage)
     (dead,) = study.get_trials(states=(State.FAIL,))
-    assert len(study.get_trials(states=(State.COMPLETE, State.PRUNED))) >= 4
+    assert len(study.get_trials(states=(State.COMPLETE, State.PRUNED))) >= 6
     assert not study.get_trials(states=(State.RUNNING,))
     parents, trials = study_runs(team_server.url)
     assert len(parents) == 1
