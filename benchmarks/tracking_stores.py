@@ -38,13 +38,13 @@ def log_one_run(uri: str, epochs: int, barrier=None) -> dict:
 
     from shared.store import use_store
     from shared.tracking import ensure_experiment
-    from training.run_log import log_epoch, log_params
+    from training.run_log import brief, log_epoch, log_params
 
     use_store(uri)
     experiment = ensure_experiment("store-benchmark", uri)
     if barrier is not None:
         barrier.wait()
-    errors, seconds, run_id, began = 0, [], None, time.time()
+    errors, seconds, run_id, began, first = 0, [], None, time.time(), None
     try:
         run_id = mlflow.start_run(experiment_id=experiment).info.run_id
         log_params(PARAMS)
@@ -52,14 +52,14 @@ def log_one_run(uri: str, epochs: int, barrier=None) -> dict:
             start = time.perf_counter()
             try:
                 log_epoch(run_id, epoch, {k: epoch / 100 for k in METRICS})
-            except Exception:  # noqa: BLE001 - counted: what a training run would retry
-                errors += 1
+            except Exception as exc:  # noqa: BLE001 - counted: what a training run would retry
+                errors, first = errors + 1, first or f"log_epoch: {brief(exc)}"
             seconds.append(time.perf_counter() - start)
         mlflow.end_run()
-    except Exception:  # noqa: BLE001
-        errors += 1
+    except Exception as exc:  # noqa: BLE001
+        errors, first = errors + 1, first or f"run: {brief(exc)}"
     return {"run_id": run_id, "errors": errors, "seconds": seconds, "began": began,
-            "ended": time.time()}
+            "ended": time.time(), "first_error": first}
 
 
 def writer(args) -> dict:
@@ -87,6 +87,7 @@ def concurrent(uri: str, processes: int, epochs: int) -> dict:
     # from the barrier to the last writer's end: process start-up and imports left out
     wall = max(r["ended"] for r in results) - min(r["began"] for r in results)
     return {"errors": sum(r["errors"] for r in results),
+            "first_errors": [r["first_error"] for r in results if r["first_error"]],
             "missing": missing_epochs(uri, [r["run_id"] for r in results], epochs),
             "epochs_per_second": processes * epochs / wall}
 
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         if postgres is not None:
             postgres.stop()
     print(table(rows, args))
+    for row in rows:
+        for n in map(int, args.writers.split(",")):
+            for error in row[n]["first_errors"]:
+                print(f"{row['store']}, {n} writers: {error}")
     return 0
 
 

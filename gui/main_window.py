@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, QSize, Qt, QThread, QThreadPool, Signal, Slot
-from PySide6.QtGui import QAction, QKeySequence, QPixmap
+from PySide6.QtGui import QAction, QImageReader, QKeySequence, QPixmap
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox,
                                QLabel, QListView, QMainWindow, QMessageBox, QProgressBar,
                                QSplitter, QToolBar, QVBoxLayout, QWidget)
@@ -161,6 +161,9 @@ class MainWindow(QMainWindow):
         self.worker.finished.connect(self._finished)
         self.worker.failed.connect(self._classify_failed)
         self.thread.start()
+        # image plugins loaded here, on the GUI thread, before pool threads first read at once
+        # (one test run crashed with two pool threads inside QImageReader at their first use)
+        QImageReader.supportedImageFormats()
         self.thumbnails = QThreadPool(self)
         self.thumbnail_signals = ThumbnailSignals()
         self.thumbnail_signals.ready.connect(self.images.set_thumbnail)
