@@ -48,15 +48,16 @@ def store_folder(uri: str) -> Path:
 
 
 @contextlib.contextmanager
-def creation_lock(uri: str) -> Iterator[None]:
-    """An exclusive lock beside a SQLite database while it is created or opened, so that
-    processes started together never run its schema migrations at the same time (they left
-    stores half-migrated). Other URIs need none: a server or database serialises itself."""
+def creation_lock(uri: str, purpose: str = "lock") -> Iterator[None]:
+    """An exclusive lock beside a SQLite database (`<db>.<purpose>`) while it is created or
+    opened, so that processes started together never run its schema migrations at the same
+    time (they left stores half-migrated); also taken, as "champion.lock", while a registration
+    settles the champion alias. Other URIs get none: a server or database serialises itself."""
     db = sqlite_path(uri)
     if db is None or not db.parent.is_dir():  # no store can be created there: MLflow says so
         yield
         return
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
+    with open(db.with_name(f"{db.name}.{purpose}"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from shared.preprocess import Classifier, Preprocessing
-from shared.store import CHAMPION, SCORE_TAG, sqlite_path, store_folder
+from shared.store import CHAMPION, SCORE_TAG, creation_lock, sqlite_path, store_folder
 
 SETTLED_TAG = "champion_checked"  # set once a version was compared with the champion
 
@@ -82,8 +82,11 @@ def register_version(model_uri: str, name: str, score: float,
     validation accuracy (a tie keeps the champion). Returns (version, promoted)."""
     client = MlflowClient()
     version = mlflow.register_model(model_uri, name, tags={SCORE_TAG: f"{score:.6f}", **(tags or {})})
-    champion = settle_champion(client, name)
-    client.set_model_version_tag(name, version.version, SETTLED_TAG, "true")
+    # on a local store, one registration settles at a time: an alias write decided on a
+    # stale read could otherwise replace a champion that had just settled (seen in CI)
+    with creation_lock(mlflow.get_registry_uri(), "champion.lock"):
+        champion = settle_champion(client, name)
+        client.set_model_version_tag(name, version.version, SETTLED_TAG, "true")
     return str(version.version), champion == str(version.version)
 
 
