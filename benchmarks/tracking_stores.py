@@ -93,20 +93,25 @@ def concurrent(uri: str, processes: int, epochs: int) -> dict:
 
 
 def stores(work: Path, kinds: list[str]):
-    """(name, tracking URI, server to stop) for each kind asked; PostgreSQL started here."""
+    """(name, tracking URI, its server or None) for each kind asked; PostgreSQL started here."""
     made, postgres = [], None
     for kind in kinds:
+        server = None
         if kind == "sqlite":
             made.append(("SQLite file", f"sqlite:///{work / 'local' / 'mlflow.db'}", None))
-        elif kind == "server-sqlite":
+            continue
+        if kind == "server-sqlite":
+            name = "mlflow server on SQLite"
             server = MlflowServer(f"sqlite:///{work / 'server' / 'mlflow.db'}",
                                   work / "server" / "artifacts")
-            made.append(("mlflow server on SQLite", server, server))
         elif kind == "server-postgresql":
+            name = "mlflow server on PostgreSQL"
             postgres = Postgres(work / "postgres", free_port())
             postgres.start()
             server = MlflowServer(postgres.url("mlflow"), work / "pgserver" / "artifacts")
-            made.append(("mlflow server on PostgreSQL", server, server))
+        else:
+            continue
+        made.append((name, server.url, server))
     return made, postgres
 
 
@@ -130,10 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     try:
-        for name, target, server in made:
+        for name, uri, server in made:
             if server is not None:
                 server.start()
-            uri = target if isinstance(target, str) else target.url
             per_epoch = statistics.median(log_one_run(uri, args.epochs)["seconds"])
             rows.append({"store": name, "per_epoch": per_epoch,
                          **{n: concurrent(uri, n, args.epochs)

@@ -29,8 +29,5 @@ def serve(folder: Path):
 
 def closed_port_url() -> str:
     """A loopback URL nothing listens on: connecting fails at once, as offline."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
+    from training.servers import free_port
+    return f"http://127.0.0.1:{free_port()}/cifar-10-python.tar.gz"

@@ -146,7 +146,6 @@ class EarlyStopping:
     def step(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
         """Record an epoch; True when training should stop. Without validation metrics the
         last epoch counts as the best."""
-        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: keys without prefix
         value = metrics.get(self.monitor)
         if value is None:
             self.best_epoch, self.best_state = epoch, None
@@ -160,7 +159,6 @@ class EarlyStopping:
         return False
 
     def restore(self, model: nn.Module) -> None:
-        model = getattr(model, "_orig_mod", model)
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
 
