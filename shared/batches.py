@@ -55,16 +55,24 @@ class DeviceLoader:
 
     Inputs come out normalized (and resized, for 224-pixel networks) by `transform`, in
     channels_last layout when asked, ready for the network.
+
+    With `world_size` processes (torchrun), `batch_size` is the global batch: every process
+    draws the same seeded order and takes its own share of each batch (rank, rank + world,
+    ...), so an epoch still visits every image once across processes. Augmentation draws are
+    then seeded per process and epoch, so processes do not crop their shares alike.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  transform: InputTransform, *, shuffle: bool = False, crop_padding: int = 0,
                  crop_fill: str = "zeros", flip: str = "none", drop_last: bool = False,
-                 channels_last: bool = False, seed: int = 0):
+                 channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
         if flip not in FLIPS:
             raise ValueError(f"flip must be one of {FLIPS} (got {flip!r})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
         self.images, self.labels = images, labels
         self.batch_size = batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.transform = transform.to(images.device)
         self.shuffle, self.crop_padding, self.crop_fill = shuffle, crop_padding, crop_fill
         self.flip = flip
@@ -96,9 +104,19 @@ class DeviceLoader:
         else:
             order = torch.arange(n, device=self.device)
         epoch, self.epoch = self.epoch, self.epoch + 1
+        augment = self.augment_generator(epoch)
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.prepare(self.images[idx], idx, epoch), self.labels[idx]
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world_size]
+            if len(idx):  # a short last evaluation batch can leave a process nothing
+                yield self.prepare(self.images[idx], idx, epoch, augment), self.labels[idx]
+
+    def augment_generator(self, epoch: int) -> torch.Generator:
+        """One process: the shuffling generator, as always. Several: one of this process and
+        epoch, so a resumed run draws what it would have drawn, without saving every rank's."""
+        if self.world_size == 1:
+            return self.generator
+        seed = (self.seed * 1_000_003 + epoch) * 4099 + self.rank + 1
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "epoch": self.epoch}
@@ -107,12 +125,14 @@ class DeviceLoader:
         self.generator.set_state(state["generator"])
         self.epoch = state["epoch"]
 
-    def prepare(self, x: torch.Tensor, idx: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor, idx: torch.Tensor | None = None, epoch: int = 0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 batch (the images at `idx`) -> augmented (when asked), normalized network input."""
+        generator = generator or self.generator
         if self.crop_padding:
-            x = random_crop(x, self.crop_padding, self.generator, self.crop_fill)
+            x = random_crop(x, self.crop_padding, generator, self.crop_fill)
         if self.flip == "random":
-            x = random_flip(x, self.generator)
+            x = random_flip(x, generator)
         elif self.flip == "alternate":
             x = alternate_flip(x, self.first_flips[idx], epoch)
         x = self.transform(x.float().div_(255))

@@ -2,17 +2,17 @@
 loaders and its training state (`build`). Bad input raises here, before any run exists."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from shared.batches import DeviceLoader
 from shared.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
-from shared.device import resolve_device
+from shared.device import describe_device, resolve_device
 from shared.models import build_model, input_size_for, is_convolutional
 from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
-from training import checkpoint, run_log
+from training import checkpoint, distributed, run_log
 from training.averaging import Lookahead
 from training.config import ConfigError, TrainConfig
 from training.loop import EarlyStopping, FitResult, autocast_for, warm_up
@@ -81,8 +81,10 @@ class DeviceSplits:
 
 def prepare(cfg: TrainConfig, log=print) -> DeviceSplits:
     """Device, dataset, split. Raises DeviceError / DatasetError on bad input."""
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir, log=log)
+    device = distributed.place(resolve_device(cfg.device))
+    with distributed.machine_first():
+        data = load_dataset(cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir,
+                            log=log)
     train_idx, val_idx = split_indices(len(data.train_labels), cfg.val_fraction, cfg.split_seed)
     if int(data.train_labels.max()) >= len(data.classes):
         raise DatasetError(f"{data.root}: labels exceed the {len(data.classes)} classes found")
@@ -107,13 +109,14 @@ class Setup:
 
     prep: Preprocessing
     state: TrainingState  # the model, optimizer, training loader...
-    network: nn.Module  # state.model, or its compiled form (sharing its parameters)
+    network: nn.Module  # state.model; under torchrun, in DDP; compiled when asked (shared parameters)
     loaders: Loaders
     loss_fn: nn.Module
     precision: str
     compile_mode: str
     compile_seconds: float = 0.0
     start: FitResult | None = None  # where a resumed run goes on
+    world_params: dict = field(default_factory=dict)  # under torchrun: its processes and devices
 
     @property
     def model(self) -> nn.Module:
@@ -128,16 +131,36 @@ def preprocessing(cfg: TrainConfig, splits: DeviceSplits) -> Preprocessing:
                          mean, std, cfg.tta)
 
 
+def check_world(cfg: TrainConfig, splits: DeviceSplits) -> None:
+    """Several processes share each batch: it must split evenly, and every process needs images."""
+    size = distributed.world().size
+    if cfg.batch_size % size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch, shared by the "
+                          f"{size} processes of this training: it must divide by {size} (e.g. "
+                          f"{cfg.batch_size // size * size or size})")
+    if cfg.sync_bn and size > 1 and splits.device.type != "cuda":
+        raise ConfigError("--sync-bn needs GPUs (NCCL): PyTorch's SyncBatchNorm does not train "
+                          "on the CPU; leave it off there")
+    if len(splits.train[1]) < size:
+        raise ConfigError(f"{len(splits.train[1])} training image(s) for {size} processes: "
+                          "every process needs at least one")
+
+
 def make_loaders(cfg: TrainConfig, splits: DeviceSplits, prep: Preprocessing,
                  channels_last: bool) -> Loaders:
-    common = {"transform": InputTransform(prep), "channels_last": channels_last}
+    """Under torchrun every loader gives this process its share; an evaluation batch stays
+    --eval-batch-size per process."""
+    world = distributed.world()
+    common = {"transform": InputTransform(prep), "channels_last": channels_last,
+              "rank": world.rank, "world_size": world.size}
     n_train = len(splits.train[1])
     train = DeviceLoader(*splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                          crop_padding=cfg.crop_padding if cfg.augment else 0,
                          crop_fill=cfg.crop_fill, flip=cfg.flip if cfg.augment else "none",
                          drop_last=n_train > cfg.batch_size, **common)
-    return Loaders(train, DeviceLoader(*splits.val, cfg.eval_batch_size, **common),
-                   DeviceLoader(*splits.test, cfg.eval_batch_size, **common))
+    eval_batch = cfg.eval_batch_size * world.size
+    return Loaders(train, DeviceLoader(*splits.val, eval_batch, **common),
+                   DeviceLoader(*splits.test, eval_batch, **common))
 
 
 def training_state(cfg: TrainConfig, model: nn.Module, loader: DeviceLoader,
@@ -156,7 +179,7 @@ def compiled(setup: Setup, log=print) -> Setup:
     evaluated (eager evaluation: no recompiling for each evaluation batch shape)."""
     if setup.compile_mode == "none":
         return setup
-    network = torch.compile(setup.model, mode=setup.compile_mode)
+    network = torch.compile(setup.network, mode=setup.compile_mode)
     try:
         setup.compile_seconds = warm_up(network, setup.model, setup.state.optimizer,
                                         setup.loaders.train, setup.loss_fn,
@@ -176,6 +199,7 @@ def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = Non
     checkpoint) when given; compiled when asked."""
     device, data = splits.device, splits.data
     precision = resolve_precision(cfg.precision, device)
+    check_world(cfg, splits)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.num_classes, data.image_size, weights=cfg.weights,
                         freeze=cfg.freeze)
@@ -183,13 +207,16 @@ def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = Non
     channels_last = cfg.channels_last and is_convolutional(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last
                      else torch.preserve_format)
+    if cfg.sync_bn and distributed.world().size > 1:  # in place: the same parameters
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loaders = make_loaders(cfg, splits, prep, channels_last)
     if cfg.whiten_init:
         whiten_first_conv(model, loaders.train.transform(whitening_sample(splits.train[0],
                                                                           cfg.seed)))
     state = training_state(cfg, model, loaders.train, precision)
     start = checkpoint.restore(resume_from, state) if resume_from is not None else None
-    setup = Setup(prep, state, model, loaders,
+    setup = Setup(prep, state, distributed.wrap(model, device), loaders,
                   nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
-                  compile_mode(cfg, device), start=start)
+                  compile_mode(cfg, device), start=start,
+                  world_params=distributed.describe(describe_device(device)["device_name"]))
     return compiled(setup, log)

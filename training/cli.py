@@ -10,7 +10,7 @@ from shared.data import DatasetError
 from shared.device import DeviceError
 from shared.models import ModelError
 from shared.store import DriverMissing, StoreBroken, tracking_uri
-from training import checkpoint
+from training import checkpoint, distributed
 from training.config import ConfigError, TrainConfig
 from training.loop import NonFiniteLossError
 from training.run import Resume, StoreError, StoreUnavailable, TrainingInterrupted
@@ -57,11 +57,18 @@ class StopSignals:
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
+        if not distributed.world().is_main:  # torchrun signals every process; rank 0 speaks
+            return
         print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)",
               file=sys.stderr, flush=True)
 
     def requested(self) -> bool:
         return self.received is not None
+
+
+# settings added after checkpoints began to be written: a checkpoint without one was written
+# before it existed, when training behaved as its default does
+ADDED_SETTINGS = ("sync_bn",)
 
 
 def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, Resume]:
@@ -76,14 +83,16 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, Resume]:
         raise checkpoint.ResumeError(f"the checkpoint {path} holds no settings; it is not one "
                                      "this project wrote")
     fields = set(TrainConfig.__dataclass_fields__)
-    unknown, missing = sorted(set(saved) - fields), sorted(fields - set(saved))
+    unknown = sorted(set(saved) - fields)
+    missing = sorted(fields - set(saved) - set(ADDED_SETTINGS))
     if unknown or missing:
         raise checkpoint.ResumeError(
             f"the checkpoint {path} has settings this version does not know ({', '.join(unknown) or 'none'}) "
             f"or lacks some it needs ({', '.join(missing) or 'none'}); it was written by another "
             "version or edited, so it cannot be resumed: start a new run")
     # the store that held the run, as named now: the checkpoint keeps no password
-    settings = {**saved, "resume": None, "tracking_uri": cfg.tracking_uri}
+    settings = {**{name: getattr(TrainConfig, name) for name in ADDED_SETTINGS}, **saved,
+                "resume": None, "tracking_uri": cfg.tracking_uri}
     try:
         resumed = TrainConfig(**settings).validate()
     except ConfigError as exc:

@@ -72,7 +72,8 @@ class TrainConfig:
     split_seed: int = opt(0, "seed of the train/validation split (fixed across runs)")
     cache_dir: str = opt(str(DEFAULT_CACHE_DIR), "where decoded datasets are cached")
     epochs: int = opt(30, "maximum number of epochs", min=1)
-    batch_size: int = opt(128, "training batch size", min=1)
+    batch_size: int = opt(128, "training batch size; under torchrun the global batch, shared "
+                               "by the processes", min=1)
     eval_batch_size: int = opt(1000, "evaluation batch size", min=1)
     optimizer: str = opt("sgd", "optimizer; muon: orthogonalised momentum for the hidden "
                                 "layers' weights (--muon-lr, --muon-momentum), Nesterov SGD for "
@@ -119,6 +120,8 @@ class TrainConfig:
     precision: str = opt("auto", "auto: bf16 (fp16 if unsupported) on CUDA, fp32 elsewhere",
                          ("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = opt(True, "channels_last memory layout for conv nets")
+    sync_bn: bool = opt(False, "under torchrun on GPUs: BatchNorm statistics over the whole "
+                               "global batch (SyncBatchNorm) rather than each process's share")
     patience: int = opt(10, "early stopping: epochs without improvement before stopping (0: off)",
                         min=0)
     min_delta: float = opt(0.0, "early stopping: smallest change that counts as improvement",

@@ -15,6 +15,7 @@ from torch import nn
 
 from shared.batches import DeviceLoader
 from shared.preprocess import tta_logits
+from training import distributed
 
 if TYPE_CHECKING:
     from training.state import TrainingState
@@ -63,7 +64,7 @@ def train_epoch(network: nn.Module, state: TrainingState, loss_fn: nn.Module, *,
                 autocast=contextlib.nullcontext, progress: Progress = no_progress,
                 desc: str = "train", stop_requested: Callable[[], bool] = never) -> dict[str, float]:
     """One pass over the state's loader through `network` (its model, or the compiled form).
-    Sums stay on the device; the host reads them once, at the end."""
+    Sums stay on the device; the host reads them once, at the end, summed over processes."""
     network.train()
     device = state.loader.device
     loss_sum = torch.zeros((), device=device)
@@ -79,7 +80,10 @@ def train_epoch(network: nn.Module, state: TrainingState, loss_fn: nn.Module, *,
         seen += y.shape[0]
         if stop_requested():
             raise StopRequested
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+    sums = torch.stack([loss_sum.double(), correct.double(),
+                        torch.tensor(seen, dtype=torch.double, device=device)])
+    loss_sum, correct, seen = distributed.all_sum(sums).tolist()
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
 
 
 def warm_up(network: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -90,10 +94,11 @@ def warm_up(network: nn.Module, model: nn.Module, optimizer: torch.optim.Optimiz
     optimizer state, so training starts as if they never ran. Returns the seconds spent."""
     start = time.perf_counter()
     weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-    x = loader.transform(loader.images[:loader.batch_size].float() / 255)
+    n = loader.batch_size // loader.world_size  # the batch one process trains on
+    x = loader.transform(loader.images[:n].float() / 255)
     if loader.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = loader.labels[:loader.batch_size]
+    y = loader.labels[:n]
     network.train()
     try:
         for _ in range(steps):
@@ -114,7 +119,8 @@ def warm_up(network: nn.Module, model: nn.Module, optimizer: torch.optim.Optimiz
 def evaluate(model: nn.Module, loader: DeviceLoader, loss_fn: nn.Module, num_classes: int, *,
              autocast=contextlib.nullcontext, tta: str = "none") -> dict:
     """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted), with
-    scores averaged over the `tta` views."""
+    scores averaged over the `tta` views. Under torchrun each process scores its share of the
+    images and the sums are added up: the figures of one process scoring them all."""
     model.eval()
     device = loader.device
     loss_sum = torch.zeros((), device=device)
@@ -124,7 +130,8 @@ def evaluate(model: nn.Module, loader: DeviceLoader, loss_fn: nn.Module, num_cla
             out = tta_logits(model, x, tta)
             loss_sum += loss_fn(out, y).float() * y.shape[0]
         confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes ** 2)
-    confusion = confusion.view(num_classes, num_classes).cpu()
+    distributed.all_sum(loss_sum)
+    confusion = distributed.all_sum(confusion).view(num_classes, num_classes).cpu()
     seen = int(confusion.sum())
     return {"loss": loss_sum.item() / seen, "acc": confusion.diag().sum().item() / seen,
             "confusion": confusion}
@@ -221,12 +228,14 @@ def fit(network: nn.Module, state: TrainingState, loss_fn: nn.Module, validation
             raise NonFiniteLossError(f"the training loss became {metrics['train_loss']} in epoch "
                                      f"{epoch} (lr {lr:g}); lower the learning rate")
         if validation.loader.num_images:
+            distributed.sync_buffers(state.model)
             val = evaluate(state.model, validation.loader, loss_fn, validation.num_classes,
                            autocast=autocast, tta=validation.tta)
             metrics.update(val_loss=val["loss"], val_acc=val["acc"])
         seconds = time.perf_counter() - started
         metrics.update(lr=lr, epoch_seconds=seconds,
                        images_per_second=state.loader.num_images / train_seconds)
+        metrics = distributed.from_main(metrics)  # rank 0's figures decide for every process
         result.history.append(metrics)
         result.train_seconds += seconds
         stop = state.stopper.step(epoch, metrics, state.model)

@@ -6,6 +6,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -13,7 +14,7 @@ from tqdm import tqdm
 
 from shared.store import DriverMissing, mask_secrets, tracking_uri, use_store
 from shared.tracking import ensure_experiment
-from training import checkpoint, run_log
+from training import checkpoint, distributed, run_log
 from training.config import TrainConfig
 from training.loop import NonFiniteLossError, StopRequested, StopTraining
 from training.state import TrainingState
@@ -89,6 +90,8 @@ class TrackedRun:
     with the resume command and becomes TrainingInterrupted; anything else ends FAILED with
     `failure_reason`. Epochs go to the checkpoint and MLflow on a background writer."""
 
+    writes = True  # the one process of a training that writes to MLflow and the checkpoint
+
     def __init__(self, cfg: TrainConfig, options: RunOptions, resume: Resume | None = None,
                  log=print):
         self.cfg, self.options, self.resume, self.log = cfg, options, resume, log
@@ -135,17 +138,19 @@ class TrackedRun:
             return "KILLED", {"stop_reason": str(exc)}
         if isinstance(exc, (KeyboardInterrupt, StopRequested)):
             return "KILLED", {"stop_reason": f"interrupted; {self._resume_how()}"}
+        if distributed.lost_peer(exc):
+            return "FAILED", {"failure_reason": f"another process of this training stopped "
+                                                f"({run_log.brief(exc)}); {self._resume_how()}"}
         reason = str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
         return "FAILED", {"failure_reason": reason}
 
     def _resume_how(self) -> str:
         if not self.saver.saved:
             return "no checkpoint was saved yet, so it cannot be resumed"
-        return (f"resume after epoch {self.saver.saved}: "
-                f"python -m training.train --resume {self.run_id}")
+        return f"resume after epoch {self.saver.saved}: {distributed.resume_command(self.run_id)}"
 
     def _resume_hint(self) -> str:
-        return (f"once it does, `python -m training.train --resume {self.run_id}` goes on "
+        return (f"once it does, `{distributed.resume_command(self.run_id)}` goes on "
                 f"after epoch {self.saver.saved}, the last one in {self.ckpt_path}")
 
     def start(self, tags: dict[str, str], params: dict) -> None:
@@ -199,6 +204,48 @@ class TrackedRun:
             raise StoreUnavailable(f"training ended but its results could not be stored "
                                    f"({run_log.brief(exc)}); fix the store (space, "
                                    f"permissions, server); {self._resume_hint()}") from exc
+
+
+class FollowerRun:
+    """The run as every process but rank 0 of a distributed training holds it: rank 0 writes
+    it to MLflow and the checkpoint; the others train and stay silent."""
+
+    writes = False
+    run_id = ""
+
+    def __init__(self, cfg: TrainConfig, options: RunOptions):
+        self.cfg, self.options = cfg, options
+        self.saver = checkpoint.Saver(Path(), every=0)  # never due
+
+    def __enter__(self) -> "FollowerRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if isinstance(exc, (KeyboardInterrupt, StopRequested)):
+            raise TrainingInterrupted("interrupted; rank 0 marked the run KILLED") from None
+
+    def log(self, *_) -> None:
+        pass
+
+    def start(self, tags: dict[str, str], params: dict) -> None:
+        pass
+
+    def record(self, epoch: int, metrics: dict[str, float], state: dict | None) -> None:
+        pass
+
+    def ensure_stored(self, epochs_run: int) -> None:
+        pass
+
+    def storing_results(self, epochs_run: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+def open_tracked(cfg: TrainConfig, options: RunOptions, resume: Resume | None,
+                 log=print) -> TrackedRun | FollowerRun:
+    """Rank 0 (the only process, outside torchrun) tracks the run; the others follow."""
+    if distributed.world().is_main:
+        return TrackedRun(cfg, options, resume, log)
+    return FollowerRun(cfg, options)
 
 
 def epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:

@@ -21,13 +21,14 @@ from shared.models import count_parameters, describe_models
 from shared.preprocess import Preprocessing
 from shared.store import tracking_uri, ui_command
 from shared.tracking import log_classifier, register_version
-from training import run_log
+from training import distributed, run_log
 from training.build import DeviceSplits, Setup, build, prepare
 from training.cli import StopSignals, resume_config, run_command
 from training.config import TrainConfig, parse_args
 from training.loop import Callbacks, FitResult, Validation, autocast_for, evaluate, fit, never
 from training.report import model_summary
-from training.run import EpochRecorder, Resume, RunOptions, TrackedRun, progress_bar
+from training.run import (EpochRecorder, FollowerRun, Resume, RunOptions, TrackedRun, open_tracked,
+                          progress_bar)
 
 
 @dataclass
@@ -62,41 +63,52 @@ def train(cfg: TrainConfig, log=print, *, splits: DeviceSplits | None = None,
     Once `stop_requested()` is true, the step in progress finishes and the run ends KILLED.
     """
     options = options or RunOptions()
+    if not distributed.world().is_main:
+        log = quiet
     splits = splits or prepare(cfg, log)
     setup = build(cfg, splits, resume.checkpoint if resume else None, log)
-    with TrackedRun(cfg, options, resume, log) as run:
+    with open_tracked(cfg, options, resume, log) as run:
         log(describe(cfg, splits, setup))
         run.start(run_log.run_tags(splits.data), run_log.run_params(cfg, splits, setup))
         recorder = EpochRecorder(run, setup.state, setup.start.history if setup.start else [])
         result = fit(setup.network, setup.state, setup.loss_fn,
                      Validation(setup.loaders.val, splits.num_classes, cfg.tta),
                      epochs=cfg.epochs, precision=setup.precision, start=setup.start,
-                     callbacks=Callbacks(recorder, progress_bar(cfg.progress), stop_requested))
+                     callbacks=Callbacks(recorder, progress_bar(cfg.progress and run.writes),
+                                         distributed.agreed(stop_requested)))
         run.ensure_stored(result.epochs_run)
-        outcome = record_fit(run.run_id, result, setup, recorder.seconds, log)
+        outcome = record_fit(run, result, setup, recorder.seconds, log)
         if not options.trial:
             with run.storing_results(result.epochs_run):
-                test_and_store(cfg, outcome, setup, splits.data)
+                test_and_store(cfg, outcome, setup, splits.data, run.writes)
     return outcome
+
+
+def quiet(*_) -> None:
+    pass
 
 
 def describe(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> str:
     trainable, total = count_parameters(setup.model)
     sizes = splits.sizes()
+    world = distributed.world()
+    processes = (f" x {world.size} processes ({world.backend}, {world.nodes} node(s))"
+                 if world.launched else "")
     return (f"{splits.data.name}: {sizes['train_size']} train / {sizes['val_size']} val / "
             f"{sizes['test_size']} test, {splits.num_classes} classes; {cfg.model} "
             f"({trainable:,} trainable of {total:,} params) on "
-            f"{describe_device(splits.device)['device_name']}, {setup.precision}")
+            f"{describe_device(splits.device)['device_name']}{processes}, {setup.precision}")
 
 
-def record_fit(run_id: str, result: FitResult, setup: Setup, tracking_seconds: float,
-               log=print) -> TrainResult:
+def record_fit(run: TrackedRun | FollowerRun, result: FitResult, setup: Setup,
+               tracking_seconds: float, log=print) -> TrainResult:
     """How fitting ended, on the console and in the run; the outcome so far."""
     stop_note = (f"stopped early at epoch {result.stopped_epoch} (best epoch {result.best_epoch})"
                  if result.stopped_epoch else "ran every requested epoch")
     log(f"{stop_note}; best weights from epoch {result.best_epoch} restored")
-    run_log.log_fit_end(result, setup.compile_seconds, tracking_seconds)
-    return TrainResult(run_id, result.best_val_acc, result.best_epoch, result.epochs_run,
+    if run.writes:
+        run_log.log_fit_end(result, setup.compile_seconds, tracking_seconds)
+    return TrainResult(run.run_id, result.best_val_acc, result.best_epoch, result.epochs_run,
                        result.stopped_epoch, result.history, setup.model, setup.prep,
                        train_seconds=result.train_seconds, compile_seconds=setup.compile_seconds,
                        tracking_seconds=tracking_seconds)
@@ -106,15 +118,20 @@ def default_model_name(dataset: str, model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{dataset}-{model}")
 
 
-def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: ImageData) -> None:
-    """The end of a full run: test set once, report, model, registry. Fills `outcome`."""
+def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: ImageData,
+                   writes: bool = True) -> None:
+    """The end of a full run: test set once (every process its share), then, by the process
+    that `writes`: report, model, registry. Fills `outcome`."""
     model, prep = outcome.model, outcome.prep
     start = time.perf_counter()
+    distributed.sync_buffers(model)
     test = evaluate(model, setup.loaders.test, setup.loss_fn, len(data.classes),
                     autocast=autocast_for(setup.loaders.test.device, setup.precision),
                     tta=prep.tta)
     outcome.test_seconds = time.perf_counter() - start
     outcome.test_acc, outcome.test_loss = test["acc"], test["loss"]
+    if not writes:
+        return
     mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"],
                         "test_seconds": outcome.test_seconds})
     summary = model_summary(model, (1, 3, prep.input_size, prep.input_size))
@@ -143,20 +160,31 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is None:
             print(describe_models())
             return 0
-        resume = None
-        if cfg.resume:
-            cfg, resume = resume_config(cfg)
-            print(f"resuming run {resume.run_id} after epoch {resume.checkpoint['epoch']}")
-        print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.public_dict().items()))
+        say = print if distributed.join(cfg.device).is_main else quiet
+        cfg, resume = distributed.from_main(resumed(cfg) if cfg.resume else (cfg, None))
+        say("config: " + ", ".join(f"{k}={v}" for k, v in cfg.public_dict().items()))
         start = time.perf_counter()
         with signals:
             result = train(cfg, resume=resume, stop_requested=signals.requested)
-        print_outcome(result, time.perf_counter() - start)
-        print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri))}")
+        if distributed.world().is_main:
+            print_outcome(result, time.perf_counter() - start)
+            print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri))}")
         return 0
 
-    code = run_command(body)
+    try:
+        code = run_command(body)
+    finally:
+        distributed.leave()
     return 128 + signals.received if code == 130 and signals.received else code
+
+
+def resumed(cfg: TrainConfig) -> tuple[TrainConfig, Resume]:
+    """The run to continue, found and read by rank 0 (the store may be local to its machine)."""
+    if not distributed.world().is_main:
+        return cfg, None  # replaced by rank 0's
+    cfg, resume = resume_config(cfg)
+    print(f"resuming run {resume.run_id} after epoch {resume.checkpoint['epoch']}")
+    return cfg, resume
 
 
 def print_outcome(result: TrainResult, seconds: float) -> None:

@@ -25,6 +25,7 @@ from shared.store import (check_driver, creation_lock, mask_secrets, store_folde
 from shared.tracking import ensure_experiment
 from training.config import ConfigError, TrainConfig, build_parser, opt, parse_args
 from training.loop import NonFiniteLossError, StopTraining
+from training import distributed
 from training.build import prepare
 from training.cli import run_command
 from training.run import RunOptions, TrainingInterrupted
@@ -439,6 +440,10 @@ def tune(cfg: TuneConfig, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
+        if distributed.launched_by_torchrun():
+            raise ConfigError("the tuner runs one process per trial: start it with python (or "
+                              "cifarlab-tune), not torchrun; to fill a machine with GPUs, start "
+                              "one --worker per GPU, each with --device cuda:N")
         parser = build_parser(TuneConfig, "python -m training.tune", __doc__.split("\n\n")[0])
         cfg, _ = parse_args(argv, parser, TuneConfig)
         if cfg is None:
