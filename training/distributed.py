@@ -102,12 +102,17 @@ def place(device: torch.device) -> torch.device:
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """The network that trains: DistributedDataParallel over `model` under torchrun (sharing its
-    parameters, so `model` is what gets evaluated and saved), else `model` itself."""
-    if not _world.launched:
+    """The network that trains: DistributedDataParallel over `model` when there are several
+    processes (sharing its parameters, so `model` is what gets evaluated and saved), else
+    `model` itself: with one process there is nothing to average.
+
+    Buffers are not broadcast at every forward: BatchNorm statistics are made rank 0's before
+    each evaluation (`sync_buffers`), which is all the saved model needs."""
+    if _world.size == 1:
         return model
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
