@@ -2,6 +2,7 @@
 
     python benchmarks/ddp_speed.py --data-dir ~/data/cifar10 --device cpu   # 1 x 2 threads vs 2 x 1
     python benchmarks/ddp_speed.py --data-dir ~/data/cifar10 --device cuda  # plain vs torchrun, 1 GPU
+    python benchmarks/ddp_speed.py --data-dir ~/data/cifar10 --device cuda --gpus 8  # and 8 GPUs
 
 Each setup runs `training.train` (the `cnn` recipe unless --model says otherwise) for --epochs,
 in alternating rounds so that a noisy machine hurts both alike; a setup's speed is the median
@@ -35,11 +36,14 @@ class Setup:
                 "--nproc-per-node", str(self.processes), "-m", "training.train"]
 
 
-def setups(device: str, cores: int) -> list[Setup]:
+def setups(device: str, cores: int, processes: int) -> list[Setup]:
+    """CPU: one process with every core against one process per core. GPU: one process against
+    torchrun with one, and with `processes` (one per GPU) when more than one."""
     if device == "cpu":
         return [Setup(f"1 process x {cores} threads", 0, cores),
                 Setup(f"{cores} processes x 1 thread (torchrun, gloo)", cores, 1)]
-    return [Setup("1 process", 0, cores), Setup("torchrun, world size 1", 1, cores)]
+    more = [Setup(f"torchrun, {processes} GPUs", processes, cores)] if processes > 1 else []
+    return [Setup("1 process", 0, cores), Setup("torchrun, world size 1", 1, cores), *more]
 
 
 def images_per_second(store: str, run_name: str) -> list[float]:
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--gpus", type=int, default=1, help="cuda: also train on this many GPUs")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--work", default=None, help="folder for the store (default: temporary)")
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     common += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     speeds: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
-        for setup in setups(args.device, cores):
+        for setup in setups(args.device, cores, args.gpus):
             name = f"{setup.name} #{round_}"
             path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
             env = {**os.environ, "OMP_NUM_THREADS": str(setup.threads), "PYTHONPATH": path,

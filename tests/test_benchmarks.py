@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def load(name):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -75,3 +76,13 @@ def test_tracking_stores_reports_a_row_per_store_with_every_writer_count():
     out = done.stdout
     assert "| SQLite file |" in out and "1.0× |" in out
     assert out.count("0, 0, ") == 2  # no failed call, no missing epoch, for 1 and 2 writers
+
+
+def test_ddp_speed_reports_one_process_against_torchrun(image_folder, tmp_path, capsys):
+    code = load("ddp_speed").main([
+        "--data-dir", str(image_folder), "--device", "cpu", "--model", "mlp", "--epochs", "2",
+        "--rounds", "1", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"),
+        "--work", str(tmp_path / "work")])
+    assert code == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "process" in line and "|" in line]
+    assert len(rows) == 2 and "torchrun, gloo" in rows[1] and "| 1.000 |" in rows[0]

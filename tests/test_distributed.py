@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,17 +178,17 @@ def start_until_epoch_one(cmd):
 
 
 def workers(launcher_pid):
-    """{local rank: pid} of torchrun's worker processes."""
+    """{local rank: pid} of torchrun's worker processes (its children holding LOCAL_RANK)."""
     found = {}
-    for pid in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True,
-                              text=True).stdout.split():
+    for proc in Path("/proc").iterdir():
         try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0") if ppid == launcher_pid else []
+        except (OSError, ValueError, IndexError):
             continue
         for item in env:
             if item.startswith(b"LOCAL_RANK="):
-                found[int(item.split(b"=")[1])] = int(pid)
+                found[int(item.split(b"=")[1])] = int(proc.name)
     return found
 
 
@@ -213,7 +214,7 @@ def test_sigterm_to_torchrun_stops_every_process_and_the_run_resumes_under_torch
     killed = only_run(store)
     assert killed.info.status == "KILLED", output[-3000:]
     reason = killed.data.tags["stop_reason"]
-    assert f"torchrun --nproc-per-node 2 -m training.train --resume {killed.info.run_id}" in reason
+    assert f"torchrun --standalone --nproc-per-node 2 -m training.train --resume {killed.info.run_id}" in reason
     resume_and_finish(store, larger_folder, tmp_path, killed.info.run_id, 4)
 
 

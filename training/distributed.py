@@ -199,6 +199,8 @@ def lost_peer(exc: BaseException) -> bool:
 def resume_command(run_id: str) -> str:
     if not _world.launched:
         return f"python -m training.train --resume {run_id}"
-    nodes = "" if _world.nodes == 1 else " (with the same --nnodes/--rdzv options on every machine)"
-    return (f"torchrun --nproc-per-node {_world.local_size} -m training.train --resume "
-            f"{run_id}{nodes}")
+    if _world.nodes == 1:
+        return (f"torchrun --standalone --nproc-per-node {_world.local_size} -m training.train "
+                f"--resume {run_id}")
+    return (f"torchrun --nproc-per-node {_world.local_size} -m training.train --resume {run_id} "
+            "(with the same --nnodes/--rdzv options on every machine)")
