@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     return 128 + signals.received if code == 130 and signals.received else code
 
 
-def resumed(cfg: TrainConfig) -> tuple[TrainConfig, Resume]:
+def resumed(cfg: TrainConfig) -> tuple[TrainConfig, Resume | None]:
     """The run to continue, found and read by rank 0 (the store may be local to its machine)."""
     if not distributed.world().is_main:
         return cfg, None  # replaced by rank 0's
