@@ -218,5 +218,6 @@ def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = Non
     setup = Setup(prep, state, distributed.wrap(model, device), loaders,
                   nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
                   compile_mode(cfg, device), start=start,
-                  world_params=distributed.describe(describe_device(device)["device_name"]))
+                  world_params=distributed.describe(describe_device(device)["device_name"],
+                                                     cfg.batch_size))
     return compiled(setup, log)

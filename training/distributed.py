@@ -167,8 +167,9 @@ def gather(obj) -> list:
     return out
 
 
-def describe(device_name: str) -> dict[str, str | int]:
-    """The run params of a distributed training (none outside torchrun)."""
+def describe(device_name: str, batch_size: int) -> dict[str, str | int]:
+    """The run params of a distributed training of global batch `batch_size` (none outside
+    torchrun)."""
     if not _world.launched:
         return {}
     node = f"node {os.environ.get('GROUP_RANK', '0')} ({os.uname().nodename})"
@@ -177,6 +178,7 @@ def describe(device_name: str) -> dict[str, str | int]:
         nodes.setdefault(name, []).append(device)
     return {"world_size": _world.size, "nodes": _world.nodes, "backend": _world.backend,
             "processes_per_node": _world.local_size,
+            "batch_size_per_process": batch_size // _world.size,
             "node_devices": "; ".join(f"{name}: {len(v)} x {v[0]}" if len(set(v)) == 1
                                       else f"{name}: {', '.join(v)}" for name, v in nodes.items())}
 

@@ -74,8 +74,7 @@ def run_params(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> dict:
         "classes": ",".join(splits.data.classes), "image_size_resolved": prep.image_size,
         "input_size_resolved": prep.input_size, "normalize_mean": list(prep.mean),
         "normalize_std": list(prep.std), "trainable_params": trainable, "total_params": total,
-        **({**setup.world_params, "batch_size_per_process": setup.state.loader.batch_size
-            // setup.world_params["world_size"]} if setup.world_params else {}),
+        **setup.world_params,
     }
 
 
