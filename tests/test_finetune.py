@@ -73,3 +73,52 @@ def test_fine_tuning_with_a_frozen_backbone_trains_only_the_head(train_config, t
     assert int(params["trainable_params"]) == 512 * 3 + 3
     assert params["normalize_mean"] == "[0.485, 0.456, 0.406]"  # ImageNet statistics
     assert float(params["lr"]) == pytest.approx(0.01)  # the fine-tuning recipe
+
+
+def test_backbone_and_head_learn_at_their_own_rates(train_config):
+    from training.optim import make_optimizer
+
+    cfg = train_config(model="resnet18", backbone_lr_scale=0.1, lr=0.02, optimizer="sgd")
+    model = build_model("resnet18", 3, 32)
+    groups = make_optimizer(cfg, model).param_groups
+    head = {id(p) for p in model.fc.parameters()}
+    assert {g["lr"] for g in groups if id(g["params"][0]) in head} == {0.02}
+    assert [g["lr"] for g in groups if id(g["params"][0]) not in head] == [pytest.approx(0.002)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_unfreezing_trains_the_backbone_only_after_the_head_only_epochs(train_config, tmp_path):
+    path = tmp_path / "resnet18.pth"
+    state = fake_imagenet_checkpoint("resnet18")
+    torch.save(state, path)
+    cfg = train_config(model="resnet18", weights=str(path), freeze="backbone", unfreeze_after=1,
+                       epochs=2, backbone_lr_scale=0.1)
+    result = train(cfg, log=lambda *_: None)
+    params = mlflow.get_run(result.run_id).data.params
+    assert params["frozen_layers"] == "all but fc for 1 epoch(s)"
+    assert params["feature_cache"] == "off"
+    assert float(params["backbone_lr"]) == pytest.approx(float(params["head_lr"]) * 0.1)
+    assert not torch.equal(result.model.layer4[1].conv2.weight.cpu(), state["layer4.1.conv2.weight"])
+
+
+def test_the_unfreezer_lets_the_backbone_train_from_the_epoch_after(train_config):
+    from training.state import Unfreezer
+
+    model = build_model("resnet18", 3, 32, freeze="backbone")
+    unfreezer = Unfreezer.of(model, "fc", after=2)
+    unfreezer.begin(2)
+    assert not model.layer1[0].conv1.weight.requires_grad
+    unfreezer.begin(3)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"unfreeze_after": 1}, "add --freeze backbone"),
+    ({"unfreeze_after": 2, "freeze": "backbone", "epochs": 2}, "less than --epochs"),
+    ({"model": "mlp", "backbone_lr_scale": 0.1}, "mlp has no separate head"),
+])
+def test_fine_tuning_settings_that_cannot_work_are_refused(train_config, overrides, message):
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train_config(**{"model": "resnet18", **overrides})

@@ -10,14 +10,15 @@ from torch import nn
 from shared.batches import DeviceLoader
 from shared.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
 from shared.device import describe_device, resolve_device
-from shared.models import build_model, input_size_for, is_convolutional
-from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform, Preprocessing
+from shared.models import build_model, get_spec, input_size_for, is_convolutional
+from shared.preprocess import InputTransform, Preprocessing
 from training import checkpoint, distributed, run_log
 from training.averaging import Lookahead
+from training.features import FeatureLoader, feature_loaders, frozen_features, uses_feature_cache
 from training.config import ConfigError, TrainConfig
 from training.loop import EarlyStopping, FitResult, autocast_for, warm_up
 from training.optim import make_optimizer, make_scheduler
-from training.state import TrainingState
+from training.state import TrainingState, Unfreezer
 from training.whiten import whiten_first_conv
 
 
@@ -117,15 +118,19 @@ class Setup:
     compile_seconds: float = 0.0
     start: FitResult | None = None  # where a resumed run goes on
     world_params: dict = field(default_factory=dict)  # under torchrun: its processes and devices
+    whole: nn.Module | None = None  # with cached features: the network whose head state.model is
+    feature_params: dict = field(default_factory=lambda: {"feature_cache": "off"})
 
     @property
     def model(self) -> nn.Module:
-        return self.state.model
+        """The whole network, as logged (with cached features, the loop trains its head)."""
+        return self.whole if self.whole is not None else self.state.model
 
 
 def preprocessing(cfg: TrainConfig, splits: DeviceSplits) -> Preprocessing:
     # pretrained features expect the inputs they were trained on
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.weights != "none" else splits.scratch_stats
+    spec = get_spec(cfg.model)
+    mean, std = spec.pretrained_stats if cfg.weights != "none" else splits.scratch_stats
     image_size = splits.data.image_size
     return Preprocessing(image_size, cfg.input_size or input_size_for(cfg.model, image_size),
                          mean, std, cfg.tta)
@@ -141,6 +146,10 @@ def check_world(cfg: TrainConfig, splits: DeviceSplits) -> None:
     if cfg.sync_bn and size > 1 and splits.device.type != "cuda":
         raise ConfigError("--sync-bn needs GPUs (NCCL): PyTorch's SyncBatchNorm does not train "
                           "on the CPU; leave it off there")
+    if cfg.unfreeze_after and size > 1:
+        raise ConfigError("--unfreeze-after changes which parameters train midway, which "
+                          "DistributedDataParallel does not allow: under torchrun train all "
+                          "layers from the start (--freeze none, with --backbone-lr-scale)")
     if len(splits.train[1]) < size:
         raise ConfigError(f"{len(splits.train[1])} training image(s) for {size} processes: "
                           "every process needs at least one")
@@ -163,14 +172,15 @@ def make_loaders(cfg: TrainConfig, splits: DeviceSplits, prep: Preprocessing,
                    DeviceLoader(*splits.test, eval_batch, **common))
 
 
-def training_state(cfg: TrainConfig, model: nn.Module, loader: DeviceLoader,
+def training_state(cfg: TrainConfig, model: nn.Module, loader: DeviceLoader | FeatureLoader,
                    precision: str) -> TrainingState:
     optimizer = make_optimizer(cfg, model)
     return TrainingState(
         model, optimizer, loader, EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta),
         scheduler=make_scheduler(cfg, optimizer, len(loader)),
         scaler=torch.amp.GradScaler(loader.device.type) if precision == "fp16" else None,
-        averager=Lookahead(model, cfg.epochs * len(loader)) if cfg.lookahead else None)
+        averager=Lookahead(model, cfg.epochs * len(loader)) if cfg.lookahead else None,
+        unfreezer=Unfreezer.of(model, get_spec(cfg.model).head, cfg.unfreeze_after))
 
 
 def compiled(setup: Setup, log=print) -> Setup:
@@ -193,6 +203,28 @@ def compiled(setup: Setup, log=print) -> Setup:
     return setup
 
 
+def on_features(cfg: TrainConfig, splits: DeviceSplits, model: nn.Module, prep: Preprocessing,
+                precision: str, resume_from: dict | None, log=print) -> Setup:
+    """The head alone, trained on the backbone's cached outputs."""
+    head = get_spec(cfg.model).head
+    channels_last = cfg.channels_last and is_convolutional(model)
+    model = model.to(splits.device, memory_format=torch.channels_last if channels_last
+                     else torch.preserve_format).eval()
+    features = frozen_features(cfg, model, head, prep, splits, log)
+    train, val, test = feature_loaders(cfg, features, splits)
+    state = training_state(cfg, model.get_submodule(head), train, precision)
+    start = checkpoint.restore(resume_from, state) if resume_from is not None else None
+    return Setup(prep, state, distributed.wrap(state.model, splits.device),
+                 Loaders(train, val, test),
+                 nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision, "none",
+                 start=start, whole=model,
+                 world_params=distributed.describe(describe_device(splits.device)["device_name"],
+                                                   cfg.batch_size),
+                 feature_params={"feature_cache": features.status,
+                                 "feature_seconds": round(features.seconds, 2),
+                                 "feature_width": features.train.shape[-1]})
+
+
 def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = None,
           log=print) -> Setup:
     """Model, loaders, optimizer and the rest, seeded; restored from `resume_from` (a
@@ -204,6 +236,8 @@ def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = Non
     model = build_model(cfg.model, splits.num_classes, data.image_size, weights=cfg.weights,
                         freeze=cfg.freeze)
     prep = preprocessing(cfg, splits)
+    if uses_feature_cache(cfg):
+        return on_features(cfg, splits, model, prep, precision, resume_from, log)
     channels_last = cfg.channels_last and is_convolutional(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last
                      else torch.preserve_format)

@@ -60,7 +60,8 @@ def check_rules(name: str, value: Any, rules: Mapping[str, Any]) -> None:
 
 @dataclass
 class TrainConfig:
-    model: str = opt("cnn", "model to train (--list-models lists them)", tuple(MODELS))
+    model: str = opt("cnn", f"model to train: {', '.join(MODELS)}, or timm/NAME for any timm "
+                            "model (--list-models describes them)")
     data_dir: str = opt("data", "CIFAR-10 is downloaded here, or: a folder with train/<class>/ "
                                 "and test/<class>/ image folders")
     image_size: int | None = opt(None, "image-folder datasets: side to resize images to "
@@ -112,6 +113,15 @@ class TrainConfig:
     weights: str = opt("none", "initial weights: none (from scratch), imagenet, or a checkpoint path")
     freeze: str = opt("none", "none: train all layers; backbone: train only the new head",
                       ("none", "backbone"))
+    feature_cache: bool = opt(True, "with --freeze backbone: compute the backbone's outputs once "
+                                    "per image and view, cache them on disk, and train the head "
+                                    "on them")
+    feature_views: int = opt(2, "feature cache: views of each training image (1: as is, 2: and "
+                                "mirrored, more: random crops and flips)", min=1, max=16)
+    unfreeze_after: int = opt(0, "with --freeze backbone: train all layers after this many "
+                                 "head-only epochs (0: never)", min=0)
+    backbone_lr_scale: float = opt(1.0, "fine-tuning: the backbone's learning rate as a multiple "
+                                        "of --lr (the head's)", positive=True)
     input_size: int | None = opt(None, "network input side (default: the model's, 224 for "
                                        "alexnet/vgg16, else the image size)", min=8,
                                  max=MAX_IMAGE_SIDE, unit="pixels")
@@ -158,6 +168,17 @@ class TrainConfig:
         if self.val_fraction == 0 and self.patience:
             raise ConfigError("early stopping watches the validation split, and val_fraction 0 "
                               "leaves none: add --patience 0, or keep a --val-fraction")
+        if self.backbone_lr_scale != 1 and get_spec(self.model).head is None:
+            raise ConfigError(f"--backbone-lr-scale sets the rate of all but the head, and "
+                              f"{self.model} has no separate head; models with one: "
+                              f"{', '.join(n for n, s in MODELS.items() if s.head)}, timm/NAME")
+        if self.unfreeze_after and self.freeze != "backbone":
+            raise ConfigError("--unfreeze-after N starts with a frozen backbone: add --freeze "
+                              "backbone (or drop --unfreeze-after to train all layers from the "
+                              "start)")
+        if self.unfreeze_after >= self.epochs:
+            raise ConfigError(f"--unfreeze-after {self.unfreeze_after} leaves no epoch of the "
+                              f"{self.epochs} to train all layers: make it less than --epochs")
         if self.register is not None and not REGISTERED_NAME.fullmatch(self.register):
             raise ConfigError(f"register name {self.register!r}: use letters, digits, '_', '.' "
                               "and '-' (up to 100, starting with a letter or digit); the name "

@@ -218,6 +218,7 @@ def fit(network: nn.Module, state: TrainingState, loss_fn: nn.Module, validation
     result = start or FitResult()
     first = result.epochs_run + 1 if result.stopped_epoch is None else epochs + 1
     for epoch in range(first, epochs + 1):
+        state.begin_epoch(epoch)
         lr = state.optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         metrics = train_epoch(network, state, loss_fn, autocast=autocast,

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from shared.models import get_spec
 from training.muon import Muon, muon_groups
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
+
 
 
 def param_groups(cfg: TrainConfig, params: list[nn.Parameter]) -> list[dict]:
@@ -28,7 +30,19 @@ def param_groups(cfg: TrainConfig, params: list[nn.Parameter]) -> list[dict]:
 
 
 def trainable_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
-    return param_groups(cfg, [p for p in model.parameters() if p.requires_grad])
+    """The trainable parameters' groups (and, with --unfreeze-after, the frozen backbone's,
+    which train later). With --backbone-lr-scale k, the backbone's at k times the head's rate."""
+    params = [p for p in model.parameters() if p.requires_grad or cfg.unfreeze_after]
+    head = get_spec(cfg.model).head
+    if cfg.backbone_lr_scale == 1 or head is None:  # TrainConfig.validate refuses the latter
+        return param_groups(cfg, params)
+    # with cached features the optimizer gets the head alone
+    modules = dict(model.named_modules())
+    in_head = {id(p) for p in modules.get(head, model).parameters()}
+    backbone = param_groups(cfg, [p for p in params if id(p) not in in_head])
+    for group in backbone:
+        group["lr"] *= cfg.backbone_lr_scale
+    return param_groups(cfg, [p for p in params if id(p) in in_head]) + backbone
 
 
 def sgd(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -65,7 +65,8 @@ def run_params(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> dict:
     return {
         **cfg.public_dict(),
         "weights_source": weights_source(cfg.weights), "fine_tuned": cfg.weights != "none",
-        "frozen_layers": "none" if cfg.freeze == "none" else f"all but {get_spec(cfg.model).head}",
+        "frozen_layers": frozen_layers(cfg),
+        "head_lr": cfg.lr, "backbone_lr": cfg.lr * cfg.backbone_lr_scale,
         **describe_device(splits.device), "precision_resolved": setup.precision,
         "compile_resolved": setup.compile_mode, "epochs_requested": cfg.epochs,
         "early_stopping": (f"patience={cfg.patience},min_delta={cfg.min_delta},"
@@ -74,8 +75,16 @@ def run_params(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> dict:
         "classes": ",".join(splits.data.classes), "image_size_resolved": prep.image_size,
         "input_size_resolved": prep.input_size, "normalize_mean": list(prep.mean),
         "normalize_std": list(prep.std), "trainable_params": trainable, "total_params": total,
-        **setup.world_params,
+        **setup.world_params, **setup.feature_params,
+        "feature_views": cfg.feature_views if setup.feature_params["feature_cache"] != "off" else 0,
     }
+
+
+def frozen_layers(cfg: TrainConfig) -> str:
+    if cfg.freeze == "none":
+        return "none"
+    frozen = f"all but {get_spec(cfg.model).head}"
+    return f"{frozen} for {cfg.unfreeze_after} epoch(s)" if cfg.unfreeze_after else frozen
 
 
 def log_params(params: dict) -> None:

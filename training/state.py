@@ -7,8 +7,34 @@ import torch
 from torch import nn
 
 from shared.batches import DeviceLoader
+from training.features import FeatureLoader
 from training.averaging import Lookahead
 from training.loop import EarlyStopping
+
+
+class Unfreezer:
+    """The frozen backbone's parameters, set to train once `after` epochs have run (the
+    optimizer holds them from the start: without gradients, no step changes them)."""
+
+    def __init__(self, params: list[nn.Parameter], after: int):
+        self.params, self.after = params, after
+
+    @classmethod
+    def of(cls, model: nn.Module, head: str | None, after: int) -> "Unfreezer | None":
+        if not after:
+            return None
+        return cls([p for p in model.parameters() if not p.requires_grad], after)
+
+    def begin(self, epoch: int) -> None:
+        if epoch > self.after:
+            for p in self.params:
+                p.requires_grad_(True)
+
+    def state_dict(self) -> dict:
+        return {"after": self.after}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: the epoch alone says whether the backbone trains."""
 
 
 @dataclass
@@ -20,11 +46,16 @@ class TrainingState:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    loader: DeviceLoader  # the training loader: its epoch and shuffling position
+    loader: DeviceLoader | FeatureLoader  # the training loader: its epoch and shuffling position
     stopper: EarlyStopping = field(default_factory=lambda: EarlyStopping(patience=0))
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     averager: Lookahead | None = None
+    unfreezer: Unfreezer | None = None
+
+    def begin_epoch(self, epoch: int) -> None:
+        if self.unfreezer is not None:
+            self.unfreezer.begin(epoch)
 
     def step(self, loss: torch.Tensor) -> None:
         """One optimizer step on `loss`, then the schedule and the weight averaging."""

@@ -124,8 +124,9 @@ def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: I
     that `writes`: report, model, registry. Fills `outcome`."""
     model, prep = outcome.model, outcome.prep
     start = time.perf_counter()
-    distributed.sync_buffers(model)
-    test = evaluate(model, setup.loaders.test, setup.loss_fn, len(data.classes),
+    distributed.sync_buffers(setup.state.model)
+    # the network the loop trained: with cached features, the head on the test images' outputs
+    test = evaluate(setup.state.model, setup.loaders.test, setup.loss_fn, len(data.classes),
                     autocast=autocast_for(setup.loaders.test.device, setup.precision),
                     tta=prep.tta)
     outcome.test_seconds = time.perf_counter() - start

@@ -1,0 +1,132 @@
+"""Frozen features computed once and cached; the head trained on them; the whole network logged."""
+import dataclasses
+
+import mlflow
+import pytest
+import torch
+
+from shared.inference import load_classifier
+from shared.models import build_model
+from training.build import prepare, preprocessing
+from training.config import ConfigError
+from training.features import FeatureLoader, cache_key, frozen_features, head_inputs
+from training.train import train
+from tests.test_finetune import fake_imagenet_checkpoint
+
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture
+def fake_weights(tmp_path):
+    def save(model: str):
+        path = tmp_path / f"{model}.pth"
+        torch.save(fake_imagenet_checkpoint(model), path)
+        return str(path)
+    return save
+
+
+def frozen(train_config, **overrides):
+    settings = dict(model="efficientnet_lite0", weights="imagenet", freeze="backbone",
+                    input_size=32, epochs=2)
+    return train_config(**{**settings, **overrides})
+
+
+def test_features_are_built_once_then_read_from_the_cache(train_config):
+    cfg = frozen(train_config)
+    first, second = train(cfg, **QUIET), train(cfg, **QUIET)
+    params = [mlflow.get_run(r.run_id).data.params for r in (first, second)]
+    assert [p["feature_cache"] for p in params] == ["built", "hit"]
+    assert params[0]["feature_views"] == "2"
+    assert [h["train_loss"] for h in first.history] == [h["train_loss"] for h in second.history]
+    assert first.test_acc == second.test_acc
+
+
+def test_the_logged_model_is_the_whole_network_and_scores_as_the_cached_head(train_config):
+    result = train(frozen(train_config, epochs=3), **QUIET)
+    clf = load_classifier(f"models:/{result.registered_name}/{result.version}")
+    splits = prepare(frozen(train_config))
+    images, labels = splits.test
+    predicted = clf.probabilities(images).argmax(1)
+    assert (predicted == labels).float().mean().item() == pytest.approx(result.test_acc)
+    assert len(list(clf.module.parameters()) or clf.module.state_dict()) > 2  # backbone too
+
+
+@pytest.mark.parametrize("model, input_size", [("resnet18", 32), ("alexnet", 64), ("vgg16", 32)])
+def test_torchvision_models_train_their_head_on_cached_features(train_config, fake_weights,
+                                                                 model, input_size):
+    cfg = train_config(model=model, weights=fake_weights(model), freeze="backbone",
+                       input_size=input_size, epochs=1, batch_size=8)
+    result = train(cfg, **QUIET)
+    params = mlflow.get_run(result.run_id).data.params
+    assert params["feature_cache"] == "built"
+    state = fake_imagenet_checkpoint(model)
+    own = result.model.state_dict()
+    backbone = [k for k in state if not k.startswith(("fc.", "classifier.6."))
+                and own[k].shape == state[k].shape]  # resnet18's stem is cropped to 3x3
+    assert len(backbone) > 10
+    assert all(torch.equal(own[k].cpu(), state[k]) for k in backbone)
+
+
+def test_without_a_frozen_backbone_or_with_the_cache_off_nothing_is_cached(train_config):
+    for cfg in (frozen(train_config, feature_cache=False), train_config(epochs=1)):
+        run = mlflow.get_run(train(cfg, **QUIET).run_id)
+        assert run.data.params["feature_cache"] == "off" and run.data.params["feature_views"] == "0"
+
+
+def test_the_cache_key_follows_the_weights_the_input_size_the_views_and_the_images(train_config):
+    cfg = frozen(train_config)
+    splits = prepare(cfg)
+    model = build_model(cfg.model, 3, 32, weights="imagenet", freeze="backbone")
+    key = cache_key(cfg, model, "classifier", preprocessing(cfg, splits), splits)
+    model2 = build_model(cfg.model, 3, 32, weights="imagenet", freeze="backbone")
+    torch.nn.init.zeros_(model2.classifier.weight)  # the head is not part of the features
+    assert cache_key(cfg, model2, "classifier", preprocessing(cfg, splits), splits) == key
+    with torch.no_grad():
+        model2.conv_stem.weight[0, 0, 0, 0] += 1
+    assert cache_key(cfg, model2, "classifier", preprocessing(cfg, splits), splits) != key
+    for changed in (dataclasses.replace(cfg, input_size=48), dataclasses.replace(cfg, feature_views=1)):
+        assert cache_key(changed, model, "classifier", preprocessing(changed, splits), splits) != key
+    fewer = dataclasses.replace(splits, train=(splits.train[0][1:], splits.train[1][1:]))
+    assert cache_key(cfg, model, "classifier", preprocessing(cfg, fewer), fewer) != key
+
+
+def test_a_damaged_cache_file_is_computed_again(train_config):
+    cfg = frozen(train_config)
+    splits = prepare(cfg)
+    model = build_model(cfg.model, 3, 32, weights="imagenet", freeze="backbone")
+    first = frozen_features(cfg, model, "classifier", preprocessing(cfg, splits), splits, **QUIET)
+    first.path.write_bytes(first.path.read_bytes()[:100])
+    again = frozen_features(cfg, model, "classifier", preprocessing(cfg, splits), splits, **QUIET)
+    assert again.status == "built" and torch.equal(again.train, first.train)
+
+
+def test_views_are_the_image_its_mirror_and_random_crops(train_config):
+    cfg = frozen(train_config)
+    splits = prepare(cfg)
+    model = build_model(cfg.model, 3, 32, weights="imagenet", freeze="backbone").eval()
+    transform = preprocessing(cfg, splits)
+    from shared.preprocess import InputTransform
+    images = splits.train[0][:4]
+    args = dict(batch_size=2, seed=0, crop_padding=4, crop_fill="zeros")
+    plain, mirror, crop = (head_inputs(model, "classifier", InputTransform(transform), images, v, **args)
+                           for v in (0, 1, 2))
+    assert plain.shape == (4, 1280)
+    assert torch.equal(mirror, head_inputs(model, "classifier", InputTransform(transform),
+                                           images.flip(3), 0, **args))
+    assert not torch.equal(crop, plain)
+
+
+def test_a_feature_loader_draws_one_view_per_image_each_epoch_and_resumes_exactly():
+    features = torch.stack([torch.zeros(10, 2), torch.ones(10, 2)]).half()
+    loader = FeatureLoader(features, torch.arange(10), 4, shuffle=True, seed=1)
+    state = loader.state_dict()
+    epoch = [(x.clone(), y.clone()) for x, y in loader]
+    assert sorted(torch.cat([y for _, y in epoch]).tolist()) == list(range(10))
+    assert {float(v) for x, _ in epoch for v in x[:, 0]} == {0.0, 1.0}
+    loader.load_state_dict(state)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(epoch, loader))
+
+
+def test_the_cache_with_test_time_augmentation_is_refused(train_config):
+    with pytest.raises(ConfigError, match="--tta flip.*--no-feature-cache"):
+        train(frozen(train_config, tta="flip"), **QUIET)

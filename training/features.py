@@ -1,0 +1,233 @@
+"""Frozen features computed once. With `--freeze backbone` the backbone's outputs never change,
+so each image's (and each augmented view's) output is computed once, kept on disk, and the head
+trains on those: an epoch is one small layer over a tensor instead of the whole network over
+every image. The logged model is still the whole network, backbone and trained head.
+
+The outputs are taken where they enter the head, in evaluation mode (BatchNorm with its stored
+statistics, no dropout): exactly what the whole network computes there at inference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shared.batches import random_crop, random_flip
+from shared.models import is_convolutional
+from shared.preprocess import InputTransform, Preprocessing
+from training import distributed
+from training.config import ConfigError, TrainConfig
+
+CACHE_VERSION = 1
+
+
+def uses_feature_cache(cfg: TrainConfig) -> bool:
+    """The backbone stays frozen the whole run, and the cache is not turned off."""
+    if not (cfg.freeze == "backbone" and cfg.feature_cache and not cfg.unfreeze_after):
+        return False
+    if cfg.tta != "none":
+        raise ConfigError(f"the feature cache scores each image's plain view, so --tta {cfg.tta} "
+                          "cannot apply: use --tta none, or --no-feature-cache")
+    return True
+
+
+class FeatureLoader:
+    """Batches of cached backbone outputs and labels, with what the loop and the training state
+    ask of a `DeviceLoader`. A training image comes out as one of its views, drawn anew each
+    epoch; under torchrun every process takes its share of each global batch."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1):
+        self.features, self.labels = features, labels  # features: (views, images, width)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator(device=features.device).manual_seed(seed)
+        self.epoch = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    def __len__(self) -> int:
+        n = self.labels.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else self.labels.shape[0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        views, n = self.features.shape[:2]
+        g = self.generator
+        order = (torch.randperm(n, device=self.device, generator=g) if self.shuffle
+                 else torch.arange(n, device=self.device))
+        view = (torch.randint(0, views, (n,), device=self.device, generator=g) if self.shuffle
+                else torch.zeros(n, dtype=torch.long, device=self.device))
+        self.epoch += 1
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world_size]
+            if len(idx):
+                yield self.features[view[idx], idx].float(), self.labels[idx]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"]
+
+
+@dataclass
+class Features:
+    train: torch.Tensor  # (views, images, width), float16
+    val: torch.Tensor  # (1, images, width)
+    test: torch.Tensor
+    status: str  # "hit": read from the cache; "built": computed now (and cached)
+    seconds: float  # computing or reading them
+    path: Path
+
+
+class _Captured(Exception):
+    """Raised from the head's pre-hook: the head's input is all that is needed."""
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, head: str, transform: InputTransform, images: torch.Tensor,
+                view: int, *, batch_size: int, seed: int, crop_padding: int,
+                crop_fill: str, channels_last: bool = False) -> torch.Tensor:
+    """What `model`'s `head` layer receives for each uint8 image, seen as view `view` (0: as
+    is, 1: mirrored, 2 and more: a random crop and flip drawn from `seed` and the view)."""
+    outputs = []
+
+    def grab(module: nn.Module, args: tuple) -> None:
+        outputs.append(args[0].detach().flatten(1).half())
+        raise _Captured
+
+    generator = torch.Generator(device=images.device).manual_seed(seed * 1009 + view)
+    hook = model.get_submodule(head).register_forward_pre_hook(grab)
+    model.eval()
+    try:
+        for batch in images.split(batch_size):
+            if view == 1:
+                batch = batch.flip(3)
+            elif view >= 2:
+                batch = random_flip(random_crop(batch, crop_padding, generator, crop_fill),
+                                    generator)
+            x = transform(batch.float() / 255)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            try:
+                model(x)
+            except _Captured:
+                pass
+    finally:
+        hook.remove()
+    return torch.cat(outputs)
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def backbone_digest(model: nn.Module, head: str) -> str:
+    """The weights that make the features: every tensor but the head's."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
+    h = hashlib.sha256(json.dumps(list(state)).encode())
+    h.update(digest(*state.values()).encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing,
+              splits) -> str:
+    """Everything the cached outputs depend on: the images of each split, the backbone's
+    weights, the preprocessing (input size, normalization) and the views."""
+    views = {"views": cfg.feature_views}
+    if cfg.feature_views > 2:  # random crops: their padding, fill and seed matter too
+        views.update(crop_padding=cfg.crop_padding, crop_fill=cfg.crop_fill, seed=cfg.seed)
+    parts = {"version": CACHE_VERSION, "model": cfg.model, "head": head,
+             "backbone": backbone_digest(model, head), "preprocessing": prep.to_dict(),
+             **views, **{name: digest(getattr(splits, name)[0])
+                         for name in ("train", "val", "test")}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def read_cached(path: Path, key: str, device: torch.device) -> dict | None:
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: compute them again
+        return None
+    return saved if isinstance(saved, dict) and saved.get("key") == key else None
+
+
+def write_cached(path: Path, saved: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    torch.save(saved, partial)
+    os.replace(partial, path)
+
+
+def frozen_features(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing,
+                    splits, log=print) -> Features:
+    """The head's inputs for every image of the splits: from the cache when it has them, else
+    computed (the first process of each machine computes, the others read) and cached."""
+    start = time.perf_counter()
+    key = cache_key(cfg, model, head, prep, splits)
+    name = cfg.model.replace("/", "_")
+    path = Path(cfg.cache_dir).expanduser() / "features" / f"{name}-{key[:24]}.pt"
+    with distributed.machine_first():
+        saved = read_cached(path, key, splits.device)
+        status = "hit" if saved is not None else "built"
+        if saved is None:
+            saved = compute(cfg, model, head, prep, splits, key, log)
+            write_cached(path, saved)
+    seconds = time.perf_counter() - start
+    log(f"features: {status} {path} ({seconds:.1f} s)")
+    return Features(saved["train"], saved["val"], saved["test"], status, seconds, path)
+
+
+def compute(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing, splits,
+            key: str, log=print) -> dict:
+    transform = InputTransform(prep).to(splits.device)
+    common = {"batch_size": cfg.eval_batch_size, "seed": cfg.seed,
+              "crop_padding": cfg.crop_padding or 4, "crop_fill": cfg.crop_fill,
+              "channels_last": cfg.channels_last and is_convolutional(model)}
+
+    def outputs(images: torch.Tensor, views: int, split: str) -> torch.Tensor:
+        if not len(images):  # no validation split
+            return torch.empty((views, 0, 1), dtype=torch.half, device=images.device)
+        started = time.perf_counter()
+        out = torch.stack([head_inputs(model, head, transform, images, v, **common)
+                           for v in range(views)])
+        rate = views * len(images) / max(time.perf_counter() - started, 1e-9)
+        log(f"features: {split}, {len(images)} images x {views} view(s), {rate:,.0f} img/s")
+        return out
+
+    return {"key": key, "train": outputs(splits.train[0], cfg.feature_views, "train"),
+            "val": outputs(splits.val[0], 1, "validation"), "test": outputs(splits.test[0], 1, "test")}
+
+
+def feature_loaders(cfg: TrainConfig, features: Features, splits) -> tuple[FeatureLoader, ...]:
+    """Training, validation and test loaders over the cached features, shared by processes
+    as `make_loaders` shares images."""
+    world = distributed.world()
+    common = {"rank": world.rank, "world_size": world.size}
+    n_train = len(splits.train[1])
+    eval_batch = cfg.eval_batch_size * world.size
+    return (FeatureLoader(features.train, splits.train[1], cfg.batch_size, shuffle=True,
+                          seed=cfg.seed, drop_last=n_train > cfg.batch_size, **common),
+            FeatureLoader(features.val, splits.val[1], eval_batch, **common),
+            FeatureLoader(features.test, splits.test[1], eval_batch, **common))
