@@ -86,3 +86,15 @@ def test_ddp_speed_reports_one_process_against_torchrun(image_folder, tmp_path, 
     assert code == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "process" in line and "|" in line]
     assert len(rows) == 2 and "torchrun, gloo" in rows[1] and "| 1.000 |" in rows[0]
+
+
+def test_feature_cache_times_head_epochs_with_and_without_the_cache(image_folder, tmp_path):
+    out = tmp_path / "features.json"
+    code = load("feature_cache").main([
+        "--data-dir", str(image_folder), "--train-images", "20", "--rounds", "1",
+        "--input-size", "32", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+        "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["train_images"] == 20 and result["speedup"] > 1
+    assert result["epoch_seconds with cache"] < result["epoch_seconds without cache"]

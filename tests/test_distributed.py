@@ -115,13 +115,22 @@ def history(store, run_id, key):
                                               key=lambda m: m.step)]
 
 
-@pytest.mark.parametrize("model, tolerance", [("mlp", 1e-4), ("cnn", 0.15)])
+CACHED_HEAD = {"model": "efficientnet_lite0", "weights": "imagenet", "freeze": "backbone",
+               "input_size": 32}
+
+
+@pytest.mark.parametrize("settings, tolerance", [({"model": "mlp"}, 1e-4), ({"model": "cnn"}, 0.15),
+                                                 (CACHED_HEAD, 1e-4)],
+                         ids=["mlp", "cnn", "head-on-cached-features"])
 def test_two_processes_train_one_run_that_matches_one_process(
-        model, tolerance, image_folder, store, tmp_path, train_config):
-    """mlp: the same steps as one process (the gradient of a batch is the mean of its shares'
-    gradients), up to summation order. cnn: BatchNorm normalises each process's 8 images with
-    their own statistics, not the 16 of the batch, so the losses differ (by 0.02-0.05 here)."""
-    args = ["--model", model, "--epochs", "2", "--no-augment"]
+        settings, tolerance, image_folder, store, tmp_path, train_config):
+    """mlp and a head on cached features: the same steps as one process (the gradient of a
+    batch is the mean of its shares' gradients), up to summation order. cnn: BatchNorm
+    normalises each process's 8 images with their own statistics, not the 16 of the batch, so
+    the losses differ (by 0.02-0.05 here)."""
+    model = settings["model"]
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()] + ["--epochs", "2",
+                                                                            "--no-augment"]
     run(torchrun("--standalone", "--nproc-per-node", "2")
         + training_args(image_folder, store, tmp_path, *args))
     ddp = only_run(store)
@@ -132,7 +141,7 @@ def test_two_processes_train_one_run_that_matches_one_process(
     assert [step for step, _ in history(store, ddp.info.run_id, "train_loss")] == [1, 2]
     registry = MlflowClient(store, registry_uri=store)
     assert registry.get_model_version_by_alias("tiny-" + model, "champion").run_id == ddp.info.run_id
-    single = train(train_config(model=model, epochs=2, augment=False, no_register=True),
+    single = train(train_config(**settings, epochs=2, augment=False, no_register=True),
                    log=lambda *_: None)
     ddp_loss = [v for _, v in history(store, ddp.info.run_id, "train_loss")]
     print("train loss, 2 processes:", ddp_loss, "1 process:", [h["train_loss"] for h in single.history])

@@ -40,8 +40,14 @@ def stop_after_steps(n):
     return requested
 
 
-@pytest.mark.parametrize("options", [{}, {"model": "fast", "val_fraction": 0.2}],
-                         ids=["cnn", "fast-lookahead-alternate-flip"])
+LITE0 = {"model": "efficientnet_lite0", "weights": "imagenet", "freeze": "backbone",
+         "input_size": 32}
+
+
+@pytest.mark.parametrize("options", [{}, {"model": "fast", "val_fraction": 0.2}, LITE0,
+                                     {**LITE0, "unfreeze_after": 2}],
+                         ids=["cnn", "fast-lookahead-alternate-flip", "cached-features",
+                              "unfrozen-after-2"])
 def test_a_resumed_run_matches_an_uninterrupted_one(options, train_config, store):
     cfg = train_config(epochs=4, seed=3, **options)
     whole = train(cfg, log=quiet)
