@@ -203,26 +203,44 @@ def compiled(setup: Setup, log=print) -> Setup:
     return setup
 
 
-def on_features(cfg: TrainConfig, splits: DeviceSplits, model: nn.Module, prep: Preprocessing,
-                precision: str, resume_from: dict | None, log=print) -> Setup:
-    """The head alone, trained on the backbone's cached outputs."""
-    head = get_spec(cfg.model).head
+@dataclass
+class Parts:
+    """What the loop trains and on what: the network itself on images, or its head on the
+    backbone's cached outputs (`whole` is then the network, `feature_params` what was cached)."""
+
+    trained: nn.Module
+    loaders: Loaders
+    whole: nn.Module | None = None
+    feature_params: dict = field(default_factory=lambda: {"feature_cache": "off"})
+
+
+def on_device(cfg: TrainConfig, model: nn.Module, device: torch.device) -> nn.Module:
     channels_last = cfg.channels_last and is_convolutional(model)
-    model = model.to(splits.device, memory_format=torch.channels_last if channels_last
-                     else torch.preserve_format).eval()
+    return model.to(device, memory_format=torch.channels_last if channels_last
+                    else torch.preserve_format)
+
+
+def on_images(cfg: TrainConfig, splits: DeviceSplits, model: nn.Module,
+              prep: Preprocessing) -> Parts:
+    model = on_device(cfg, model, splits.device)
+    if cfg.sync_bn and distributed.world().size > 1:  # in place: the same parameters
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    loaders = make_loaders(cfg, splits, prep, cfg.channels_last and is_convolutional(model))
+    if cfg.whiten_init:
+        whiten_first_conv(model, loaders.train.transform(whitening_sample(splits.train[0],
+                                                                          cfg.seed)))
+    return Parts(model, loaders)
+
+
+def on_features(cfg: TrainConfig, splits: DeviceSplits, model: nn.Module, prep: Preprocessing,
+                log=print) -> Parts:
+    head = get_spec(cfg.model).head
+    model = on_device(cfg, model, splits.device).eval()
     features = frozen_features(cfg, model, head, prep, splits, log)
-    train, val, test = feature_loaders(cfg, features, splits)
-    state = training_state(cfg, model.get_submodule(head), train, precision)
-    start = checkpoint.restore(resume_from, state) if resume_from is not None else None
-    return Setup(prep, state, distributed.wrap(state.model, splits.device),
-                 Loaders(train, val, test),
-                 nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision, "none",
-                 start=start, whole=model,
-                 world_params=distributed.describe(describe_device(splits.device)["device_name"],
-                                                   cfg.batch_size),
-                 feature_params={"feature_cache": features.status,
-                                 "feature_seconds": round(features.seconds, 2),
-                                 "feature_width": features.train.shape[-1]})
+    return Parts(model.get_submodule(head), Loaders(*feature_loaders(cfg, features, splits)),
+                 whole=model, feature_params={"feature_cache": features.status,
+                                              "feature_seconds": round(features.seconds, 2),
+                                              "feature_width": features.train.shape[-1]})
 
 
 def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = None,
@@ -236,22 +254,15 @@ def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = Non
     model = build_model(cfg.model, splits.num_classes, data.image_size, weights=cfg.weights,
                         freeze=cfg.freeze)
     prep = preprocessing(cfg, splits)
-    if uses_feature_cache(cfg):
-        return on_features(cfg, splits, model, prep, precision, resume_from, log)
-    channels_last = cfg.channels_last and is_convolutional(model)
-    model = model.to(device, memory_format=torch.channels_last if channels_last
-                     else torch.preserve_format)
-    if cfg.sync_bn and distributed.world().size > 1:  # in place: the same parameters
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    loaders = make_loaders(cfg, splits, prep, channels_last)
-    if cfg.whiten_init:
-        whiten_first_conv(model, loaders.train.transform(whitening_sample(splits.train[0],
-                                                                          cfg.seed)))
-    state = training_state(cfg, model, loaders.train, precision)
+    cached = uses_feature_cache(cfg)
+    parts = (on_features(cfg, splits, model, prep, log) if cached
+             else on_images(cfg, splits, model, prep))
+    state = training_state(cfg, parts.trained, parts.loaders.train, precision)
     start = checkpoint.restore(resume_from, state) if resume_from is not None else None
-    setup = Setup(prep, state, distributed.wrap(model, device), loaders,
+    setup = Setup(prep, state, distributed.wrap(parts.trained, device), parts.loaders,
                   nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
-                  compile_mode(cfg, device), start=start,
+                  "none" if cached else compile_mode(cfg, device), start=start,
                   world_params=distributed.describe(describe_device(device)["device_name"],
-                                                     cfg.batch_size))
+                                                     cfg.batch_size),
+                  whole=parts.whole, feature_params=parts.feature_params)
     return compiled(setup, log)
