@@ -129,4 +129,4 @@ def test_a_feature_loader_draws_one_view_per_image_each_epoch_and_resumes_exactl
 
 def test_the_cache_with_test_time_augmentation_is_refused(train_config):
     with pytest.raises(ConfigError, match="--tta flip.*--no-feature-cache"):
-        train(frozen(train_config, tta="flip"), **QUIET)
+        frozen(train_config, tta="flip")

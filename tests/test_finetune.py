@@ -105,7 +105,7 @@ def test_the_unfreezer_lets_the_backbone_train_from_the_epoch_after(train_config
     from training.state import Unfreezer
 
     model = build_model("resnet18", 3, 32, freeze="backbone")
-    unfreezer = Unfreezer.of(model, "fc", after=2)
+    unfreezer = Unfreezer.of(model, after=2)
     unfreezer.begin(2)
     assert not model.layer1[0].conv1.weight.requires_grad
     unfreezer.begin(3)

@@ -14,7 +14,7 @@ from shared.models import build_model, get_spec, input_size_for, is_convolutiona
 from shared.preprocess import InputTransform, Preprocessing
 from training import checkpoint, distributed, run_log
 from training.averaging import Lookahead
-from training.features import FeatureLoader, feature_loaders, frozen_features, uses_feature_cache
+from training.features import FeatureLoader, feature_loaders, frozen_features
 from training.config import ConfigError, TrainConfig
 from training.loop import EarlyStopping, FitResult, autocast_for, warm_up
 from training.optim import make_optimizer, make_scheduler
@@ -180,7 +180,7 @@ def training_state(cfg: TrainConfig, model: nn.Module, loader: DeviceLoader | Fe
         scheduler=make_scheduler(cfg, optimizer, len(loader)),
         scaler=torch.amp.GradScaler(loader.device.type) if precision == "fp16" else None,
         averager=Lookahead(model, cfg.epochs * len(loader)) if cfg.lookahead else None,
-        unfreezer=Unfreezer.of(model, get_spec(cfg.model).head, cfg.unfreeze_after))
+        unfreezer=Unfreezer.of(model, cfg.unfreeze_after))
 
 
 def compiled(setup: Setup, log=print) -> Setup:
@@ -254,7 +254,7 @@ def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = Non
     model = build_model(cfg.model, splits.num_classes, data.image_size, weights=cfg.weights,
                         freeze=cfg.freeze)
     prep = preprocessing(cfg, splits)
-    cached = uses_feature_cache(cfg)
+    cached = cfg.uses_feature_cache
     parts = (on_features(cfg, splits, model, prep, log) if cached
              else on_images(cfg, splits, model, prep))
     state = training_state(cfg, parts.trained, parts.loaders.train, precision)

@@ -172,6 +172,9 @@ class TrainConfig:
             raise ConfigError(f"--backbone-lr-scale sets the rate of all but the head, and "
                               f"{self.model} has no separate head; models with one: "
                               f"{', '.join(n for n, s in MODELS.items() if s.head)}, timm/NAME")
+        if self.uses_feature_cache and self.tta != "none":
+            raise ConfigError(f"the feature cache scores each image's plain view, so --tta "
+                              f"{self.tta} cannot apply: use --tta none, or --no-feature-cache")
         if self.unfreeze_after and self.freeze != "backbone":
             raise ConfigError("--unfreeze-after N starts with a frozen backbone: add --freeze "
                               "backbone (or drop --unfreeze-after to train all layers from the "
@@ -184,6 +187,11 @@ class TrainConfig:
                               "and '-' (up to 100, starting with a letter or digit); the name "
                               "goes into models:/NAME@ALIAS URIs and registry searches")
         return self
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        """The backbone stays frozen the whole run, and the feature cache is not turned off."""
+        return self.freeze == "backbone" and self.feature_cache and not self.unfreeze_after
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

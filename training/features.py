@@ -23,19 +23,9 @@ from shared.batches import random_crop, random_flip
 from shared.models import is_convolutional
 from shared.preprocess import InputTransform, Preprocessing
 from training import distributed
-from training.config import ConfigError, TrainConfig
+from training.config import TrainConfig
 
 CACHE_VERSION = 1
-
-
-def uses_feature_cache(cfg: TrainConfig) -> bool:
-    """The backbone stays frozen the whole run, and the cache is not turned off."""
-    if not (cfg.freeze == "backbone" and cfg.feature_cache and not cfg.unfreeze_after):
-        return False
-    if cfg.tta != "none":
-        raise ConfigError(f"the feature cache scores each image's plain view, so --tta {cfg.tta} "
-                          "cannot apply: use --tta none, or --no-feature-cache")
-    return True
 
 
 class FeatureLoader:

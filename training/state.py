@@ -20,7 +20,7 @@ class Unfreezer:
         self.params, self.after = params, after
 
     @classmethod
-    def of(cls, model: nn.Module, head: str | None, after: int) -> "Unfreezer | None":
+    def of(cls, model: nn.Module, after: int) -> "Unfreezer | None":
         if not after:
             return None
         return cls([p for p in model.parameters() if not p.requires_grad], after)
