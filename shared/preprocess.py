@@ -88,6 +88,15 @@ def decode_image(source: str | Path | BinaryIO, size: int) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, S, S) images resized to (N, 3, size, size), bilinear, still uint8."""
+    if images.shape[-1] == size:
+        return images
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear",
+                            align_corners=False, antialias=size < images.shape[-1])
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
 class InputTransform(nn.Module):
     """float images in [0, 1] at the stored size -> normalized network input."""
 

@@ -121,3 +121,15 @@ def test_early_stopping_stops_the_run_and_records_where(train_config):
     assert result.stopped_epoch == 3 and result.epochs_run == 3
     assert params["stopped_early"] == "True" and params["stop_epoch"] == "3"
     assert params["epochs_requested"] == "6" and params["epochs_run"] == "3"
+
+
+def test_a_photo_size_makes_the_logged_model_take_photos_decoded_larger(train_config):
+    from shared.inference import classify_files, load_classifier
+
+    result = train(train_config(epochs=1, photo_size=48), log=lambda *_: None)
+    assert mlflow.get_run(result.run_id).data.params["photo_size_resolved"] == "48"
+    clf = load_classifier(result.model_uri)
+    assert clf.prep.image_size == 48 and clf.prep.input_size == 32
+    photo = Path(__file__).resolve().parents[1] / "inputs" / "horse.png"
+    [[prediction]] = list(classify_files(clf, [photo]))
+    assert prediction.error is None and prediction.label in clf.classes

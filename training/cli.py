@@ -69,7 +69,7 @@ class StopSignals:
 # settings added after checkpoints began to be written: a checkpoint without one was written
 # before it existed, when training behaved as its default does
 ADDED_SETTINGS = ("sync_bn", "feature_cache", "feature_views", "unfreeze_after",
-                  "backbone_lr_scale")
+                  "backbone_lr_scale", "photo_size")
 
 
 def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, Resume]:

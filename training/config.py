@@ -125,6 +125,12 @@ class TrainConfig:
     input_size: int | None = opt(None, "network input side (default: the model's, 224 for "
                                        "alexnet/vgg16, else the image size)", min=8,
                                  max=MAX_IMAGE_SIDE, unit="pixels")
+    photo_size: int | None = opt(None, "side of the images the logged model takes: consumers "
+                                       "(the app, gui.classify) decode photos to it, and the "
+                                       "model resizes them to its input. Default: the dataset's "
+                                       "image size, as trained; larger keeps a photo's detail "
+                                       "for a model with a larger input", min=8,
+                                 max=MAX_IMAGE_SIDE, unit="pixels")
     seed: int = opt(0, "seed for weights, shuffling and augmentation")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: str = opt("auto", "auto: bf16 (fp16 if unsupported) on CUDA, fp32 elsewhere",

@@ -5,6 +5,7 @@ registry). `train(cfg)` is the importable entry; `main()` adds the CLI and its e
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
@@ -18,7 +19,7 @@ from torch import nn
 from shared.data import ImageData
 from shared.device import describe_device
 from shared.models import count_parameters, describe_models
-from shared.preprocess import Preprocessing
+from shared.preprocess import Preprocessing, resize_batch
 from shared.store import tracking_uri, ui_command
 from shared.tracking import log_classifier, register_version
 from training import distributed, run_log
@@ -138,7 +139,9 @@ def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: I
     summary = model_summary(model, (1, 3, prep.input_size, prep.input_size))
     run_log.log_final_report(outcome.history, outcome.best_epoch, test, data.classes, summary,
                               {**cfg.public_dict(), "resolved_precision": setup.precision})
-    model_info = log_classifier(model, prep, data.classes, data.test_images[:2],
+    served = dataclasses.replace(prep, image_size=cfg.photo_size or prep.image_size)
+    model_info = log_classifier(model, served, data.classes,
+                                resize_batch(data.test_images[:2], served.image_size),
                                 extra={"model": cfg.model, "dataset": data.name,
                                        "weights_source": run_log.weights_source(cfg.weights)})
     outcome.model_uri = model_info.model_uri
