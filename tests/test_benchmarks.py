@@ -98,3 +98,15 @@ def test_feature_cache_times_head_epochs_with_and_without_the_cache(image_folder
     result = json.loads(out.read_text())
     assert result["train_images"] == 20 and result["speedup"] > 1
     assert result["epoch_seconds with cache"] < result["epoch_seconds without cache"]
+
+
+def test_photo_table_gives_each_models_answer_per_photo(registered_store, image_folder, capsys):
+    photos = sorted((image_folder / "test" / "ship").iterdir())[:2]
+    code = load("photo_table").main([
+        "--tracking-uri", registered_store, "--models", "tiny-cnn@champion,tiny-cnn/2",
+        "--photos", ",".join(map(str, photos)), "--labelled", str(image_folder / "test"),
+        "--every", "2"])
+    assert code == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-cnn")]
+    assert len(rows) == 2 and all(row.count("|") == 6 for row in rows)
+    assert all(row.rstrip(" |").endswith("%") for row in rows)
