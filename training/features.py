@@ -139,13 +139,18 @@ def backbone_digest(model: nn.Module, head: str) -> str:
     return h.hexdigest()
 
 
+def crop_padding(cfg: TrainConfig) -> int:
+    """The random-crop views' padding: the training crop's, or 4 pixels where it has none."""
+    return cfg.crop_padding or 4
+
+
 def cache_key(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing,
               splits) -> str:
     """Everything the cached outputs depend on: the images of each split, the backbone's
     weights, the preprocessing (input size, normalization) and the views."""
     views = {"views": cfg.feature_views}
     if cfg.feature_views > 2:  # random crops: their padding, fill and seed matter too
-        views.update(crop_padding=cfg.crop_padding, crop_fill=cfg.crop_fill, seed=cfg.seed)
+        views.update(crop_padding=crop_padding(cfg), crop_fill=cfg.crop_fill, seed=cfg.seed)
     parts = {"version": CACHE_VERSION, "model": cfg.model, "head": head,
              "backbone": backbone_digest(model, head), "preprocessing": prep.to_dict(),
              **views, **{name: digest(getattr(splits, name)[0])
@@ -156,9 +161,7 @@ def cache_key(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing
 def read_cached(path: Path, key: str, device: torch.device) -> dict | None:
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        return None
-    except Exception:  # noqa: BLE001 - a truncated or foreign file: compute them again
+    except Exception:  # noqa: BLE001 - none yet, or a truncated or foreign file: compute them
         return None
     return saved if isinstance(saved, dict) and saved.get("key") == key else None
 
@@ -193,7 +196,7 @@ def compute(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing, 
             key: str, log=print) -> dict:
     transform = InputTransform(prep).to(splits.device)
     common = {"batch_size": cfg.eval_batch_size, "seed": cfg.seed,
-              "crop_padding": cfg.crop_padding or 4, "crop_fill": cfg.crop_fill,
+              "crop_padding": crop_padding(cfg), "crop_fill": cfg.crop_fill,
               "channels_last": cfg.channels_last and is_convolutional(model)}
 
     def outputs(images: torch.Tensor, views: int, split: str) -> torch.Tensor:
