@@ -1,4 +1,5 @@
 """Real ImageNet weights offline (EfficientNet-Lite0 from its package) and any timm model by name."""
+import functools
 import sys
 from pathlib import Path
 
@@ -16,9 +17,14 @@ INPUTS = Path(__file__).resolve().parents[1] / "inputs"
 IMAGENET = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 
 
+@functools.cache
+def imagenet_lite0() -> torch.nn.Module:
+    return build_model("efficientnet_lite0", 1000, 224, weights="imagenet").eval()
+
+
 def imagenet_top5(photo: str) -> list[str]:
     """The 1000-class network's five most likely ImageNet classes for a photo of inputs/."""
-    model = build_model("efficientnet_lite0", 1000, 224, weights="imagenet").eval()
+    model = imagenet_lite0()
     transform = InputTransform(Preprocessing(224, 224, *get_spec("efficientnet_lite0").pretrained_stats))
     x = torch.from_numpy(decode_image(INPUTS / photo, 224))[None].float() / 255
     with torch.no_grad():

@@ -14,7 +14,7 @@ from shared.models import build_model, get_spec, input_size_for, is_convolutiona
 from shared.preprocess import InputTransform, Preprocessing
 from training import checkpoint, distributed, run_log
 from training.averaging import Lookahead
-from training.features import FeatureLoader, feature_loaders, frozen_features
+from training.features import NOT_CACHED, FeatureLoader, feature_loaders, frozen_features
 from training.config import ConfigError, TrainConfig
 from training.loop import EarlyStopping, FitResult, autocast_for, warm_up
 from training.optim import make_optimizer, make_scheduler
@@ -119,7 +119,7 @@ class Setup:
     start: FitResult | None = None  # where a resumed run goes on
     world_params: dict = field(default_factory=dict)  # under torchrun: its processes and devices
     whole: nn.Module | None = None  # with cached features: the network whose head state.model is
-    feature_params: dict = field(default_factory=lambda: {"feature_cache": "off"})
+    feature_params: dict = field(default_factory=lambda: dict(NOT_CACHED))
 
     @property
     def model(self) -> nn.Module:
@@ -211,7 +211,7 @@ class Parts:
     trained: nn.Module
     loaders: Loaders
     whole: nn.Module | None = None
-    feature_params: dict = field(default_factory=lambda: {"feature_cache": "off"})
+    feature_params: dict = field(default_factory=lambda: dict(NOT_CACHED))
 
 
 def on_device(cfg: TrainConfig, model: nn.Module, device: torch.device) -> nn.Module:
@@ -235,12 +235,10 @@ def on_images(cfg: TrainConfig, splits: DeviceSplits, model: nn.Module,
 def on_features(cfg: TrainConfig, splits: DeviceSplits, model: nn.Module, prep: Preprocessing,
                 log=print) -> Parts:
     head = get_spec(cfg.model).head
-    model = on_device(cfg, model, splits.device).eval()
+    model = on_device(cfg, model, splits.device)
     features = frozen_features(cfg, model, head, prep, splits, log)
     return Parts(model.get_submodule(head), Loaders(*feature_loaders(cfg, features, splits)),
-                 whole=model, feature_params={"feature_cache": features.status,
-                                              "feature_seconds": round(features.seconds, 2),
-                                              "feature_width": features.train.shape[-1]})
+                 whole=model, feature_params=features.params())
 
 
 def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = None,

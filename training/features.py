@@ -75,6 +75,9 @@ class FeatureLoader:
         self.epoch = state["epoch"]
 
 
+NOT_CACHED = {"feature_cache": "off", "feature_views": 0}  # the params of a run without the cache
+
+
 @dataclass
 class Features:
     train: torch.Tensor  # (views, images, width), float16
@@ -83,6 +86,11 @@ class Features:
     status: str  # "hit": read from the cache; "built": computed now (and cached)
     seconds: float  # computing or reading them
     path: Path
+
+    def params(self) -> dict:
+        """What a run logs of them."""
+        return {"feature_cache": self.status, "feature_views": self.train.shape[0],
+                "feature_seconds": round(self.seconds, 2), "feature_width": self.train.shape[-1]}
 
 
 class _Captured(Exception):

@@ -77,7 +77,6 @@ def run_params(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> dict:
         "photo_size_resolved": cfg.photo_size or prep.image_size, "normalize_mean": list(prep.mean),
         "normalize_std": list(prep.std), "trainable_params": trainable, "total_params": total,
         **setup.world_params, **setup.feature_params,
-        "feature_views": cfg.feature_views if setup.feature_params["feature_cache"] != "off" else 0,
     }
 
 
