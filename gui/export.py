@@ -10,7 +10,7 @@ from shared.files import display_name
 if TYPE_CHECKING:
     from shared.inference import Prediction
 
-HEADER = ["file", "predicted_class", "confidence", "top5", "error"]
+HEADER = ["file", "predicted_class", "confidence", "unsure", "top5", "error"]
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -22,13 +22,15 @@ def cell(text: str) -> str:
 
 
 def write_csv(predictions: Iterable[Prediction], out: TextIO) -> int:
-    """Write the rows; returns how many. top5 reads 'class:probability; ...'."""
+    """Write the rows; returns how many. unsure is "yes" when the confidence is under the
+    model's unsure threshold (maybe none of its classes); top5 reads 'class:probability; ...'."""
     writer = csv.writer(out)
     writer.writerow(HEADER)
     count = 0
     for p in predictions:
         top = "; ".join(f"{name}:{prob:.4f}" for name, prob in p.top)
+        unsure = ("yes" if p.unsure else "no") if p.top else ""
         writer.writerow([cell(p.path), cell(p.label), f"{p.confidence:.4f}" if p.top else "",
-                         cell(top), cell(p.error or "")])
+                         unsure, cell(top), cell(p.error or "")])
         count += 1
     return count

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from shared.calibration import Calibration
 from shared.files import not_readable
 from shared.preprocess import Preprocessing, decode_image
-from shared.safe_model import (ARCHIVE, UnsafeModel, check_archive, check_metadata,
-                               check_model_dir, check_outputs, open_archive)
+from shared.safe_model import (ARCHIVE, UnsafeModel, check_archive, check_calibration,
+                               check_metadata, check_model_dir, check_outputs, open_archive)
 
 # a model is fetched from a local or tracking-server store on every load; no progress bars
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -30,6 +31,7 @@ class Prediction:
     path: str
     top: list[tuple[str, float]]  # (class, probability), most likely first; empty on error
     error: str | None = None
+    unsure: bool = False  # under the model's unsure threshold: maybe none of its classes
 
     @property
     def label(self) -> str:
@@ -46,12 +48,22 @@ class LoadedClassifier:
     module: torch.nn.Module  # an exported (torch.export) module, fixed in eval mode
     classes: list[str]
     prep: Preprocessing
+    calibration: Calibration = Calibration()
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, S, S) images at the model's stored size -> (N, classes) probabilities."""
+        """uint8 (N, 3, S, S) images at the model's stored size -> (N, classes) probabilities
+        (calibrated: the module divides its scores by the temperature)."""
         scores = self.module(images.float().div(255))
         return torch.softmax(scores.float(), dim=1)
+
+    def predict(self, paths: Sequence[str], images: torch.Tensor, top_k: int = 5) -> list[Prediction]:
+        """One Prediction per decoded image: its top classes and the unsure flag."""
+        probs = self.probabilities(images)
+        values, indices = probs.topk(min(top_k, len(self.classes)), dim=1)
+        return [Prediction(path, [(self.classes[i], v) for i, v in zip(idxs, vals)],
+                           unsure=self.calibration.unsure(vals[0]))
+                for path, vals, idxs in zip(paths, values.tolist(), indices.tolist())]
 
     def load_images(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """Decode files exactly as the training data was decoded."""
@@ -69,26 +81,33 @@ def load_classifier(model_uri: str) -> LoadedClassifier:
         except Exception as exc:  # noqa: BLE001 - missing artifacts, bad URIs, store errors
             raise ModelLoadError(f"cannot read the model {model_uri}: it does not exist, or its "
                                  f"artifacts are missing or unreachable ({exc})") from exc
-        if not (local / "MLmodel").is_file():
-            raise ModelLoadError(f"cannot read the model {model_uri}: its artifacts are missing "
-                                 "(no MLmodel file where the registry points)")
-        try:
-            classes, prep = check_metadata(check_model_dir(local))
-            check_archive(local / ARCHIVE)
-        except UnsafeModel as exc:
-            raise ModelLoadError(f"refused to load {model_uri}: {exc}. Nothing of it was run; "
-                                 "retrain it with training.train, or ask who changed its "
-                                 "artifacts.") from None
-        try:
-            module = open_archive(local / ARCHIVE)
-        except Exception as exc:  # noqa: BLE001 - broken files, incompatible torch versions
-            raise ModelLoadError(f"cannot load the model {model_uri} (damaged, or made by an "
-                                 f"incompatible PyTorch): {exc}") from exc
+        return open_model_dir(local, model_uri)
+
+
+def open_model_dir(local: Path, model_uri: str) -> LoadedClassifier:
+    """A downloaded model folder, checked, then opened (see load_classifier)."""
+    if not (local / "MLmodel").is_file():
+        raise ModelLoadError(f"cannot read the model {model_uri}: its artifacts are missing "
+                             "(no MLmodel file where the registry points)")
+    try:
+        metadata = check_model_dir(local)
+        classes, prep = check_metadata(metadata)
+        calibration = check_calibration(metadata)
+        check_archive(local / ARCHIVE)
+    except UnsafeModel as exc:
+        raise ModelLoadError(f"refused to load {model_uri}: {exc}. Nothing of it was run; "
+                             "retrain it with training.train, or ask who changed its "
+                             "artifacts.") from None
+    try:
+        module = open_archive(local / ARCHIVE)
+    except Exception as exc:  # noqa: BLE001 - broken files, incompatible torch versions
+        raise ModelLoadError(f"cannot load the model {model_uri} (damaged, or made by an "
+                             f"incompatible PyTorch): {exc}") from exc
     try:
         check_outputs(module, classes, prep)
     except UnsafeModel as exc:
         raise ModelLoadError(f"cannot use the model {model_uri}: {exc}") from None
-    return LoadedClassifier(model_uri, module, classes, prep)
+    return LoadedClassifier(model_uri, module, classes, prep, calibration)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -109,7 +128,6 @@ def classify_files(clf: LoadedClassifier, paths: Sequence[str | Path], batch_siz
                    ) -> Iterator[list[Prediction]]:
     """Classify files batch by batch, one Prediction per file in order. A file that cannot be
     read gets its reason, never stops the batch. Stops between batches once `cancelled()`."""
-    k = min(top_k, len(clf.classes))
     for start in range(0, len(paths), batch_size):
         if cancelled():
             return
@@ -126,8 +144,6 @@ def classify_files(clf: LoadedClassifier, paths: Sequence[str | Path], batch_siz
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 results[path] = Prediction(path, [], describe_error(exc))
         if images:
-            probs = clf.probabilities(torch.from_numpy(np.stack(images)))
-            values, indices = probs.topk(k, dim=1)
-            for path, vals, idxs in zip(readable, values.tolist(), indices.tolist()):
-                results[path] = Prediction(path, [(clf.classes[i], v) for i, v in zip(idxs, vals)])
+            for p in clf.predict(readable, torch.from_numpy(np.stack(images)), top_k):
+                results[p.path] = p
         yield [results[p] for p in chunk]

@@ -133,13 +133,14 @@ def tta_logits(net: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Ten
 
 class Classifier(nn.Module):
     """The network with its preprocessing in front (and its test-time augmentation around
-    it): what gets logged and served."""
+    it), its scores divided by the calibration `temperature`: what gets logged and served."""
 
-    def __init__(self, net: nn.Module, prep: Preprocessing):
+    def __init__(self, net: nn.Module, prep: Preprocessing, temperature: float = 1.0):
         super().__init__()
         self.transform = InputTransform(prep)
         self.net = net
         self.tta = prep.tta
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tta_logits(self.net, self.transform(x), self.tta)
+        return tta_logits(self.net, self.transform(x), self.tta) / self.temperature

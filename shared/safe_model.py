@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch.export.pt2_archive import constants as pt2
 
+from shared.calibration import Calibration
 from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES, Preprocessing
 
 ARCHIVE = Path("data") / "model.pt2"
@@ -233,6 +234,14 @@ def check_metadata(metadata: dict) -> tuple[list[str], Preprocessing]:
     if prep.tta not in TTA_MODES:
         raise UnsafeModel(f"its preprocessing tta {prep.tta!r} is not one of {', '.join(TTA_MODES)}")
     return list(classes), prep
+
+
+def check_calibration(metadata: dict) -> Calibration:
+    """The model's temperature and unsure rule; a model logged before them has none."""
+    try:
+        return Calibration.from_dict(metadata.get("calibration"))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise UnsafeModel(f"its calibration metadata is malformed ({exc})") from None
 
 
 def check_outputs(module: torch.nn.Module, classes: list[str], prep: Preprocessing) -> None:

@@ -16,6 +16,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from shared.calibration import Calibration
 from shared.preprocess import Classifier, Preprocessing
 from shared.store import CHAMPION, SCORE_TAG, creation_lock, sqlite_path, store_folder
 
@@ -43,18 +44,22 @@ def ensure_experiment(name: str, uri: str) -> str:
 
 
 def log_classifier(net: nn.Module, prep: Preprocessing, classes: list[str],
-                   examples: torch.Tensor, extra: dict | None = None) -> mlflow.models.model.ModelInfo:
-    """Log `net` with its preprocessing in front, in the pt2 (torch.export) format: no pickle.
+                   examples: torch.Tensor, extra: dict | None = None,
+                   calibration: Calibration = Calibration()) -> mlflow.models.model.ModelInfo:
+    """Log `net` with its preprocessing in front and its calibration temperature behind, in
+    the pt2 (torch.export) format: no pickle.
 
     The logged model takes float32 RGB images in [0, 1], shape (N, 3, image_size, image_size),
-    and returns one score per class (softmax gives probabilities). Its metadata holds the class
-    names and preprocessing, so a consumer needs nothing else.
+    and returns one score per class (softmax gives calibrated probabilities). Its metadata
+    holds the class names, preprocessing and unsure rule, so a consumer needs nothing else.
     """
-    model = Classifier(copy.deepcopy(net), prep).cpu().to(memory_format=torch.contiguous_format).eval()
+    model = Classifier(copy.deepcopy(net), prep, calibration.temperature)
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     example = examples[:2].cpu().float().div(255).numpy()  # batch > 1 keeps the batch dim dynamic
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     metadata = {"class_names": list(classes), "preprocessing": prep.to_dict(),
+                "calibration": calibration.to_dict(),
                 "input": "float32 RGB in [0, 1], shape (N, 3, image_size, image_size)",
                 "output": "one score per class; softmax gives probabilities", **(extra or {})}
     return mlflow.pytorch.log_model(

@@ -82,7 +82,7 @@ def test_registered_model_reloaded_gives_the_same_predictions(train_config, imag
     loaded = load_classifier(f"models:/{result.registered_name}@{CHAMPION}")
     files = sorted((image_folder / "test").glob("*/*.png"))
     images = loaded.load_images(files)
-    reference = Classifier(result.model, result.prep).cpu().eval()
+    reference = Classifier(result.model, result.prep, result.calibration.temperature).cpu().eval()
     with torch.no_grad():
         expected = torch.softmax(reference(images.float() / 255), 1)
     assert torch.allclose(loaded.probabilities(images), expected, atol=1e-5)

@@ -137,6 +137,21 @@ def evaluate(model: nn.Module, loader: DeviceLoader, loss_fn: nn.Module, num_cla
             "confusion": confusion}
 
 
+@torch.no_grad()
+def collect_logits(model: nn.Module, loader: DeviceLoader, *, autocast=contextlib.nullcontext,
+                   tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image's scores (float32, on the CPU) and label; under torchrun each process's
+    share, gathered on every process."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        with autocast():
+            logits.append(tta_logits(model, x, tta).float().cpu())
+        labels.append(y.cpu())
+    shares = distributed.gather((torch.cat(logits), torch.cat(labels)))
+    return torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
+
+
 class EarlyStopping:
     """Stops after `patience` epochs without improvement of `monitor` by more than `min_delta`,
     keeping a copy of the best weights to restore. patience=0 never stops, but still keeps the

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mlflow
 from torch import nn
 
+from shared.calibration import KEEP, RULE, Calibration, calibrate
 from shared.data import ImageData
 from shared.device import describe_device
 from shared.models import count_parameters, describe_models
@@ -26,7 +27,8 @@ from training import distributed, run_log
 from training.build import DeviceSplits, Setup, build, prepare
 from training.cli import StopSignals, resume_config, run_command
 from training.config import TrainConfig, parse_args
-from training.loop import Callbacks, FitResult, Validation, autocast_for, evaluate, fit, never
+from training.loop import (Callbacks, FitResult, Validation, autocast_for, collect_logits, evaluate,
+                           fit, never)
 from training.report import model_summary
 from training.run import (EpochRecorder, FollowerRun, Resume, RunOptions, TrackedRun, open_tracked,
                           progress_bar)
@@ -52,6 +54,7 @@ class TrainResult:
     registered_name: str | None = None
     version: str | None = None
     promoted: bool = False
+    calibration: Calibration = Calibration()  # chosen on the validation split after training
 
 
 def train(cfg: TrainConfig, log=print, *, splits: DeviceSplits | None = None,
@@ -132,6 +135,7 @@ def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: I
                     tta=prep.tta)
     outcome.test_seconds = time.perf_counter() - start
     outcome.test_acc, outcome.test_loss = test["acc"], test["loss"]
+    calibration = outcome.calibration = calibrate_on_validation(setup, prep.tta, writes)
     if not writes:
         return
     mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"],
@@ -143,7 +147,8 @@ def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: I
     model_info = log_classifier(model, served, data.classes,
                                 resize_batch(data.test_images[:2], served.image_size),
                                 extra={"model": cfg.model, "dataset": data.name,
-                                       "weights_source": run_log.weights_source(cfg.weights)})
+                                       "weights_source": run_log.weights_source(cfg.weights)},
+                                calibration=calibration)
     outcome.model_uri = model_info.model_uri
     if not cfg.no_register:
         outcome.registered_name = cfg.register or default_model_name(data.name, cfg.model)
@@ -154,6 +159,24 @@ def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: I
             outcome.best_val_acc if validated else test["acc"],
             tags={"test_acc": f"{test['acc']:.6f}", "model": cfg.model, "run_id": outcome.run_id,
                   "score_source": "validation" if validated else "test (no validation split)"})
+
+
+def calibrate_on_validation(setup: Setup, tta: str, writes: bool) -> Calibration:
+    """Temperature and unsure threshold from the validation split, logged; none without one."""
+    loader = setup.loaders.val
+    if len(loader.labels) == 0:
+        if writes:
+            mlflow.log_params({"temperature": 1.0, "unsure_rule": "none (no validation split)"})
+        return Calibration(source="none (no validation split)")
+    logits, labels = collect_logits(setup.state.model, loader, tta=tta,
+                                    autocast=autocast_for(loader.device, setup.precision))
+    calibration, figures = calibrate(logits, labels)
+    if writes:
+        mlflow.log_params({"temperature": f"{calibration.temperature:.4f}",
+                           "unsure_rule": f"{RULE} < {calibration.unsure_below:.4f} "
+                                          f"({KEEP:.0%} of validation images above)"})
+        mlflow.log_metrics(figures)
+    return calibration
 
 
 def main(argv: list[str] | None = None) -> int:
