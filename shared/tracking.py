@@ -21,21 +21,27 @@ from shared.preprocess import Classifier, Preprocessing
 from shared.store import CHAMPION, SCORE_TAG, creation_lock, sqlite_path, store_folder
 
 SETTLED_TAG = "champion_checked"  # set once a version was compared with the champion
+# MLflow's UI opens an experiment without this tag on its GenAI overview (traces), not its runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def ensure_experiment(name: str, uri: str) -> str:
-    """The experiment's id, creating it if needed. With a SQLite store its artifacts live beside
-    the database file, so a store is one self-contained folder wherever it was created from."""
+    """The experiment's id, creating it if needed, tagged as model training for the UI. With a
+    SQLite store its artifacts live beside the database file, so a store is one self-contained
+    folder wherever it was created from."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:  # made by an older version, or by hand
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = None
     if sqlite_path(uri) is not None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
         location = (store_folder(uri) / "artifacts" / slug).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # another process created it first
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

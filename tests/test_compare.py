@@ -78,7 +78,7 @@ def test_a_filter_matching_nothing_says_so(two_runs, tmp_path, capsys):
     store, _ = two_runs
     assert compare_main(["--tracking-uri", store, "--filter", "params.model = 'vgg16'",
                          "--out", str(tmp_path / "r")]) == 2
-    assert "no training run matches the filter" in capsys.readouterr().err
+    assert "no training or evaluation run matches the filter" in capsys.readouterr().err
 
 
 def test_benchmark_logs_one_run_per_model_and_device_and_skips_missing_devices(

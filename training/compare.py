@@ -26,10 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from shared.store import tracking_uri, ui_command, use_store
 
-COLUMNS = ["run", "name", "model", "training", "frozen", "trainable_params", "total_params",
+COLUMNS = ["run", "name", "kind", "model", "dataset", "training", "frozen", "trainable_params", "total_params",
            "epochs_run", "stopped_at", "best_train_acc", "final_train_acc", "best_val_acc",
            "final_val_acc", "best_train_loss", "final_train_loss", "best_val_loss", "final_val_loss",
-           "test_acc", "train_seconds",
+           "test_acc", "ece", "train_seconds",
            "seconds_per_epoch", "device", "status"]
 
 
@@ -38,7 +38,8 @@ class CompareError(Exception):
 
 
 def select_runs(client, experiments: list[str], run_ids: list[str], filter_string: str) -> list:
-    """Training runs (those with a `model` param) matching the selection, oldest first."""
+    """Training and evaluation runs (those with a `model` param) matching the selection,
+    oldest first."""
     if run_ids:
         runs = []
         for run_id in run_ids:
@@ -63,7 +64,7 @@ def select_runs(client, experiments: list[str], run_ids: list[str], filter_strin
     runs = [r for r in runs if "model" in r.data.params]
     if not runs:
         where = f"filter {filter_string!r}" if filter_string else "selection"
-        raise CompareError(f"no training run matches the {where}; list what is there with "
+        raise CompareError(f"no training or evaluation run matches the {where}; list what is there with "
                            "`mlflow ui` or widen the selection")
     return sorted(runs, key=lambda r: r.info.start_time)
 
@@ -82,7 +83,9 @@ def comparison_row(client, run) -> dict:
     return {
         "run": run.info.run_id[:8],
         "name": run.info.run_name or "",
+        "kind": run.data.tags.get("kind", "training"),
         "model": p.get("model", ""),
+        "dataset": p.get("dataset", run.data.tags.get("dataset", "")),
         "training": {"True": "fine-tuned", "False": "scratch"}.get(p.get("fine_tuned", ""), ""),
         "frozen": p.get("frozen_layers", ""),
         "trainable_params": p.get("trainable_params", ""),
@@ -97,7 +100,8 @@ def comparison_row(client, run) -> dict:
         "final_train_loss": m.get("train_loss", ""),
         "best_val_loss": min(history["val_loss"]) if history["val_loss"] else "",
         "final_val_loss": m.get("val_loss", ""),
-        "test_acc": m.get("test_acc", ""),
+        "test_acc": m.get("test_acc", m.get("accuracy", "")),
+        "ece": m.get("ece", ""),
         "train_seconds": m.get("train_seconds", ""),
         "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else "",
         "device": p.get("device_name", p.get("device", "")),

@@ -28,7 +28,8 @@ def curves_figure(history: list[dict[str, float]], best_epoch: int) -> plt.Figur
     return fig
 
 
-def confusion_figure(confusion: torch.Tensor, classes: list[str]) -> plt.Figure:
+def confusion_figure(confusion: torch.Tensor, classes: list[str],
+                     title: str = "test set confusion matrix") -> plt.Figure:
     n = len(classes)
     side = max(4.5, 1.5 + 0.6 * n)
     fig, ax = plt.subplots(figsize=(side, side - 0.4))
@@ -40,7 +41,7 @@ def confusion_figure(confusion: torch.Tensor, classes: list[str]) -> plt.Figure:
                     color="white" if rates[i, j] > 0.5 else "black")
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="test set confusion matrix")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     return fig
 
@@ -66,6 +67,49 @@ def per_class_scores(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
 def scores_csv(scores: list[dict]) -> str:
     header = list(scores[0])
     return "\n".join([",".join(header)] + [",".join(str(s[k]) for k in header) for s in scores]) + "\n"
+
+
+def reliability_figure(bins: list[dict], ece: float, ece_raw: float) -> plt.Figure:
+    """Accuracy against confidence per bin (a calibrated model follows the diagonal), with
+    how many images each bin holds."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=[3, 1], sharex=True)
+    centers = [(b["low"] + b["high"]) / 2 for b in bins]
+    width = bins[0]["high"] - bins[0]["low"]
+    filled = [b for b in bins if b["count"]]
+    top.bar([(b["low"] + b["high"]) / 2 for b in filled], [b["accuracy"] for b in filled],
+            width=width * 0.95, color="tab:blue", label="accuracy")
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o-",
+             color="tab:orange", markersize=3, label="mean confidence")
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+            title=f"reliability: ECE {ece:.4f} (before temperature {ece_raw:.4f})")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(centers, [b["count"] for b in bins], width=width * 0.95, color="tab:grey")
+    bottom.set(xlabel="confidence (top probability)", ylabel="images")
+    fig.tight_layout()
+    return fig
+
+
+def mistakes_figure(images: torch.Tensor, captions: list[str], columns: int = 6) -> plt.Figure:
+    """A gallery of uint8 (N, 3, H, W) images, each with its caption."""
+    rows = max(1, -(-len(captions) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(caption, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def confused_pairs(confusion: torch.Tensor, classes: list[str], top: int = 10) -> list[dict]:
+    """The class pairs most often mistaken for each other, both directions added up."""
+    n = len(classes)
+    pairs = [{"first": classes[i], "second": classes[j], "first_as_second": int(confusion[i, j]),
+              "second_as_first": int(confusion[j, i]), "total": int(confusion[i, j] + confusion[j, i])}
+             for i in range(n) for j in range(i + 1, n)]
+    return sorted((p for p in pairs if p["total"]), key=lambda p: -p["total"])[:top]
 
 
 def model_summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:

@@ -1,0 +1,123 @@
+"""python -m training.evaluate: a registered model scored on a labelled folder, as its own run."""
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from datagen import make_image_folder
+from training.compare import main as compare_main
+from training.evaluate import main
+
+ARTIFACTS = {"confusion_matrix.png", "confusion_matrix.csv", "reliability_diagram.png",
+             "per_class_metrics.csv", "confused_pairs.csv", "worst_mistakes.png",
+             "worst_mistakes.csv"}
+
+
+def evaluation_runs(store):
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("evaluations")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+@pytest.fixture
+def evaluated(registered, registered_store, image_folder, tmp_path):
+    """tiny-cnn version 1 scored on the test images it was trained beside."""
+    assert main(["--model", "tiny-cnn/1", "--data-dir", str(image_folder), "--tracking-uri",
+                 registered_store, "--cache-dir", str(tmp_path / "cache")]) == 0
+    (run,) = evaluation_runs(registered_store)
+    return registered_store, registered[1], run
+
+
+def test_accuracy_equals_the_training_runs_test_accuracy(evaluated):
+    _, trained, run = evaluated
+    assert run.data.metrics["accuracy"] == pytest.approx(trained.test_acc, abs=1e-9)
+    assert run.data.metrics["images"] == 18
+
+
+def test_run_is_tagged_with_the_model_and_logs_the_dataset_it_scored(evaluated):
+    store, trained, run = evaluated
+    tags = run.data.tags
+    assert (tags["registered_model"], tags["model_version"], tags["source_run"]) == (
+        "tiny-cnn", "1", trained.run_id)
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "tiny-test" and dataset.dataset.digest == tags["dataset_fingerprint"]
+    assert run.data.params["model"] == "cnn"
+
+
+def test_metrics_hold_per_class_scores_and_calibration_error(evaluated):
+    metrics = evaluated[2].data.metrics
+    for cls in ("cat", "dog", "ship"):
+        assert {f"precision_{cls}", f"recall_{cls}", f"f1_{cls}"} <= set(metrics)
+    assert {"loss", "macro_f1", "ece", "ece_before_temperature"} <= set(metrics)
+    assert 0 <= metrics["ece"] <= 1
+
+
+def test_artifacts_hold_the_diagrams_gallery_and_confused_pairs(evaluated):
+    store, _, run = evaluated
+    names = {a.path for a in MlflowClient(store).list_artifacts(run.info.run_id)}
+    accuracy = run.data.metrics["accuracy"]
+    expected = ARTIFACTS if accuracy < 1 else ARTIFACTS - {"worst_mistakes.png", "worst_mistakes.csv",
+                                                           "confused_pairs.csv"}
+    assert expected <= names
+
+
+def test_the_model_version_is_tagged_with_the_result(evaluated):
+    store, _, run = evaluated
+    tag = MlflowClient(store).get_model_version("tiny-cnn", "1").tags["eval.tiny-test"]
+    assert f"accuracy {run.data.metrics['accuracy']:.4f}" in tag and run.info.run_id in tag
+
+
+def test_a_folder_of_class_subfolders_is_scored_too(registered_store, image_folder, tmp_path):
+    assert main(["--model", "tiny-cnn@champion", "--data-dir", str(image_folder / "test"),
+                 "--tracking-uri", registered_store]) == 0
+    assert evaluation_runs(registered_store)[0].data.params["dataset"] == "tiny-test"
+
+
+def test_a_subset_of_the_classes_is_accepted(registered_store, image_folder, tmp_path):
+    folder = tmp_path / "dogs"
+    shutil.copytree(image_folder / "test" / "dog", folder / "dog")
+    assert main(["--model", "tiny-cnn/1", "--data-dir", str(folder),
+                 "--tracking-uri", registered_store]) == 0
+    (run,) = evaluation_runs(registered_store)
+    assert run.data.metrics["images"] == 6
+
+
+def test_classes_the_model_does_not_know_are_refused_with_the_list(registered_store, tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "other", classes=["cat", "horse", "truck"])
+    assert main(["--model", "tiny-cnn/1", "--data-dir", str(folder),
+                 "--tracking-uri", registered_store]) == 2
+    err = capsys.readouterr().err
+    assert "['horse', 'truck']" in err and "['cat', 'dog', 'ship']" in err
+    assert evaluation_runs(registered_store) == []
+
+
+def test_a_folder_without_labelled_images_is_refused(registered_store, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", "tiny-cnn/1", "--data-dir", str(tmp_path / "empty"),
+                 "--tracking-uri", registered_store]) == 2
+    assert "holds no labelled images" in capsys.readouterr().err
+
+
+def test_an_unknown_version_is_refused(registered_store, image_folder, capsys):
+    assert main(["--model", "tiny-cnn/9", "--data-dir", str(image_folder),
+                 "--tracking-uri", registered_store]) == 2
+    assert "no registered model version 'tiny-cnn/9'" in capsys.readouterr().err
+
+
+def test_compare_includes_evaluation_runs(evaluated, tmp_path):
+    import csv
+
+    store, _, run = evaluated
+    assert compare_main(["--tracking-uri", store, "--out", str(tmp_path / "report")]) == 0
+    with open(tmp_path / "report" / "comparison.csv", newline="") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    row = rows[run.info.run_id[:8]]
+    assert row["kind"] == "evaluation" and row["dataset"] == "tiny-test"
+    assert float(row["test_acc"]) == pytest.approx(run.data.metrics["accuracy"])
+
+
+def test_every_experiment_opens_on_its_runs_in_the_mlflow_ui(evaluated):
+    store = evaluated[0]
+    for experiment in MlflowClient(store).search_experiments():
+        if experiment.name != "Default":
+            assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

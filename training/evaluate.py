@@ -1,0 +1,257 @@
+"""Score a registered model on a labelled set of images, tracked as an evaluation run:
+
+    python -m training.evaluate --model cifar10-cnn@champion --data-dir ~/data/cifar10
+
+--data-dir is CIFAR-10 (its test set), an image-folder dataset (its test/ folder) or any
+folder of <class>/ sub-folders named after the model's classes. The model is loaded through
+the app's safe loader and sees each image exactly as the app would. One MLflow run in the
+`evaluations` experiment holds: the dataset (mlflow.log_input, digest = the images' hash),
+accuracy, loss, per-class precision/recall/F1, calibration error before and after the model's
+temperature; a confusion matrix, reliability diagram, the worst mistakes and the most-confused
+class pairs. The model version is tagged with the result.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.tracking import MlflowClient
+
+from shared.calibration import expected_calibration_error, reliability
+from shared.data import CIFAR10_FOLDER, DEFAULT_CACHE_DIR, DatasetError, fingerprint, load_dataset
+from shared.inference import LoadedClassifier, ModelLoadError, load_classifier
+from shared.preprocess import IMAGE_SUFFIXES, decode_image, resize_batch
+from shared.registry import RegistryError, resolve_model_uri
+from shared.store import StoreBroken, tracking_uri, ui_command, use_store
+from shared.tracking import ensure_experiment
+from training import report
+from training.run_log import git_commit
+
+EXPERIMENT = "evaluations"
+
+
+@dataclass
+class EvalSet:
+    """Labelled images as the model sees them: uint8 (N, 3, S, S) at its image size."""
+
+    name: str
+    source: Path
+    images: torch.Tensor
+    labels: torch.Tensor  # indices into the model's class names
+    digest: str
+
+
+@dataclass
+class ModelRef:
+    """A registered version: what the evaluation is tagged with."""
+
+    uri: str
+    name: str
+    version: str
+    run_id: str
+
+
+def find_version(spec: str | None, uri: str) -> ModelRef:
+    """NAME@ALIAS, NAME/VERSION or NAME (its champion), as a registered version."""
+    model_uri = resolve_model_uri(spec, uri)
+    if not model_uri.startswith("models:/"):
+        raise RegistryError(f"{spec} is not a registered model; name one as NAME@ALIAS or "
+                            "NAME/VERSION")
+    name, _, rest = model_uri.removeprefix("models:/").partition("@")
+    client = MlflowClient(uri)
+    try:
+        if rest:
+            version = client.get_model_version_by_alias(name, rest)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    except Exception as exc:  # noqa: BLE001 - unknown names, aliases, versions
+        raise RegistryError(f"no registered model version {spec!r} in this store ({exc}); "
+                            "list them with `python -m gui.classify --help` or the MLflow UI") from None
+    return ModelRef(f"models:/{version.name}/{version.version}", version.name,
+                    str(version.version), version.run_id or "")
+
+
+def class_folders(root: Path) -> dict[str, list[Path]]:
+    return {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.name.startswith("."))
+            for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+
+
+def evaluation_set(data_dir: str | Path, classes: list[str], size: int,
+                   cache_dir: str | Path | None = DEFAULT_CACHE_DIR) -> EvalSet:
+    """The labelled images under `data_dir` (see the module's docstring), decoded at `size`."""
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder")
+    if (root / "test").is_dir():
+        root = root / "test"
+    folders = class_folders(root)
+    if not any(folders.values()):
+        if (root / CIFAR10_FOLDER).is_dir():
+            return _cifar_test(root, classes, size, cache_dir)
+        raise DatasetError(f"{root} holds no labelled images: expected <class>/ sub-folders of "
+                           f"images (classes {classes}), a test/ folder of them, or CIFAR-10 "
+                           f"({CIFAR10_FOLDER}/)")
+    unknown = sorted(c for c, files in folders.items() if files and c not in classes)
+    if unknown:
+        raise DatasetError(f"{root} has class folders the model does not know: {unknown}. The "
+                           f"model's classes are: {classes}. Rename or remove those folders.")
+    files = [(p, classes.index(c)) for c, paths in folders.items() for p in paths]
+    images = np.stack([decode_image(p, size) for p, _ in files])
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    return EvalSet(root.parent.name + "-" + root.name if root.name == "test" else root.name, root,
+                   torch.from_numpy(images), torch.from_numpy(labels),
+                   fingerprint(classes, images, labels))
+
+
+def _cifar_test(root: Path, classes: list[str], size: int, cache_dir) -> EvalSet:
+    data = load_dataset(root, cache_dir=cache_dir, download=False, log=lambda *_: None)
+    if data.classes != classes:
+        raise DatasetError(f"{root} holds {data.name} with classes {data.classes}; the model's "
+                           f"classes are {classes}")
+    images = resize_batch(data.test_images, size)
+    return EvalSet(f"{data.name}-test", root, images, data.test_labels,
+                   fingerprint(classes, images.numpy(), data.test_labels.numpy()))
+
+
+@torch.no_grad()
+def scores(clf: LoadedClassifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The model's (calibrated) scores for every image."""
+    return torch.cat([clf.module(chunk.float().div(255)).float()
+                      for chunk in images.split(batch_size)])
+
+
+def measure(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
+            temperature: float) -> dict:
+    """Every figure of an evaluation: metrics to log and the tables behind the artifacts."""
+    probs = torch.softmax(logits.double(), 1)
+    predicted = probs.argmax(1)
+    n = len(classes)
+    confusion = torch.bincount(labels * n + predicted, minlength=n * n).view(n, n)
+    per_class = report.per_class_scores(confusion, classes)
+    present = [s for s in per_class if s["support"]]
+    ece = expected_calibration_error(probs, labels)
+    ece_raw = expected_calibration_error(torch.softmax(logits.double() * temperature, 1), labels)
+    metrics = {"accuracy": float((predicted == labels).double().mean()),
+               "loss": float(F.cross_entropy(logits.double(), labels)),
+               "macro_f1": sum(s["f1"] for s in present) / len(present),
+               "ece": ece, "ece_before_temperature": ece_raw, "images": len(labels)}
+    for s in per_class:
+        metrics.update({f"{k}_{s['class']}": s[k] for k in ("precision", "recall", "f1")})
+    return {"metrics": metrics, "confusion": confusion, "per_class": per_class,
+            "reliability": reliability(probs, labels), "probs": probs}
+
+
+def worst_mistakes(probs: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                   top: int) -> list[dict]:
+    """The wrong answers with the highest loss (the most confident mistakes), worst first."""
+    loss = -probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log()
+    wrong = (probs.argmax(1) != labels).nonzero().squeeze(1)
+    order = wrong[loss[wrong].argsort(descending=True)][:top]
+    return [{"index": int(i), "true": classes[labels[i]], "predicted": classes[probs[i].argmax()],
+             "confidence": round(float(probs[i].max()), 4), "loss": round(float(loss[i]), 4)}
+            for i in order]
+
+
+def log_evaluation(data: EvalSet, clf: LoadedClassifier, result: dict, mistakes: list[dict]) -> None:
+    """Metrics, dataset and artifacts into the active run."""
+    mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(str(data.source)), name=data.name,
+                                 digest=data.digest), context="evaluation")
+    mlflow.log_metrics(result["metrics"])
+    m = result["metrics"]
+    figures = {"confusion_matrix.png": report.confusion_figure(result["confusion"], clf.classes,
+                                                               f"{data.name} confusion matrix"),
+               "reliability_diagram.png": report.reliability_figure(
+                   result["reliability"], m["ece"], m["ece_before_temperature"])}
+    if mistakes:
+        captions = [f"#{k + 1} {w['true']} as {w['predicted']}\n{w['confidence']:.2f}"
+                    for k, w in enumerate(mistakes)]
+        shown = data.images[[w["index"] for w in mistakes]]
+        figures["worst_mistakes.png"] = report.mistakes_figure(shown, captions)
+    for name, fig in figures.items():
+        mlflow.log_figure(fig, name)
+        plt.close(fig)
+    mlflow.log_text(report.confusion_csv(result["confusion"], clf.classes), "confusion_matrix.csv")
+    mlflow.log_text(report.scores_csv(result["per_class"]), "per_class_metrics.csv")
+    pairs = report.confused_pairs(result["confusion"], clf.classes)
+    if pairs:
+        mlflow.log_text(report.scores_csv(pairs), "confused_pairs.csv")
+    if mistakes:
+        mlflow.log_text(report.scores_csv(mistakes), "worst_mistakes.csv")
+
+
+def evaluate(spec: str | None, data_dir: str | Path, uri: str, *, worst: int = 24,
+             experiment: str = EXPERIMENT, batch_size: int = 256,
+             cache_dir: str | Path | None = DEFAULT_CACHE_DIR) -> tuple[str, dict]:
+    """Evaluate the registered version `spec` on `data_dir`; (run id, metrics)."""
+    use_store(uri)
+    ref = find_version(spec, uri)
+    clf = load_classifier(ref.uri)
+    data = evaluation_set(data_dir, clf.classes, clf.prep.image_size, cache_dir)
+    result = measure(scores(clf, data.images, batch_size), data.labels, clf.classes,
+                     clf.calibration.temperature)
+    mistakes = worst_mistakes(result["probs"], data.labels, clf.classes, worst)
+    source_params = mlflow.get_run(ref.run_id).data.params if ref.run_id else {}
+    with mlflow.start_run(experiment_id=ensure_experiment(experiment, uri),
+                          run_name=f"eval-{ref.name}-v{ref.version}-{data.name}") as run:
+        mlflow.set_tags({"registered_model": ref.name, "model_version": ref.version,
+                         "source_run": ref.run_id, "dataset": data.name,
+                         "dataset_fingerprint": data.digest, "git_commit": git_commit(),
+                         "kind": "evaluation"})
+        mlflow.log_params({"model": source_params.get("model", ref.name),
+                           "model_uri": ref.uri, "dataset": data.name,
+                           "data_dir": str(data.source), "images": len(data.labels),
+                           "image_size": clf.prep.image_size, "tta": clf.prep.tta,
+                           "temperature": clf.calibration.temperature, "worst_shown": worst})
+        log_evaluation(data, clf, result, mistakes)
+    m = result["metrics"]
+    MlflowClient(uri).set_model_version_tag(
+        ref.name, ref.version, f"eval.{data.name}",
+        f"accuracy {m['accuracy']:.4f}, ece {m['ece']:.4f}, {m['images']} images, run {run.info.run_id}")
+    return run.info.run_id, m
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="NAME@ALIAS, NAME/VERSION or NAME (its champion); "
+                                        "default: the champion of the newest registered model")
+    parser.add_argument("--data-dir", required=True, help="CIFAR-10, an image-folder dataset "
+                        "(its test/ is used) or a folder of <class>/ sub-folders")
+    parser.add_argument("--worst", type=int, default=24, help="mistakes shown in the gallery")
+    parser.add_argument("--experiment", default=EXPERIMENT)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
+                        help="where decoded CIFAR-10 is cached")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, "
+                                               "else ./mlruns)")
+    args = parser.parse_args(argv)
+    if args.worst < 0 or args.batch_size < 1:
+        parser.error("--worst must be 0 or more and --batch-size 1 or more")
+    uri = tracking_uri(args.tracking_uri)
+    try:
+        run_id, m = evaluate(args.model, args.data_dir, uri, worst=args.worst,
+                             experiment=args.experiment, batch_size=args.batch_size,
+                             cache_dir=args.cache_dir)
+    except (RegistryError, ModelLoadError, StoreBroken, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"evaluation run {run_id}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, "
+          f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} (before temperature "
+          f"{m['ece_before_temperature']:.4f}) on {m['images']} images")
+    print(f"see it: {ui_command(uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
