@@ -1,19 +1,29 @@
 """Classify a folder without a window, with the app's inference code:
 
     python -m gui.classify FOLDER [--model NAME@ALIAS | NAME/VERSION | NAME] [--csv FILE]
+                                  [--heatmaps DIR]
 
-One CSV row per file found: the predicted class and confidence, or why the file could not be
-read. Exit status 0 once the batch has finished, even if some files were unreadable.
+One CSV row per file found: the predicted class, confidence and whether it is unsure (under
+the model's threshold: maybe none of its classes), or why the file could not be read. With
+--heatmaps, DIR/<name>_heatmap.png shows where the model looked (Grad-CAM of the predicted
+class over the square it sees). Exit status 0 once the batch has finished, even if some files
+were unreadable.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
+
+from PIL import Image
 
 from gui.export import write_csv
 from shared.files import image_files
-from shared.inference import ModelLoadError, classify_files, load_classifier
+from shared.heatmap import Explainer, NoHeatmap, overlay
+from shared.inference import (LoadedClassifier, ModelLoadError, Prediction, classify_files,
+                              load_classifier)
+from shared.preprocess import decode_image
 from shared.registry import RegistryError, resolve_model_uri
 from shared.store import StoreBroken, tracking_uri, use_store
 
@@ -27,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, "
                                                "else ./mlruns)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--heatmaps", type=Path, metavar="DIR",
+                        help="write a heatmap of each classified image here")
+    parser.add_argument("--heatmap-size", type=int, default=256, metavar="PIXELS",
+                        help="side of the heatmap images (default 256)")
     args = parser.parse_args(argv)
+    if not 16 <= args.heatmap_size <= 2048:
+        parser.error(f"--heatmap-size must be between 16 and 2048 (got {args.heatmap_size})")
     if not args.folder.is_dir():
         print(f"error: {args.folder} is not a folder", file=sys.stderr)
         return 2
@@ -35,11 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         use_store(uri)
         clf = load_classifier(resolve_model_uri(args.model, uri))
+        explainer = Explainer(clf.module) if args.heatmaps else None
     except (RegistryError, ModelLoadError, StoreBroken) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NoHeatmap as exc:
+        print(f"error: no heatmaps for {clf.uri}: {exc}; run without --heatmaps",
+              file=sys.stderr)
+        return 2
     files = image_files(args.folder)
     predictions = [p for batch in classify_files(clf, files, args.batch_size) for p in batch]
+    if explainer is not None:
+        written = write_heatmaps(clf, explainer, predictions, args.heatmaps, args.heatmap_size)
+        print(f"{written} heatmap(s) in {args.heatmaps}", file=sys.stderr)
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as out:
             write_csv(predictions, out)
@@ -50,6 +74,22 @@ def main(argv: list[str] | None = None) -> int:
           + (f", {failed} unreadable" if failed else "")
           + (f"; CSV in {args.csv}" if args.csv else ""), file=sys.stderr)
     return 0
+
+
+def write_heatmaps(clf: LoadedClassifier, explainer: Explainer, predictions: list[Prediction],
+                   folder: Path, side: int, batch_size: int = 16) -> int:
+    """DIR/<stem>_heatmap.png for every classified file (<name>_heatmap.png when two files
+    share a stem); returns how many were written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p.path) for p in predictions if p.error is None]
+    stems = Counter(p.stem for p in paths)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        for path, heat in zip(chunk, explainer.heatmaps(clf.load_images(chunk))):
+            picture = overlay(decode_image(path, side).transpose(1, 2, 0), heat.numpy())
+            name = path.stem if stems[path.stem] == 1 else path.name
+            Image.fromarray(picture).save(folder / f"{name}_heatmap.png")
+    return len(paths)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ class ImageItem:
             return name
         if self.prediction.error:
             return f"⚠ {self.prediction.error}\n{name}"
-        return f"{self.prediction.label} {self.prediction.confidence:.0%}\n{name}"
+        unsure = " (unsure)" if self.prediction.unsure else ""
+        return f"{self.prediction.label} {self.prediction.confidence:.0%}{unsure}\n{name}"
 
 
 class ImageListModel(QAbstractListModel):

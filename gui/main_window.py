@@ -5,18 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, QSize, Qt, QThread, QThreadPool, Signal, Slot
-from PySide6.QtGui import QAction, QImageReader, QKeySequence, QPixmap
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox,
+from PySide6.QtGui import QAction, QImage, QImageReader, QKeySequence, QPixmap
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox,
                                QLabel, QListView, QMainWindow, QMessageBox, QProgressBar,
                                QSplitter, QToolBar, QVBoxLayout, QWidget)
 
 from gui.export import write_csv
 from gui.image_list import ImageListModel, ItemRole
-from gui.workers import InferenceWorker, ThumbnailSignals, ThumbnailTask, read_scaled
+from gui.workers import InferenceWorker, ThumbnailSignals, ThumbnailTask, preview
 from shared.files import display_name, image_files
 from shared.registry import find_version, newest_champion
 
 THUMBNAIL = 128
+UNSURE_TEXT = "unsure — maybe none of these classes"
 FACTS = ["model", "training", "weights", "dataset", "device", "epochs run", "test accuracy",
          "registered"]
 
@@ -26,6 +27,7 @@ class MainWindow(QMainWindow):
     request_load = Signal(str)
     # file paths travel as Python objects: Qt would re-encode names that are not UTF-8
     request_classify = Signal(int, object)
+    request_heatmap = Signal(object, int)  # path, side
 
     def __init__(self, tracking_uri: str, settings: QSettings, folder: Path | None = None,
                  model: str | None = None):
@@ -37,6 +39,7 @@ class MainWindow(QMainWindow):
         self.model_uri: str | None = None
         self.wanted_model = model or settings.value("model", "")  # else the newest champion
         self.loading = False
+        self.no_heatmap = "no model loaded"  # why the loaded model has no heatmap ("": it has)
         self.job, self.running = 0, False
         self.folder: Path | None = None
 
@@ -78,6 +81,10 @@ class MainWindow(QMainWindow):
         self.preview = QLabel("Select an image")
         self.preview.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.preview.setMinimumSize(280, 280)
+        self.heatmap_box = QCheckBox("Show where it looked (heatmap)")
+        self.heatmap_box.toggled.connect(self._show_preview)
+        self.heatmap_note = QLabel()
+        self.heatmap_note.setWordWrap(True)
         self.detail_title = QLabel()
         self.detail_title.setWordWrap(True)
         self.bars = []
@@ -95,6 +102,8 @@ class MainWindow(QMainWindow):
         side_layout = QVBoxLayout(side)
         side_layout.addWidget(facts_box)
         side_layout.addWidget(self.preview, 1)
+        side_layout.addWidget(self.heatmap_box)
+        side_layout.addWidget(self.heatmap_note)
         side_layout.addWidget(self.detail_title)
         side_layout.addWidget(bars_box)
 
@@ -142,6 +151,9 @@ class MainWindow(QMainWindow):
         self.export_action.setEnabled(bool(self.images.predictions()) and not self.running)
         self.model_box.setEnabled(not self.loading)
         self.refresh_action.setEnabled(not self.loading)
+        self.heatmap_box.setEnabled(ready and not self.no_heatmap)
+        self.heatmap_box.setToolTip(self.no_heatmap or "Grad-CAM: red where the evidence for the "
+                                                       "predicted class was strongest")
 
     # --- workers ------------------------------------------------------------------------
 
@@ -152,6 +164,7 @@ class MainWindow(QMainWindow):
         self.request_models.connect(self.worker.list_models)
         self.request_load.connect(self.worker.load)
         self.request_classify.connect(self.worker.classify)
+        self.request_heatmap.connect(self.worker.heatmap)
         self.worker.models_listed.connect(self._models_listed)
         self.worker.models_failed.connect(self._models_failed)
         self.worker.loaded.connect(self._loaded)
@@ -160,6 +173,8 @@ class MainWindow(QMainWindow):
         self.worker.results.connect(self._results)
         self.worker.finished.connect(self._finished)
         self.worker.failed.connect(self._classify_failed)
+        self.worker.heatmap_ready.connect(self._heatmap_ready)
+        self.worker.heatmap_failed.connect(self._heatmap_failed)
         self.thread.start()
         # image plugins loaded here, on the GUI thread, before pool threads first read at once
         # (one test run crashed with two pool threads inside QImageReader at their first use)
@@ -225,6 +240,7 @@ class MainWindow(QMainWindow):
         for name, label in self.facts.items():
             label.setText(version.facts.get(name, "—"))
         self.model_uri, self.loading = version.uri, True
+        self.no_heatmap = "the model is loading"
         self.cancel()
         self.images.clear_predictions()
         self.message.setText(f"Loading {version.label}…")
@@ -233,11 +249,11 @@ class MainWindow(QMainWindow):
         self._update_actions()
         self.request_load.emit(version.uri)
 
-    @Slot(str, list)
-    def _loaded(self, uri: str, classes: list) -> None:
+    @Slot(str, list, str)
+    def _loaded(self, uri: str, classes: list, no_heatmap: str) -> None:
         if uri != self.model_uri:
             return
-        self.loading = False
+        self.loading, self.no_heatmap = False, no_heatmap
         self.progress.hide()
         self.message.setText(f"Ready: {uri} ({len(classes)} classes)")
         self._update_actions()
@@ -247,7 +263,7 @@ class MainWindow(QMainWindow):
     def _load_failed(self, uri: str, message: str) -> None:
         if uri != self.model_uri:
             return
-        self.loading, self.model_uri = False, None
+        self.loading, self.model_uri, self.no_heatmap = False, None, "no model loaded"
         self.progress.hide()
         self.message.setText("The model could not be loaded — choose another")
         self._update_actions()
@@ -371,17 +387,50 @@ class MainWindow(QMainWindow):
         item = self.images.data(index, ItemRole) if index is not None and index.isValid() else None
         if item is None:
             return
-        image = read_scaled(item.path, max(self.preview.width(), self.preview.height(), 280))
+        self._show_preview()
+        self._show_prediction(item)
+
+    def _selected_path(self) -> str | None:
+        item = self.images.data(self.grid.currentIndex(), ItemRole)
+        return item.path if item is not None else None
+
+    def _preview_side(self) -> int:
+        return max(self.preview.width(), self.preview.height(), 280)
+
+    @Slot()
+    def _show_preview(self) -> None:
+        """The selected image fitted to the preview; with the heatmap box ticked, its heatmap
+        is asked of the worker and replaces the image when it arrives."""
+        path = self._selected_path()
+        if path is None:
+            return
+        image = preview(path, self._preview_side())
         if image.isNull():
             self.preview.setText("(cannot be shown)")
         else:
             self.preview.setPixmap(QPixmap.fromImage(image))
-        self._show_prediction(item)
+        self.heatmap_note.setText(self.no_heatmap if self.heatmap_box.isChecked() else "")
+        if self.heatmap_box.isChecked() and self.heatmap_box.isEnabled():
+            self.heatmap_note.setText("Computing the heatmap…")
+            self.request_heatmap.emit(path, self._preview_side())
+
+    @Slot(object, int, QImage)
+    def _heatmap_ready(self, path: str, side: int, image: QImage) -> None:
+        if path == self._selected_path() and self.heatmap_box.isChecked():
+            self.preview.setPixmap(QPixmap.fromImage(image))
+            self.heatmap_note.setText("Heatmap (Grad-CAM) of the predicted class over the square "
+                                      "the model sees: red where its evidence was strongest")
+
+    @Slot(object, str)
+    def _heatmap_failed(self, path: str, message: str) -> None:
+        if path == self._selected_path() and self.heatmap_box.isChecked():
+            self.heatmap_note.setText(f"No heatmap: {message}")
 
     def _show_prediction(self, item) -> None:
         prediction = item.prediction
-        self.detail_title.setText(display_name(Path(item.path).name) + (f" — {prediction.error}" if prediction and
-                                                          prediction.error else ""))
+        note = (f" — {prediction.error}" if prediction and prediction.error
+                else f" — {UNSURE_TEXT}" if prediction and prediction.unsure else "")
+        self.detail_title.setText(display_name(Path(item.path).name) + note)
         top = prediction.top if prediction else []
         for i, (name, bar) in enumerate(self.bars):
             label, probability = top[i] if i < len(top) else ("", 0.0)

@@ -19,17 +19,20 @@ from shared.store import StoreBroken, use_store
 class InferenceWorker(QObject):
     models_listed = Signal(list)  # [ModelVersionInfo]
     models_failed = Signal(str)
-    loaded = Signal(str, list)  # uri, class names
+    loaded = Signal(str, list, str)  # uri, class names, why it has no heatmap ("" if it has)
     load_failed = Signal(str, str)  # uri, message
     progress = Signal(int, int, int)  # job, done, total
     results = Signal(int, object)  # job, [Prediction]
     finished = Signal(int, bool)  # job, cancelled
     failed = Signal(int, str)  # job, message: classifying stopped on an unexpected error
+    heatmap_ready = Signal(object, int, QImage)  # path, preview side, photo with heatmap
+    heatmap_failed = Signal(object, str)  # path, message
 
     def __init__(self, tracking_uri: str, batch_size: int = 32):
         super().__init__()
         self.tracking_uri, self.batch_size = tracking_uri, batch_size
         self.classifier = None
+        self.explainer = None
         self._cancel = threading.Event()
 
     def cancel(self) -> None:
@@ -50,9 +53,10 @@ class InferenceWorker(QObject):
     @Slot(str)
     def load(self, uri: str) -> None:
         # torch and MLflow are imported here, on this thread, so the window shows at once
+        from shared.heatmap import Explainer, NoHeatmap
         from shared.inference import ModelLoadError, load_classifier
 
-        self.classifier = None
+        self.classifier = self.explainer = None
         try:
             use_store(self.tracking_uri)
             self.classifier = load_classifier(uri)
@@ -60,7 +64,31 @@ class InferenceWorker(QObject):
             self.load_failed.emit(uri, str(exc) if isinstance(exc, ModelLoadError)
                                   else f"cannot load {uri}: {type(exc).__name__}: {exc}")
             return
-        self.loaded.emit(uri, self.classifier.classes)
+        try:
+            self.explainer, no_heatmap = Explainer(self.classifier.module), ""
+        except NoHeatmap as exc:
+            no_heatmap = str(exc)
+        self.loaded.emit(uri, self.classifier.classes, no_heatmap)
+
+    @Slot(object, int)
+    def heatmap(self, path: str, side: int) -> None:
+        """The photo's centre square (what the model sees) at `side` pixels, with the heatmap
+        of the predicted class over it."""
+        from shared.heatmap import overlay
+        from shared.inference import describe_error
+        from shared.preprocess import decode_image
+
+        if self.explainer is None:
+            self.heatmap_failed.emit(path, "no heatmap for this model")
+            return
+        try:
+            heat = self.explainer.heatmaps(self.classifier.load_images([path]))[0]
+            picture = overlay(decode_image(path, side).transpose(1, 2, 0), heat.numpy())
+        except Exception as exc:  # noqa: BLE001 - unreadable files, model errors
+            self.heatmap_failed.emit(path, describe_error(exc))
+            return
+        image = QImage(picture.tobytes(), side, side, 3 * side, QImage.Format.Format_RGB888)
+        self.heatmap_ready.emit(path, side, image.copy())  # copy: the bytes are freed on return
 
     @Slot(int, object)
     def classify(self, job: int, paths: list) -> None:
@@ -115,6 +143,16 @@ def read_scaled(path: str, size: int) -> QImage:
     if original.isValid() and max(original.width(), original.height()) > size:
         reader.setScaledSize(original.scaled(QSize(size, size), Qt.AspectRatioMode.KeepAspectRatio))
     return reader.read()
+
+
+def preview(path: str, side: int) -> QImage:
+    """The image fitted into side x side: large photos scaled down, small ones (CIFAR's
+    32 x 32) scaled up to fill the preview."""
+    image = read_scaled(path, side)
+    if image.isNull() or max(image.width(), image.height()) >= side:
+        return image
+    return image.scaled(side, side, Qt.AspectRatioMode.KeepAspectRatio,
+                        Qt.TransformationMode.SmoothTransformation)
 
 
 def thumbnail(path: str, size: int) -> QImage:

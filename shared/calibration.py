@@ -18,7 +18,6 @@ import torch.nn.functional as F
 BINS = 15
 KEEP = 0.95  # share of in-domain (validation) images the unsure threshold lets through
 RULE = "max_softmax_probability"
-UNSURE_TEXT = "unsure — maybe none of these classes"
 
 
 @dataclass(frozen=True)

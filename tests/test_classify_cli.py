@@ -59,3 +59,28 @@ def test_an_unknown_model_is_reported(registered_store, image_folder, capsys):
     assert main([str(image_folder / "test" / "cat"), "--tracking-uri", registered_store,
                  "--model", "nope@champion"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_heatmaps_are_written_for_every_classified_file(registered_store, odd_folder, tmp_path):
+    from PIL import Image
+
+    folder, cases = odd_folder
+    out = tmp_path / "heat"
+    assert main([str(folder), "--tracking-uri", registered_store, "--csv", str(tmp_path / "o.csv"),
+                 "--heatmaps", str(out), "--heatmap-size", "64"]) == 0
+    readable = {name.rsplit(".", 1)[0] for name, error in cases.items() if error is None}
+    written = {p.name.removesuffix("_heatmap.png") for p in out.iterdir()}
+    assert written == readable
+    with Image.open(next(out.iterdir())) as image:
+        assert image.size == (64, 64)
+
+
+def test_heatmaps_of_a_model_without_convolutions_are_refused_before_anything_runs(
+        train_config, image_folder, tmp_path, capsys):
+    from training.train import train
+
+    train(train_config(model="mlp"), log=lambda *_: None)
+    out = tmp_path / "heat"
+    assert main([str(image_folder / "test" / "cat"), "--tracking-uri", train_config().tracking_uri,
+                 "--heatmaps", str(out)]) == 2
+    assert "no convolutional layers" in capsys.readouterr().err and not out.exists()

@@ -232,3 +232,50 @@ def test_an_error_while_classifying_is_shown_and_the_app_stays_usable(
     assert "model failed on this input" in messages[0][2]
     assert not window.running and "failed" in window.message.text()
     assert window.classify_action.isEnabled()
+
+
+def test_a_small_image_is_scaled_up_to_fill_the_preview(open_window, qtbot, registered_store,
+                                                         image_folder):
+    window = open_window(registered_store, image_folder / "test" / "cat")
+    wait_classified(qtbot, window, 6)
+    window.grid.setCurrentIndex(window.images.index(0))  # a 32 x 32 image
+    assert window.preview.pixmap().width() >= 280
+
+
+def test_an_unsure_answer_is_marked_in_the_grid_and_the_details(open_window, qtbot, registered_store,
+                                                                image_folder, monkeypatch):
+    from shared.calibration import Calibration
+
+    monkeypatch.setattr(Calibration, "unsure", lambda self, top: True)
+    window = open_window(registered_store, image_folder / "test" / "cat")
+    wait_classified(qtbot, window, 6)
+    window.grid.setCurrentIndex(window.images.index(0))
+    assert "unsure — maybe none of these classes" in window.detail_title.text()
+    assert "(unsure)" in window.images.items[0].caption
+
+
+def test_the_heatmap_box_shows_where_the_model_looked(open_window, qtbot, registered_store,
+                                                      image_folder):
+    window = open_window(registered_store, image_folder / "test" / "cat")
+    wait_classified(qtbot, window, 6)
+    window.grid.setCurrentIndex(window.images.index(0))
+    plain = window.preview.pixmap().toImage()
+    assert window.heatmap_box.isEnabled()
+    window.heatmap_box.setChecked(True)
+    qtbot.waitUntil(lambda: window.heatmap_note.text().startswith("Heatmap"), timeout=10_000)
+    shown = window.preview.pixmap().toImage()
+    assert shown.width() == window._preview_side() and shown != plain
+    window.heatmap_box.setChecked(False)
+    assert window.preview.pixmap().toImage() == plain
+
+
+def test_a_model_without_convolutions_offers_no_heatmap_and_says_why(open_window, qtbot, train_config,
+                                                                     image_folder):
+    from training.train import train
+
+    result = train(train_config(model="mlp"), log=lambda *_: None)
+    window = open_window(train_config().tracking_uri, image_folder / "test" / "cat")
+    wait_classified(qtbot, window, 6)
+    assert result.registered_name in window.model_box.currentText()
+    assert not window.heatmap_box.isEnabled()
+    assert "no convolutional layers" in window.heatmap_box.toolTip()
