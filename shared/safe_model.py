@@ -35,6 +35,8 @@ FLAVOR_FIELDS = {
     "python_function": {"code", "config", "data", "env", "loader_module", "pickle_module_name",
                         "python_version"},
 }
+# the image server (shared.serving); MLflow's own, in models logged before it
+PYFUNC_LOADERS = ("shared.serving", "mlflow.pytorch")
 TEXT_RECORDS = {pt2.ARCHIVE_FORMAT_PATH, pt2.ARCHIVE_VERSION_PATH, "byteorder", ".data/version",
                 ".data/serialization_id"}
 MODEL = "model"  # the one program an archive of ours holds
@@ -97,10 +99,10 @@ def _check_flavors(flavors: object) -> None:
                           f"{flavors['pytorch'].get('model_data')!r}, not the artifact's 'data' "
                           "folder")
     pyfunc = flavors.get("python_function", {})
-    if pyfunc and (pyfunc.get("loader_module") != "mlflow.pytorch" or pyfunc.get("data") != "data"
+    if pyfunc and (pyfunc.get("loader_module") not in PYFUNC_LOADERS or pyfunc.get("data") != "data"
                    or pyfunc.get("pickle_module_name") not in (None, "mlflow.pytorch.pickle_module")):
         raise UnsafeModel("its python_function flavor names another loader, data folder or "
-                          "pickle module than MLflow's pytorch flavor")
+                          "pickle module than this project's server or MLflow's pytorch flavor")
 
 
 def check_archive(path: Path) -> None:

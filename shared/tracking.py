@@ -16,6 +16,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from shared import serving
 from shared.calibration import Calibration
 from shared.preprocess import Classifier, Preprocessing
 from shared.store import CHAMPION, SCORE_TAG, creation_lock, sqlite_path, store_folder
@@ -68,9 +69,11 @@ def log_classifier(net: nn.Module, prep: Preprocessing, classes: list[str],
                 "calibration": calibration.to_dict(),
                 "input": "float32 RGB in [0, 1], shape (N, 3, image_size, image_size)",
                 "output": "one score per class; softmax gives probabilities", **(extra or {})}
-    return mlflow.pytorch.log_model(
-        model, name="model", input_example=example, signature=infer_signature(example, output),
-        metadata=metadata, serialization_format="pt2",
+    # flavor: MLflow's pytorch flavor plus a python_function served by shared.serving
+    return mlflow.models.Model.log(
+        artifact_path=None, name="model", flavor=serving, pytorch_model=model, input_example=example,
+        signature=infer_signature(example, output), metadata=metadata,
+        serialization_format="pt2", validate_serving_input=False,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"torchvision=={torchvision.__version__.split('+')[0]}",
                           f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"],

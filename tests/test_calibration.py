@@ -10,7 +10,8 @@ import torch
 from gui.export import write_csv
 from shared.calibration import (Calibration, calibrate, expected_calibration_error, fit_temperature,
                                 unsure_threshold)
-from shared.inference import Prediction, load_classifier
+from shared.inference import LoadedClassifier, Prediction, load_classifier
+from shared.preprocess import Preprocessing
 from shared.safe_model import UnsafeModel, check_calibration
 from training.train import train
 
@@ -83,14 +84,13 @@ def test_without_a_validation_split_no_temperature_and_no_unsure_flag(train_conf
     assert loaded.calibration.temperature == 1.0 and loaded.calibration.unsure_below is None
 
 
-def test_an_answer_under_the_threshold_is_flagged_unsure(registered):
-    _, result = registered
-    clf = load_classifier(result.model_uri)
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    top = clf.probabilities(images).max(1).values
-    clf.calibration = Calibration(1.0, float(top.median()))
-    flags = [p.unsure for p in clf.predict(list("abcd"), images)]
-    assert flags == [bool(v < top.median()) for v in top] and any(flags)
+def test_an_answer_under_the_threshold_is_flagged_unsure():
+    scores = torch.tensor([[2.0, 0.0, 0.0], [0.1, 0.0, 0.0]])  # top probabilities 0.79 and 0.36
+    clf = LoadedClassifier("test", lambda x: scores, ["cat", "dog", "ship"],
+                           Preprocessing(32, 32, (0.5,) * 3, (0.25,) * 3), Calibration(1.0, 0.5))
+    predictions = clf.predict(["sure.png", "unsure.png"], torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert [p.unsure for p in predictions] == [False, True]
+    assert predictions[1].label == "cat"
 
 
 def test_the_csv_says_which_answers_are_unsure():

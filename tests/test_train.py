@@ -73,7 +73,10 @@ def test_logged_model_is_pt2_with_metadata_for_inference(train_config):
     assert [p.name for p in (folder / "data").iterdir()] == ["model.pt2"]  # torch.export, no pickle
     assert info.metadata["class_names"] == ["cat", "dog", "ship"]
     assert info.metadata["preprocessing"]["image_size"] == 32
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
+    # the signature is the HTTP server's: one PNG/JPEG file per row (shared/serving.py)
+    assert info.signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
+    assert info.flavors["python_function"]["loader_module"] == "shared.serving"
+    assert not (folder / "input_example.json").exists()
 
 
 def test_registered_model_reloaded_gives_the_same_predictions(train_config, image_folder, monkeypatch):

@@ -178,6 +178,54 @@ class MlflowServer:
             self.process.wait()
 
 
+class ModelServer:
+    """`mlflow models serve` of a registered model in this environment (--env-manager local),
+    answering images through shared.serving; `log` keeps its output."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, log: Path, port: int | None = None,
+                 host: str = "127.0.0.1"):
+        self.model_uri, self.tracking_uri, self.log = model_uri, tracking_uri, log
+        self.host, self.port = host, port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        try:
+            urllib.request.urlopen(f"{self.url}/ping", timeout=1)
+            return True
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 120) -> None:
+        bin_dir = str(Path(sys.executable).parent)  # MLflow starts uvicorn through the shell
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri,
+               "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+        command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", self.model_uri,
+                   "--env-manager", "local", "--host", self.host, "--port", str(self.port),
+                   "--workers", "1"]
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+        try:
+            wait_for(self.healthy, f"the model server for {self.model_uri}", self.process,
+                     self.log, timeout)
+        except ServerError:
+            self.stop()
+            raise
+
+    stop = MlflowServer.stop
+
+    def __enter__(self) -> "ModelServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def team_hosts(public: str, port: int) -> str:
     """Host headers the MLflow server accepts: the name clients use, loopback, private IPs."""
     names = [public, "localhost", "127.0.0.1", "10.*", "172.*", "192.168.*"]
