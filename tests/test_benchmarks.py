@@ -110,3 +110,47 @@ def test_photo_table_gives_each_models_answer_per_photo(registered_store, image_
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-cnn")]
     assert len(rows) == 2 and all(row.count("|") == 6 for row in rows)
     assert all(row.rstrip(" |").endswith("%") for row in rows)
+
+
+def test_serving_latency_reports_served_and_in_process_percentiles(registered_store, tmp_path):
+    out = tmp_path / "latency.json"
+    photo = Path(__file__).resolve().parents[1] / "inputs" / "dog.png"
+    assert load("serving_latency").main([
+        "--tracking-uri", registered_store, "--model", "tiny-cnn@champion", "--image", str(photo),
+        "--requests", "3", "--warmup", "1", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    for path in ("served", "in_process"):
+        assert 0 < figures[path]["p50_ms"] <= figures[path]["p95_ms"]
+
+
+def test_heatmap_speed_reports_each_model(registered_store, image_folder, tmp_path):
+    out = tmp_path / "heat.json"
+    assert load("heatmap_speed").main([
+        "--tracking-uri", registered_store, "--models", "tiny-cnn@champion,tiny-cnn/2",
+        "--images", str(image_folder / "test" / "cat"), "--rounds", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["tiny-cnn@champion", "tiny-cnn/2"]
+    assert all(r["heatmap_ms"] > 0 and r["classify_ms"] > 0 for r in rows)
+
+
+def test_unsure_share_reports_every_set(registered_store, image_folder, tmp_path):
+    out = tmp_path / "unsure.json"
+    assert load("unsure_share").main([
+        "--tracking-uri", registered_store, "--models", "tiny-cnn/1", "--in-domain",
+        str(image_folder / "test"), "--every", "1", "--ood", str(image_folder / "train" / "ship"),
+        "--made", "8", "--out", str(out)]) == 0
+    rows = {r["set"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"in-domain test", "shuffled 8x8 patches", "uniform noise",
+                         "smooth colour fields", "real photos of other things"}
+    assert all(0 <= r["flagged"] <= 1 for r in rows.values())
+    assert all(0 <= r["auroc"] <= 1 for k, r in rows.items() if k != "in-domain test")
+
+
+def test_shuffled_patches_keep_every_pixel_and_move_them():
+    import torch
+
+    module = load("unsure_share")
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    mixed = module.shuffled(images, torch.Generator().manual_seed(0))
+    assert mixed.shape == images.shape and not torch.equal(mixed, images)
+    assert torch.equal(mixed.flatten(1).sort(1).values, images.flatten(1).sort(1).values)
