@@ -145,7 +145,17 @@ def repair_advice(db: Path, exc: Exception) -> str:
             f"(cp {db} {db}.bak), then run `mlflow db upgrade sqlite:///{db}`")
 
 
-def ui_command(uri: str) -> str:
+def ui_page(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI's page of an experiment's runs (or of one run) in its model-training view. MLflow
+    3.17's UI opens experiments in its GenAI view unless told otherwise: its GenAI/Model
+    training switch is kept per browser, and the experimentKind tag did not override it in a
+    fresh browser (docs/mlflow_ui.py checks this)."""
+    run = f"/{run_id}" if run_id else ""
+    return f"#/experiments/{experiment_id}/runs{run}?workflowType=machine_learning"
+
+
+def ui_command(uri: str, page: str = "") -> str:
     if uri.startswith(("http://", "https://")):
-        return f"open {mask_secrets(uri)} in a browser"
-    return f"mlflow ui --backend-store-uri {mask_secrets(uri)}"
+        return f"open {mask_secrets(uri).rstrip('/')}/{page} in a browser"
+    then = f", then open http://127.0.0.1:5000/{page}" if page else ""
+    return f"mlflow ui --backend-store-uri {mask_secrets(uri)}{then}"

@@ -31,7 +31,7 @@ from shared.data import CIFAR10_FOLDER, DEFAULT_CACHE_DIR, DatasetError, fingerp
 from shared.inference import LoadedClassifier, ModelLoadError, load_classifier
 from shared.preprocess import IMAGE_SUFFIXES, decode_image, resize_batch
 from shared.registry import RegistryError, resolve_model_uri
-from shared.store import StoreBroken, tracking_uri, ui_command, use_store
+from shared.store import StoreBroken, tracking_uri, ui_command, ui_page, use_store
 from shared.tracking import ensure_experiment
 from training import report
 from training.run_log import git_commit
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"evaluation run {run_id}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, "
           f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} (before temperature "
           f"{m['ece_before_temperature']:.4f}) on {m['images']} images")
-    print(f"see it: {ui_command(uri)}")
+    page = ui_page(mlflow.get_run(run_id).info.experiment_id, run_id)
+    print(f"see it: {ui_command(uri, page)}")
     return 0
 
 

@@ -21,7 +21,7 @@ from shared.data import ImageData
 from shared.device import describe_device
 from shared.models import count_parameters, describe_models
 from shared.preprocess import Preprocessing, resize_batch
-from shared.store import tracking_uri, ui_command
+from shared.store import tracking_uri, ui_command, ui_page
 from shared.tracking import log_classifier, register_version
 from training import distributed, run_log
 from training.build import DeviceSplits, Setup, build, prepare
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             result = train(cfg, resume=resume, stop_requested=signals.requested)
         if distributed.world().is_main:
             print_outcome(result, time.perf_counter() - start)
-            print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri))}")
+            page = ui_page(mlflow.get_run(result.run_id).info.experiment_id, result.run_id)
+            print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri), page)}")
         return 0
 
     try:
