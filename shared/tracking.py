@@ -50,6 +50,16 @@ def ensure_experiment(name: str, uri: str) -> str:
         return experiment.experiment_id
 
 
+def log_dataset(name: str, source: str, digest: str, context: str) -> None:
+    """The dataset the active run used, in its Datasets panel: name, where it lives and the
+    fingerprint of its images (mlflow.log_input)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest),
+                     context=context)
+
+
 def log_classifier(net: nn.Module, prep: Preprocessing, classes: list[str],
                    examples: torch.Tensor, extra: dict | None = None,
                    calibration: Calibration = Calibration()) -> mlflow.models.model.ModelInfo:

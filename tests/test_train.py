@@ -50,6 +50,8 @@ def test_a_run_logs_every_param_metric_tag_and_artifact(form, train_config, requ
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert ARTIFACTS <= artifacts
     assert run.data.params["epochs_run"] == "2" and run.data.params["stopped_early"] == "False"
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == run.data.tags["dataset_fingerprint"]
 
 
 def test_artifacts_hold_real_content(train_config, tmp_path):

@@ -22,8 +22,6 @@ import mlflow
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mlflow.data.meta_dataset import MetaDataset
-from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.tracking import MlflowClient
 
 from shared.calibration import expected_calibration_error, reliability
@@ -32,7 +30,7 @@ from shared.inference import LoadedClassifier, ModelLoadError, load_classifier
 from shared.preprocess import IMAGE_SUFFIXES, decode_image, resize_batch
 from shared.registry import RegistryError, resolve_model_uri
 from shared.store import StoreBroken, tracking_uri, ui_command, ui_page, use_store
-from shared.tracking import ensure_experiment
+from shared.tracking import ensure_experiment, log_dataset
 from training import report
 from training.run_log import git_commit
 
@@ -165,8 +163,7 @@ def worst_mistakes(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]
 
 def log_evaluation(data: EvalSet, clf: LoadedClassifier, result: dict, mistakes: list[dict]) -> None:
     """Metrics, dataset and artifacts into the active run."""
-    mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(str(data.source)), name=data.name,
-                                 digest=data.digest), context="evaluation")
+    log_dataset(data.name, str(data.source), data.digest, "evaluation")
     mlflow.log_metrics(result["metrics"])
     m = result["metrics"]
     figures = {"confusion_matrix.png": report.confusion_figure(result["confusion"], clf.classes,

@@ -22,7 +22,7 @@ from shared.device import describe_device
 from shared.models import count_parameters, describe_models
 from shared.preprocess import Preprocessing, resize_batch
 from shared.store import tracking_uri, ui_command, ui_page
-from shared.tracking import log_classifier, register_version
+from shared.tracking import log_classifier, log_dataset, register_version
 from training import distributed, run_log
 from training.build import DeviceSplits, Setup, build, prepare
 from training.cli import StopSignals, resume_config, run_command
@@ -74,6 +74,8 @@ def train(cfg: TrainConfig, log=print, *, splits: DeviceSplits | None = None,
     with open_tracked(cfg, options, resume, log) as run:
         log(describe(cfg, splits, setup))
         run.start(run_log.run_tags(splits.data), run_log.run_params(cfg, splits, setup))
+        if run.writes and resume is None and not options.trial:
+            log_dataset(splits.data.name, str(splits.data.root), splits.data.fingerprint, "training")
         recorder = EpochRecorder(run, setup.state, setup.start.history if setup.start else [])
         result = fit(setup.network, setup.state, setup.loss_fn,
                      Validation(setup.loaders.val, splits.num_classes, cfg.tta),
