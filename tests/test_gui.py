@@ -279,3 +279,23 @@ def test_a_model_without_convolutions_offers_no_heatmap_and_says_why(open_window
     assert result.registered_name in window.model_box.currentText()
     assert not window.heatmap_box.isEnabled()
     assert "no convolutional layers" in window.heatmap_box.toolTip()
+
+
+def test_missing_window_libraries_are_named_with_the_packages_to_install(monkeypatch, capsys):
+    import gui.app
+
+    monkeypatch.setenv("QT_QPA_PLATFORM", "xcb")
+    monkeypatch.setattr(gui.app, "loadable", lambda lib: lib not in {"libxcb-icccm.so.4",
+                                                                       "libxcb-keysyms.so.1"})
+    assert gui.app.main([]) == 2
+    err = capsys.readouterr().err
+    assert "libxcb-icccm.so.4, libxcb-keysyms.so.1" in err
+    assert "apt-get install libxcb-icccm4 libxcb-keysyms1" in err and "gui.classify" in err
+
+
+def test_no_library_check_off_x11(monkeypatch):
+    import gui.app
+
+    monkeypatch.setenv("QT_QPA_PLATFORM", "wayland")
+    monkeypatch.setattr(gui.app, "loadable", lambda lib: False)
+    assert gui.app.missing_window_libraries() == []
