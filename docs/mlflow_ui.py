@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from shared.store import tracking_uri, ui_page, use_store  # noqa: E402
-from training.servers import MlflowServer, ServerError, free_port, wait_for  # noqa: E402
+from training.servers import MlflowServer, free_port  # noqa: E402
 
 def chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
@@ -47,16 +47,9 @@ class UiServer(MlflowServer):
     """`mlflow ui` (the server without --serve-artifacts) on a store, on 127.0.0.1."""
 
     def start(self, timeout: float = 90) -> None:
-        command = [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri",
-                   self.backend, "--host", "127.0.0.1", "--port", str(self.port)]
-        with self.log.open("a") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        try:
-            wait_for(self.healthy, "mlflow ui", self.process, self.log, timeout)
-        except ServerError:
-            self.stop()
-            raise
+        self.launch([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri",
+                     self.backend, "--host", "127.0.0.1", "--port", str(self.port)],
+                    "mlflow ui", timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

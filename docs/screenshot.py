@@ -2,7 +2,7 @@
 selected; the window rendered to a PNG (QT_QPA_PLATFORM=offscreen works without a display).
 
     QT_QPA_PLATFORM=offscreen python docs/screenshot.py --tracking-uri sqlite:///mlruns/mlflow.db \
-        --model cifar10-efficientnet_lite0@champion --folder inputs --select bird.png
+        --model cifar10-efficientnet_lite0@champion --folder inputs --select bird.png [--heatmap]
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select", help="file name of the image to show in the detail pane")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("app-screenshot.png"))
     parser.add_argument("--size", default="1200x760")
+    parser.add_argument("--heatmap", action="store_true", help="tick the heatmap box first")
     args = parser.parse_args(argv)
     app = QApplication.instance() or QApplication([sys.argv[0]])
     with tempfile.TemporaryDirectory() as home:
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.select:
             row = [Path(p).name for p in window.images.paths()].index(args.select)
             window.grid.setCurrentIndex(window.images.index(row))
+        if args.heatmap:
+            window.heatmap_box.setChecked(True)
+            wait(app, lambda: window.heatmap_note.text().startswith("Heatmap"))
         window.thumbnails.waitForDone()
         settle(app)
         window.grab().save(str(args.out))

@@ -127,17 +127,14 @@ class Postgres:
         self._run(postgres_tool("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
 
-class MlflowServer:
-    """`mlflow server` on `backend` (a database URL), storing artifacts in `artifacts` and
-    serving them to clients over HTTP; it can be stopped and started again."""
+class LocalServer:
+    """A server process started in its own session, healthy once `health_path` answers on
+    127.0.0.1:`port`, stopped with everything it started."""
 
-    def __init__(self, backend: str, artifacts: Path, port: int | None = None,
-                 host: str = "127.0.0.1", allowed_hosts: str | None = None):
-        self.backend, self.artifacts = backend, artifacts.resolve()
-        self.host, self.port = host, port or free_port()
-        self.allowed_hosts = allowed_hosts
-        self.log = self.artifacts.parent / f"mlflow-server-{self.port}.log"
-        self.process: subprocess.Popen | None = None
+    health_path = "/health"
+    port: int
+    log: Path
+    process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -145,24 +142,17 @@ class MlflowServer:
 
     def healthy(self) -> bool:
         try:
-            urllib.request.urlopen(f"{self.url}/health", timeout=1)
+            urllib.request.urlopen(f"{self.url}{self.health_path}", timeout=1)
             return True
         except OSError:
             return False
 
-    def start(self, timeout: float = 90) -> None:
-        command = [str(Path(sys.executable).with_name("mlflow")), "server",
-                   "--backend-store-uri", self.backend, "--serve-artifacts",
-                   "--artifacts-destination", str(self.artifacts), "--host", self.host,
-                   "--port", str(self.port), "--workers", "1"]
-        if self.allowed_hosts:
-            command += ["--allowed-hosts", self.allowed_hosts]
-        self.artifacts.mkdir(parents=True, exist_ok=True)
+    def launch(self, command: list[str], what: str, timeout: float, **popen) -> None:
         with self.log.open("a") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=self.artifacts.parent, start_new_session=True)
+                                            start_new_session=True, **popen)
         try:
-            wait_for(self.healthy, "the MLflow server", self.process, self.log, timeout)
+            wait_for(self.healthy, what, self.process, self.log, timeout)
         except ServerError:
             self.stop()
             raise
@@ -177,27 +167,49 @@ class MlflowServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
+    def __enter__(self):
+        self.start()
+        return self
 
-class ModelServer:
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 90) -> None:
+        raise NotImplementedError
+
+
+class MlflowServer(LocalServer):
+    """`mlflow server` on `backend` (a database URL), storing artifacts in `artifacts` and
+    serving them to clients over HTTP; it can be stopped and started again."""
+
+    def __init__(self, backend: str, artifacts: Path, port: int | None = None,
+                 host: str = "127.0.0.1", allowed_hosts: str | None = None):
+        self.backend, self.artifacts = backend, artifacts.resolve()
+        self.host, self.port = host, port or free_port()
+        self.allowed_hosts = allowed_hosts
+        self.log = self.artifacts.parent / f"mlflow-server-{self.port}.log"
+
+    def start(self, timeout: float = 90) -> None:
+        command = [str(Path(sys.executable).with_name("mlflow")), "server",
+                   "--backend-store-uri", self.backend, "--serve-artifacts",
+                   "--artifacts-destination", str(self.artifacts), "--host", self.host,
+                   "--port", str(self.port), "--workers", "1"]
+        if self.allowed_hosts:
+            command += ["--allowed-hosts", self.allowed_hosts]
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.launch(command, "the MLflow server", timeout, cwd=self.artifacts.parent)
+
+
+class ModelServer(LocalServer):
     """`mlflow models serve` of a registered model in this environment (--env-manager local),
     answering images through shared.serving; `log` keeps its output."""
+
+    health_path = "/ping"
 
     def __init__(self, model_uri: str, tracking_uri: str, log: Path, port: int | None = None,
                  host: str = "127.0.0.1"):
         self.model_uri, self.tracking_uri, self.log = model_uri, tracking_uri, log
         self.host, self.port = host, port or free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def healthy(self) -> bool:
-        try:
-            urllib.request.urlopen(f"{self.url}/ping", timeout=1)
-            return True
-        except OSError:
-            return False
 
     def start(self, timeout: float = 120) -> None:
         bin_dir = str(Path(sys.executable).parent)  # MLflow starts uvicorn through the shell
@@ -206,24 +218,7 @@ class ModelServer:
         command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", self.model_uri,
                    "--env-manager", "local", "--host", self.host, "--port", str(self.port),
                    "--workers", "1"]
-        with self.log.open("a") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True)
-        try:
-            wait_for(self.healthy, f"the model server for {self.model_uri}", self.process,
-                     self.log, timeout)
-        except ServerError:
-            self.stop()
-            raise
-
-    stop = MlflowServer.stop
-
-    def __enter__(self) -> "ModelServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        self.launch(command, f"the model server for {self.model_uri}", timeout, env=env)
 
 
 def team_hosts(public: str, port: int) -> str:
