@@ -7,7 +7,8 @@ perfectly apart, 0.5: no better than chance).
 
 Out-of-domain sets: the images in --ood (real photos of other things), and three made from
 nothing but a seed: uniform noise, smooth random colour fields, and the in-domain images with
-their 8x8 patches shuffled (same colours and textures, no object).
+their 8x8 patches shuffled (same colours and textures, no object). The AUROC of the energy
+score (log-sum-exp of the scores) is given beside the top probability's, for comparison.
 """
 from __future__ import annotations
 
@@ -54,8 +55,12 @@ def auroc(inside: torch.Tensor, outside: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
-def top_probabilities(clf, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([clf.probabilities(chunk).max(1).values for chunk in images.split(256)])
+def scores(clf, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's top probability (the unsure rule's score) and negative energy, the
+    log-sum-exp of its calibrated scores (Liu et al., 2020), for comparison."""
+    with torch.no_grad():
+        logits = torch.cat([clf.module(chunk.float().div(255)).float() for chunk in images.split(256)])
+    return torch.softmax(logits, 1).max(1).values, torch.logsumexp(logits, 1)
 
 
 def rows_for(name: str, in_files: list[Path], ood_files: list[Path], n_made: int) -> list[dict]:
@@ -70,7 +75,8 @@ def rows_for(name: str, in_files: list[Path], ood_files: list[Path], n_made: int
             "uniform noise": noise(n_made, size, g), "smooth colour fields": smooth(n_made, size, g)}
     if ood_files:
         sets["real photos of other things"] = clf.load_images(ood_files)
-    tops = {label: top_probabilities(clf, images) for label, images in sets.items()}
+    both = {label: scores(clf, images) for label, images in sets.items()}
+    tops = {label: top for label, (top, _) in both.items()}
     labels = torch.tensor([clf.classes.index(p.parent.name) for p in in_files])
     right = torch.cat([clf.probabilities(c).argmax(1) for c in inside.split(256)]) == labels
     flagged_in = tops["in-domain test"] < below
@@ -80,6 +86,7 @@ def rows_for(name: str, in_files: list[Path], ood_files: list[Path], n_made: int
                "flagged": float((top < below).double().mean())}
         if label != "in-domain test":
             row["auroc"] = auroc(tops["in-domain test"], top)
+            row["auroc_energy"] = auroc(both["in-domain test"][1], both[label][1])
         else:
             row["error_rate_flagged"] = float((~right[flagged_in]).double().mean())
             row["error_rate_kept"] = float((~right[~flagged_in]).double().mean())
@@ -102,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                       if p.suffix.lower() in IMAGE_SUFFIXES)[::args.every]
     ood_files = [p for p in image_files(args.ood) if p.suffix.lower() in IMAGE_SUFFIXES] if args.ood else []
     rows = [r for name in args.models.split(",") for r in rows_for(name, in_files, ood_files, args.made)]
-    print("| model | threshold | images | flagged unsure | AUROC vs in-domain | notes |")
-    print("|---|---|---|---|---|---|")
+    print("| model | threshold | images | flagged unsure | AUROC vs in-domain | AUROC, energy score | notes |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         note = (f"error rate {r['error_rate_flagged']:.1%} among flagged, "
                 f"{r['error_rate_kept']:.1%} among kept" if "error_rate_kept" in r else "")
-        auc = f"{r['auroc']:.3f}" if "auroc" in r else ""
+        auc = f"{r['auroc']:.3f} | {r['auroc_energy']:.3f}" if "auroc" in r else " | "
         print(f"| {r['model']} | {r['threshold']:.3f} | {r['set']} ({r['images']}) | "
               f"{r['flagged']:.1%} | {auc} | {note} |")
     if args.out:

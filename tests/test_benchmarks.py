@@ -143,7 +143,8 @@ def test_unsure_share_reports_every_set(registered_store, image_folder, tmp_path
     assert set(rows) == {"in-domain test", "shuffled 8x8 patches", "uniform noise",
                          "smooth colour fields", "real photos of other things"}
     assert all(0 <= r["flagged"] <= 1 for r in rows.values())
-    assert all(0 <= r["auroc"] <= 1 for k, r in rows.items() if k != "in-domain test")
+    assert all(0 <= r["auroc"] <= 1 and 0 <= r["auroc_energy"] <= 1
+               for k, r in rows.items() if k != "in-domain test")
 
 
 def test_shuffled_patches_keep_every_pixel_and_move_them():
