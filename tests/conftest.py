@@ -21,6 +21,7 @@ from datagen import make_image_folder  # noqa: E402
 def _isolated(monkeypatch, tmp_path):
     """No test reads the user's MLflow store, torch hub or dataset cache, or the network."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.chdir(tmp_path)
 

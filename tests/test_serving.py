@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from shared.inference import ModelLoadError
+from shared.store import use_store
 from training.servers import ModelServer
 
 PHOTO = Path(__file__).resolve().parent.parent / "inputs" / "dog.png"
@@ -32,7 +33,7 @@ def post(url: str, images: list[bytes]) -> tuple[int, dict]:
 
 
 def test_the_pyfunc_answers_class_names_probabilities_and_the_unsure_flag(registered_store):
-    mlflow.set_tracking_uri(registered_store)
+    use_store(registered_store)
     model = mlflow.pyfunc.load_model("models:/tiny-cnn/1")
     out = model.predict(pd.DataFrame({"image": [PHOTO.read_bytes()]}))
     row = out.iloc[0]
@@ -43,7 +44,7 @@ def test_the_pyfunc_answers_class_names_probabilities_and_the_unsure_flag(regist
 
 
 def test_the_pyfunc_refuses_a_tampered_artifact(registered_store, tmp_path):
-    mlflow.set_tracking_uri(registered_store)
+    use_store(registered_store)
     folder = Path(mlflow.artifacts.download_artifacts("models:/tiny-cnn/1", dst_path=str(tmp_path / "m")))
     shutil.copy(folder / "data" / "model.pt2", folder / "data" / "model.pth")  # could be unpickled
     with pytest.raises(ModelLoadError, match="refused"):

@@ -114,7 +114,8 @@ def test_the_logged_model_applies_the_runs_test_time_augmentation(train_config, 
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         inputs = InputTransform(result.prep)(images.float() / 255)
-        expected = torch.softmax(tta_logits(result.model.cpu().eval(), inputs, "flip-translate"), 1)
+        scores = tta_logits(result.model.cpu().eval(), inputs, "flip-translate")
+        expected = torch.softmax(scores / result.calibration.temperature, 1)
     assert clf.prep.tta == "flip-translate"
     assert torch.allclose(clf.probabilities(images), expected, atol=1e-5)
 

@@ -214,6 +214,7 @@ class ModelServer(LocalServer):
     def start(self, timeout: float = 120) -> None:
         bin_dir = str(Path(sys.executable).parent)  # MLflow starts uvicorn through the shell
         env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri,
+               "MLFLOW_REGISTRY_URI": self.tracking_uri,
                "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
         command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", self.model_uri,
                    "--env-manager", "local", "--host", self.host, "--port", str(self.port),
