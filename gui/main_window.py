@@ -80,7 +80,7 @@ class MainWindow(QMainWindow):
 
         self.preview = QLabel("Select an image")
         self.preview.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.preview.setMinimumSize(280, 280)
+        self.preview.setMinimumSize(256, 256)
         self.heatmap_box = QCheckBox("Show where it looked (heatmap)")
         self.heatmap_box.toggled.connect(self._show_preview)
         self.heatmap_note = QLabel()
@@ -395,7 +395,9 @@ class MainWindow(QMainWindow):
         return item.path if item is not None else None
 
     def _preview_side(self) -> int:
-        return max(self.preview.width(), self.preview.height(), 280)
+        """The largest square the preview holds (a larger picture would push the widgets
+        below it aside)."""
+        return max(min(self.preview.width(), self.preview.height()), 256)
 
     @Slot()
     def _show_preview(self) -> None:
@@ -418,8 +420,8 @@ class MainWindow(QMainWindow):
     def _heatmap_ready(self, path: str, side: int, image: QImage) -> None:
         if path == self._selected_path() and self.heatmap_box.isChecked():
             self.preview.setPixmap(QPixmap.fromImage(image))
-            self.heatmap_note.setText("Heatmap (Grad-CAM) of the predicted class over the square "
-                                      "the model sees: red where its evidence was strongest")
+            self.heatmap_note.setText("Heatmap (Grad-CAM): red where the evidence for its "
+                                      "answer was strongest")
 
     @Slot(object, str)
     def _heatmap_failed(self, path: str, message: str) -> None:
