@@ -20,10 +20,9 @@ from PIL import Image
 
 from gui.export import write_csv
 from shared.files import image_files
-from shared.heatmap import Explainer, NoHeatmap, overlay
+from shared.heatmap import Explainer, NoHeatmap, photo_with_heatmap
 from shared.inference import (LoadedClassifier, ModelLoadError, Prediction, classify_files,
                               load_classifier)
-from shared.preprocess import decode_image
 from shared.registry import RegistryError, resolve_model_uri
 from shared.store import StoreBroken, tracking_uri, use_store
 
@@ -86,7 +85,7 @@ def write_heatmaps(clf: LoadedClassifier, explainer: Explainer, predictions: lis
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         for path, heat in zip(chunk, explainer.heatmaps(clf.load_images(chunk))):
-            picture = overlay(decode_image(path, side).transpose(1, 2, 0), heat.numpy())
+            picture = photo_with_heatmap(path, heat, side)
             name = path.stem if stems[path.stem] == 1 else path.name
             Image.fromarray(picture).save(folder / f"{name}_heatmap.png")
     return len(paths)

@@ -74,16 +74,15 @@ class InferenceWorker(QObject):
     def heatmap(self, path: str, side: int) -> None:
         """The photo's centre square (what the model sees) at `side` pixels, with the heatmap
         of the predicted class over it."""
-        from shared.heatmap import overlay
+        from shared.heatmap import photo_with_heatmap
         from shared.inference import describe_error
-        from shared.preprocess import decode_image
 
         if self.explainer is None:
             self.heatmap_failed.emit(path, "no heatmap for this model")
             return
         try:
             heat = self.explainer.heatmaps(self.classifier.load_images([path]))[0]
-            picture = overlay(decode_image(path, side).transpose(1, 2, 0), heat.numpy())
+            picture = photo_with_heatmap(path, heat, side)
         except Exception as exc:  # noqa: BLE001 - unreadable files, model errors
             self.heatmap_failed.emit(path, describe_error(exc))
             return

@@ -87,6 +87,14 @@ class Explainer:
         return (cam / peak).squeeze(1)
 
 
+def photo_with_heatmap(path, heat: torch.Tensor, side: int) -> np.ndarray:
+    """The file's centre square (what the model sees) decoded at `side` pixels, as (side,
+    side, 3) uint8, with `heat` laid over it."""
+    from shared.preprocess import decode_image
+
+    return overlay(decode_image(path, side).transpose(1, 2, 0), heat.numpy())
+
+
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """An (H, W, 3) uint8 picture with the heatmap (any size, values in [0, 1]) laid over it
     in the 'jet' colours: red where the class's evidence was strongest."""

@@ -51,11 +51,15 @@ class LoadedClassifier:
     calibration: Calibration = Calibration()
 
     @torch.no_grad()
+    def scores(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """uint8 (N, 3, S, S) images at the model's stored size -> (N, classes) float32 scores,
+        calibrated (the module divides them by the temperature), `batch_size` at a time."""
+        return torch.cat([self.module(chunk.float().div(255)).float()
+                          for chunk in images.split(batch_size)])
+
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, S, S) images at the model's stored size -> (N, classes) probabilities
-        (calibrated: the module divides its scores by the temperature)."""
-        scores = self.module(images.float().div(255))
-        return torch.softmax(scores.float(), dim=1)
+        """uint8 (N, 3, S, S) images at the model's stored size -> (N, classes) probabilities."""
+        return torch.softmax(self.scores(images), dim=1)
 
     def predict(self, paths: Sequence[str], images: torch.Tensor, top_k: int = 5) -> list[Prediction]:
         """One Prediction per decoded image: its top classes and the unsure flag."""

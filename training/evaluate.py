@@ -74,7 +74,7 @@ def find_version(spec: str | None, uri: str) -> ModelRef:
             version = client.get_model_version(name, number)
     except Exception as exc:  # noqa: BLE001 - unknown names, aliases, versions
         raise RegistryError(f"no registered model version {spec!r} in this store ({exc}); "
-                            "list them with `python -m gui.classify --help` or the MLflow UI") from None
+                            "see the registered versions in the MLflow UI's Models page") from None
     return ModelRef(f"models:/{version.name}/{version.version}", version.name,
                     str(version.version), version.run_id or "")
 
@@ -120,13 +120,6 @@ def _cifar_test(root: Path, classes: list[str], size: int, cache_dir) -> EvalSet
     images = resize_batch(data.test_images, size)
     return EvalSet(f"{data.name}-test", root, images, data.test_labels,
                    fingerprint(classes, images.numpy(), data.test_labels.numpy()))
-
-
-@torch.no_grad()
-def scores(clf: LoadedClassifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The model's (calibrated) scores for every image."""
-    return torch.cat([clf.module(chunk.float().div(255)).float()
-                      for chunk in images.split(batch_size)])
 
 
 def measure(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
@@ -195,7 +188,7 @@ def evaluate(spec: str | None, data_dir: str | Path, uri: str, *, worst: int = 2
     ref = find_version(spec, uri)
     clf = load_classifier(ref.uri)
     data = evaluation_set(data_dir, clf.classes, clf.prep.image_size, cache_dir)
-    result = measure(scores(clf, data.images, batch_size), data.labels, clf.classes,
+    result = measure(clf.scores(data.images, batch_size), data.labels, clf.classes,
                      clf.calibration.temperature)
     mistakes = worst_mistakes(result["probs"], data.labels, clf.classes, worst)
     source_params = mlflow.get_run(ref.run_id).data.params if ref.run_id else {}
