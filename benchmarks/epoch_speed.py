@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.models import MODELS  # noqa: E402
-from training.config import resolve  # noqa: E402
-from training.build import DeviceSplits, prepare  # noqa: E402
+from training.engine.models import MODELS  # noqa: E402
+from training.engine.config import resolve  # noqa: E402
+from training.engine.build import DeviceSplits, prepare  # noqa: E402
 from training.train import train  # noqa: E402
 
 PLAIN = {"precision": "fp32", "channels_last": False, "compile": "none", "async_logging": False}

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.models import FAST_SGD  # noqa: E402
-from training.config import ConfigError, coerce, resolve, setting_types  # noqa: E402
-from training.build import DeviceSplits, prepare  # noqa: E402
+from training.engine.models import FAST_SGD  # noqa: E402
+from training.engine.config import ConfigError, coerce, resolve, setting_types  # noqa: E402
+from training.engine.build import DeviceSplits, prepare  # noqa: E402
 from training.train import train  # noqa: E402
 
 # each piece, the row's name and the settings that take it out of the recipe (or, for an

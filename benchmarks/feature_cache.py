@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.build import build, prepare  # noqa: E402
-from training.config import resolve  # noqa: E402
-from training.loop import autocast_for, train_epoch  # noqa: E402
+from training.engine.build import build, prepare  # noqa: E402
+from training.engine.config import resolve  # noqa: E402
+from training.engine.loop import autocast_for, train_epoch  # noqa: E402
 
 
 def epoch_seconds(setup) -> float:

@@ -5,7 +5,7 @@ ImageFolder), per-image PIL decoding and torchvision transforms.
 - CNN study: RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize,
   batch 200, SGD (lr 0.01, momentum 0.9), 4 workers (fewer on a smaller machine).
 - MLP study: ToTensor + Normalize, batch 64, Adam (lr 1e-3).
-Ours: the whole dataset as one uint8 tensor on the device (shared.batches.DeviceLoader), same
+Ours: the whole dataset as one uint8 tensor on the device (training.engine.batches.DeviceLoader), same
 augmentation done per batch on the device, at the seed's batch size and at our recipe's.
 
 Every pipeline feeds the same model through the same training step, so only the input path
@@ -29,10 +29,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.batches import DeviceLoader  # noqa: E402
-from shared.data import channel_stats, load_dataset  # noqa: E402
-from shared.device import describe_device, resolve_device  # noqa: E402
-from shared.models import MODELS, build_model, is_convolutional  # noqa: E402
+from training.engine.batches import DeviceLoader  # noqa: E402
+from training.engine.data import channel_stats, load_dataset  # noqa: E402
+from training.engine.device import describe_device, resolve_device  # noqa: E402
+from training.engine.models import MODELS, build_model, is_convolutional  # noqa: E402
 from shared.preprocess import InputTransform, Preprocessing  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -37,8 +37,9 @@ def log_one_run(uri: str, epochs: int, barrier=None) -> dict:
     import mlflow
 
     from shared.store import use_store
-    from shared.tracking import ensure_experiment
-    from training.run_log import brief, log_epoch, log_params
+    from training.tracking.publish import ensure_experiment
+    from shared.messages import brief
+    from training.tracking.run_log import log_epoch, log_params
 
     use_store(uri)
     experiment = ensure_experiment("store-benchmark", uri)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from shared.store import CHAMPION, DriverMissing, check_driver, mask_secrets
+from shared.store import CHAMPION, DriverMissing, check_driver
+
+from shared.messages import mask_secrets
 
 
 class RegistryError(Exception):

@@ -15,6 +15,8 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+from shared.messages import mask_secrets
+
 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 
 CHAMPION = "champion"  # the registry alias of each model's best version
@@ -63,18 +65,6 @@ def creation_lock(uri: str, purpose: str = "lock") -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
-SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*",
-                          re.IGNORECASE)
-
-
-def mask_secrets(text: str) -> str:
-    """`postgresql://user:PW@host/db` -> `postgresql://user:***@host/db` (and `?password=`)
-    anywhere in `text`: what a run logs or prints never holds a password from a URI."""
-    text = CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    return SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
 class DriverMissing(Exception):

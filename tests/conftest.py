@@ -53,7 +53,7 @@ def store(tmp_path, _store_template) -> str:
 @pytest.fixture
 def train_config(image_folder, store, tmp_path):
     """A TrainConfig for a seconds-long run on the tiny image folder."""
-    from training.config import resolve
+    from training.engine.config import resolve
 
     def make(**overrides):
         settings = dict(model="cnn", data_dir=str(image_folder), cache_dir=str(tmp_path / "cache"),
@@ -95,8 +95,8 @@ def offline(monkeypatch):
 @pytest.fixture(scope="session")
 def registered(tmp_path_factory, image_folder, _store_template):
     """A store holding 'tiny-cnn': version 1 (champion) and version 2 (not champion)."""
-    from shared.tracking import register_version
-    from training.config import resolve
+    from training.tracking.publish import register_version
+    from training.engine.config import resolve
     from training.train import train
 
     folder = tmp_path_factory.mktemp("registered")

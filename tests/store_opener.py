@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 
 from shared.store import use_store
-from shared.tracking import ensure_experiment
+from training.tracking.publish import ensure_experiment
 
 signals, dbs = Path(sys.argv[1]), sys.argv[2:]
 for i, db in enumerate(dbs):

@@ -8,12 +8,12 @@ from mlflow.tracking import MlflowClient
 
 import training.tune
 from shared.store import CHAMPION
-from shared.tracking import register_version
+from training.tracking.publish import register_version
 from test_errors import args, runs
 from test_resume import quiet, stop_after_steps
-from training import checkpoint
+from training.tracking import checkpoint
 from training.cli import resume_config
-from training.run import TrainingInterrupted
+from training.tracking.run import TrainingInterrupted
 from training.train import main, train
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from shared.batches import DeviceLoader, random_crop, random_flip
+from training.engine.batches import DeviceLoader, random_crop, random_flip
 from shared.preprocess import InputTransform, Preprocessing
 
 IDENTITY = Preprocessing(image_size=8, input_size=8, mean=(0, 0, 0), std=(1, 1, 1))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.build import prepare
+from training.engine.build import prepare
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -1,7 +1,7 @@
 import pytest
 
-from shared.models import MODELS
-from training.config import ConfigError, parse_args, read_config_file, resolve
+from training.engine.models import MODELS
+from training.engine.config import ConfigError, parse_args, read_config_file, resolve
 
 
 def test_the_models_recipe_replaces_the_general_defaults():
@@ -82,7 +82,7 @@ def ruled_fields():
 
 @pytest.mark.parametrize("field", ruled_fields(), ids=lambda f: f.name)
 def test_every_range_rule_in_a_fields_metadata_is_enforced(field):
-    from training.config import setting_types
+    from training.engine.config import setting_types
     from training.tune import TuneConfig
 
     low = 0 if field.metadata.get("positive") else field.metadata["min"]
@@ -92,7 +92,7 @@ def test_every_range_rule_in_a_fields_metadata_is_enforced(field):
 
 
 def test_setting_types_come_from_the_dataclass_optional_or_not():
-    from training.config import setting_types
+    from training.engine.config import setting_types
     kinds = setting_types()
     assert (kinds["epochs"], kinds["image_size"], kinds["lr"]) == (int, int, float)
     assert (kinds["augment"], kinds["register"], kinds["resume"]) == (bool, str, str)

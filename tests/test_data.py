@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from datagen import CLASSES, make_image_folder
-from shared.data import DatasetError, channel_stats, load_dataset, split_indices
+from training.engine.data import DatasetError, channel_stats, load_dataset, split_indices
 
 
 def quiet(*_):
@@ -20,7 +20,7 @@ def test_image_folder_classes_come_from_the_folder_names(image_folder, tmp_path)
 
 def test_second_load_comes_from_the_cache_without_decoding(image_folder, tmp_path, monkeypatch):
     first = load_dataset(image_folder, cache_dir=tmp_path, log=quiet)
-    monkeypatch.setattr("shared.data._decode_folder", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr("training.engine.data._decode_folder", lambda *a, **k: pytest.fail("decoded again"))
     second = load_dataset(image_folder, cache_dir=tmp_path, log=quiet)
     assert torch.equal(first.train_images, second.train_images)
     assert first.fingerprint == second.fingerprint

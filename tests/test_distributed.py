@@ -11,11 +11,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from datagen import make_image_folder
-from shared.batches import DeviceLoader
+from training.engine.batches import DeviceLoader
 from shared.preprocess import InputTransform, Preprocessing
-from training import distributed
-from training.build import check_world, prepare
-from training.config import ConfigError
+from training.engine import distributed
+from training.engine.build import check_world, prepare
+from training.engine.config import ConfigError
 from training.servers import free_port
 from training.train import train
 
@@ -243,9 +243,9 @@ def test_a_killed_process_ends_the_job_and_the_run_resumes(larger_folder, store,
 
 
 def test_a_checkpoint_from_before_sync_bn_existed_still_resumes(train_config, store):
-    from training import checkpoint
+    from training.tracking import checkpoint
     from training.cli import resume_config
-    from training.run import TrainingInterrupted
+    from training.tracking.run import TrainingInterrupted
 
     calls = []
     with pytest.raises(TrainingInterrupted):

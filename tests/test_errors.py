@@ -6,7 +6,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import training.run
+import training.tracking.run
 from datagen import make_image_folder
 from training.train import main
 
@@ -70,14 +70,14 @@ def test_nan_loss_marks_the_run_failed_with_the_reason(image_folder, store, tmp_
 
 def test_ctrl_c_marks_the_run_killed_and_keeps_what_was_logged(image_folder, store, tmp_path,
                                                               capsys, monkeypatch):
-    original = training.run.epoch_line
+    original = training.tracking.run.epoch_line
 
     def interrupted_after_epoch_2(epoch, epochs, metrics):
         if epoch == 2:
             raise KeyboardInterrupt
         return original(epoch, epochs, metrics)
 
-    monkeypatch.setattr(training.run, "epoch_line", interrupted_after_epoch_2)
+    monkeypatch.setattr(training.tracking.run, "epoch_line", interrupted_after_epoch_2)
     assert main(args(image_folder, store, tmp_path, "--epochs", "5")) == 130
     assert "marked KILLED" in capsys.readouterr().err
     (run,) = runs(store)

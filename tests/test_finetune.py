@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from shared.models import ModelError, build_model
+from training.engine.models import ModelError, build_model
 from training.train import train
 
 
@@ -76,7 +76,7 @@ def test_fine_tuning_with_a_frozen_backbone_trains_only_the_head(train_config, t
 
 
 def test_backbone_and_head_learn_at_their_own_rates(train_config):
-    from training.optim import make_optimizer
+    from training.engine.optim import make_optimizer
 
     cfg = train_config(model="resnet18", backbone_lr_scale=0.1, lr=0.02, optimizer="sgd")
     model = build_model("resnet18", 3, 32)
@@ -102,7 +102,7 @@ def test_unfreezing_trains_the_backbone_only_after_the_head_only_epochs(train_co
 
 
 def test_the_unfreezer_lets_the_backbone_train_from_the_epoch_after(train_config):
-    from training.state import Unfreezer
+    from training.engine.state import Unfreezer
 
     model = build_model("resnet18", 3, 32, freeze="backbone")
     unfreezer = Unfreezer.of(model, after=2)
@@ -118,7 +118,7 @@ def test_the_unfreezer_lets_the_backbone_train_from_the_epoch_after(train_config
     ({"model": "mlp", "backbone_lr_scale": 0.1}, "mlp has no separate head"),
 ])
 def test_fine_tuning_settings_that_cannot_work_are_refused(train_config, overrides, message):
-    from training.config import ConfigError
+    from training.engine.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         train_config(**{"model": "resnet18", **overrides})

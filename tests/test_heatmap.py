@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from shared.heatmap import Explainer, NoHeatmap, overlay
-from shared.models import MODELS, build_model, input_size_for
+from training.engine.models import MODELS, build_model, input_size_for
 from shared.preprocess import Classifier, Preprocessing
 
 CONV_MODELS = [name for name in MODELS if name != "mlp"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shared.models import (MODELS, ModelError, build_model, count_parameters, describe_models,
+from training.engine.models import (MODELS, ModelError, build_model, count_parameters, describe_models,
                            get_spec, input_size_for)
 
 

@@ -4,10 +4,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from shared.models import build_model
-from training.config import ConfigError, resolve
-from training.muon import Muon, muon_groups, normalized_weights, orthogonalize
-from training.optim import make_optimizer, make_scheduler
+from training.engine.models import build_model
+from training.engine.config import ConfigError, resolve
+from training.engine.muon import Muon, muon_groups, normalized_weights, orthogonalize
+from training.engine.optim import make_optimizer, make_scheduler
 from training.train import train
 
 

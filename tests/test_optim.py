@@ -3,9 +3,9 @@ every entry builds, and a name outside them is refused (never silently replaced)
 import pytest
 import torch
 
-from shared.models import build_model
-from training.config import ConfigError, TrainConfig, resolve
-from training.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
+from training.engine.models import build_model
+from training.engine.config import ConfigError, TrainConfig, resolve
+from training.engine.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 
 
 def test_the_config_offers_exactly_the_registered_names():

@@ -50,7 +50,7 @@ def test_runs_registering_at_the_same_moment_leave_the_best_one_champion(registe
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from shared.tracking import register_version
+    from training.tracking.publish import register_version
 
     _, result = registered
     mlflow.set_tracking_uri(registered_store)
@@ -88,7 +88,7 @@ def test_a_champion_chosen_by_hand_stays_until_a_new_version_beats_it(registered
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from shared.tracking import register_version
+    from training.tracking.publish import register_version
 
     _, result = registered
     mlflow.set_tracking_uri(registered_store)

@@ -9,11 +9,11 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-import training.run
+import training.tracking.run
 from shared.store import store_folder
-from training import checkpoint
+from training.tracking import checkpoint
 from training.cli import resume_config
-from training.run import RunOptions, TrainingInterrupted
+from training.tracking.run import RunOptions, TrainingInterrupted
 from training.train import train
 
 
@@ -148,7 +148,7 @@ def test_a_training_process_killed_at_a_random_step_resumes_with_no_gap_or_dupli
 
 
 def test_four_concurrent_runs_on_one_store_lose_no_metric(image_folder, store, tmp_path):
-    from shared.tracking import ensure_experiment
+    from training.tracking.publish import ensure_experiment
     ensure_experiment("training", store)  # as the README says: create the store before workers
     cmds = [command(image_folder, store, tmp_path, "--model", "mlp", "--epochs", "5", "--seed", str(i),
                     "--no-register") for i in range(4)]
@@ -169,9 +169,9 @@ class Outage:
     """Epoch metrics fail to log while `down` is true, as with a tracking server gone away."""
 
     def __init__(self, monkeypatch):
-        import training.run_log
-        self.down, self.real = False, training.run_log.log_epoch
-        monkeypatch.setattr(training.run_log, "log_epoch", self)
+        import training.tracking.run_log
+        self.down, self.real = False, training.tracking.run_log.log_epoch
+        monkeypatch.setattr(training.tracking.run_log, "log_epoch", self)
 
     def __call__(self, *args, **kwargs):
         if self.down:
@@ -202,7 +202,7 @@ def test_a_store_still_down_at_the_end_keeps_the_checkpoint_and_resume_finishes_
     def hook(epoch, metrics):
         outage.down = epoch >= 2
 
-    with pytest.raises(training.run.StoreUnavailable, match="--resume"):
+    with pytest.raises(training.tracking.run.StoreUnavailable, match="--resume"):
         train(train_config(epochs=4, patience=0), log=quiet, options=RunOptions(epoch_hook=hook))
     outage.down = False
     client = MlflowClient(store)

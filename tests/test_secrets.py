@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import training.tune
-from shared.store import mask_secrets
+from shared.messages import mask_secrets
 from training.servers import MlflowServer
 
 PASSWORD = "S3cret-Pw"

@@ -5,11 +5,10 @@ import pytest
 import torch
 
 from datagen import CLASSES
-from training import checkpoint
-from training.build import build, prepare
-from training.loop import (Callbacks, FitResult, StopRequested, Validation, fit,
+from training.engine.build import build, prepare
+from training.engine.loop import (Callbacks, FitResult, StopRequested, Validation, fit,
                            train_epoch)
-from training.state import TrainingState
+from training.engine.state import TrainingState, snapshot
 
 # every stateful option on: lookahead, one-cycle schedule, alternating flips, random crops
 OPTIONS = dict(model="cnn", epochs=4, lookahead=True, schedule="onecycle", flip="alternate",
@@ -45,7 +44,7 @@ def test_every_stateful_part_is_saved_under_its_own_name(train_config):
 def test_a_restored_state_trains_on_exactly_as_the_one_it_was_saved_from(train_config):
     first = built(train_config)
     train_epoch(first.network, first.state, first.loss_fn)
-    saved = checkpoint.snapshot(first.state.state_dict())
+    saved = snapshot(first.state.state_dict())
     train_epoch(first.network, first.state, first.loss_fn)
 
     second = built(train_config)  # as new: weights, momentum, schedule, loader at their start
@@ -98,7 +97,7 @@ def test_a_stopped_early_run_restores_its_best_weights(train_config):
 
 def test_optional_parts_may_be_missing_from_a_saved_state_but_the_model_may_not(train_config):
     setup = built(train_config)
-    saved = checkpoint.snapshot(setup.state.state_dict())
+    saved = snapshot(setup.state.state_dict())
     setup.state.load_state_dict({k: v for k, v in saved.items() if k != "averager"})
     with pytest.raises(KeyError, match="model"):
         setup.state.load_state_dict({k: v for k, v in saved.items() if k != "model"})

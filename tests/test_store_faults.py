@@ -5,13 +5,14 @@ Mounting needs root (CAP_SYS_ADMIN), as on the CI machines; elsewhere these test
 import errno
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from training.cli import resume_config
-from training.run import RunOptions, StoreError, StoreUnavailable
+from training.tracking.run import RunOptions, StoreError, StoreUnavailable
 from training.train import train
 
 
@@ -28,21 +29,46 @@ class SmallDisk:
             pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
 
     def fill(self) -> None:
+        """Fill the disk, and keep it full until `free`: space that others free later (SQLite
+        removing a journal, say) is taken back within milliseconds, so a small checkpoint
+        cannot slip into it (a flake seen under load)."""
+        if getattr(self, "_full", None) is not None:
+            return
+        self._top_up()
+        self._full = threading.Event()
+        self._full.set()
+        self._keeper = threading.Thread(target=self._keep_full, daemon=True)
+        self._keeper.start()
+
+    def _top_up(self) -> None:
         with open(self.filler, "ab", buffering=0) as f:  # nothing left to flush on close
             try:
                 while True:
-                    f.write(b"\0" * (1 << 20))
+                    f.write(b"\0" * (1 << 16))
             except OSError as exc:
                 assert exc.errno == errno.ENOSPC
 
+    def _keep_full(self) -> None:
+        while self._full.is_set():
+            self._top_up()
+            time.sleep(0.002)
+
     def free(self) -> None:
+        self._stop_keeping()
         self.filler.unlink()
+
+    def _stop_keeping(self) -> None:
+        if getattr(self, "_full", None) is not None:
+            self._full.clear()
+            self._keeper.join()
+            self._full = None
 
     def read_only(self, yes: bool = True) -> None:
         subprocess.run(["mount", "-o", f"remount,{'ro' if yes else 'rw'}", str(self.path)],
                        check=True)
 
     def unmount(self) -> None:
+        self._stop_keeping()
         subprocess.run(["umount", "-l", str(self.path)], check=False)
 
 
@@ -122,16 +148,16 @@ def test_a_disk_still_full_at_the_end_keeps_the_last_checkpoint_and_resume_finis
 
 def test_a_full_disk_when_the_model_is_saved_keeps_every_epoch_and_resume_only_stores_it(
         disk, disk_store, train_config, monkeypatch):
-    import training.train
+    import training.tracking.run
 
-    real_log, full = training.train.log_classifier, [True]
+    real_log, full = training.tracking.run.log_classifier, [True]
 
     def log_classifier(*args, **kwargs):
         if full[0]:
             disk.fill()
         return real_log(*args, **kwargs)
 
-    monkeypatch.setattr(training.train, "log_classifier", log_classifier)
+    monkeypatch.setattr(training.tracking.run, "log_classifier", log_classifier)
     with pytest.raises(StoreUnavailable, match="could not be stored"):
         train(train_config(tracking_uri=disk_store, epochs=3, patience=0), log=lambda *_: None)
     full[0] = False

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from shared.inference import classify_files, load_classifier
-from shared.models import ModelError, build_model, get_spec, renamed_in_order
+from training.engine.models import ModelError, build_model, get_spec, renamed_in_order
 from shared.preprocess import InputTransform, Preprocessing, decode_image
 from training.train import main, train
 

@@ -4,7 +4,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from training.run import RunOptions
+from training.tracking.run import RunOptions
 from training.servers import MlflowServer
 from training.train import train
 

@@ -11,7 +11,7 @@ from PIL import Image
 from shared.inference import load_classifier
 from shared.preprocess import Classifier
 from shared.store import CHAMPION
-from shared.tracking import register_version
+from training.tracking.publish import register_version
 from training.train import train
 
 EPOCH_METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",

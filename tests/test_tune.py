@@ -6,9 +6,9 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-import training.run
+import training.tracking.run
 import training.tune
-from training.config import ConfigError, resolve
+from training.engine.config import ConfigError, resolve
 from training.tune import TuneConfig, main, tune
 
 State = optuna.trial.TrialState
@@ -105,7 +105,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(tune_
 
 def test_resuming_an_interrupted_study_keeps_the_finished_trials(tune_config, store, monkeypatch):
     cfg = tune_config(trials=4)
-    original = training.run.epoch_line
+    original = training.tracking.run.epoch_line
     calls = []
 
     def interrupt_third_trial(epoch, epochs, metrics):
@@ -114,15 +114,15 @@ def test_resuming_an_interrupted_study_keeps_the_finished_trials(tune_config, st
             raise KeyboardInterrupt
         return original(epoch, epochs, metrics)
 
-    monkeypatch.setattr(training.run, "epoch_line", interrupt_third_trial)
-    with pytest.raises(training.run.TrainingInterrupted):
+    monkeypatch.setattr(training.tracking.run, "epoch_line", interrupt_third_trial)
+    with pytest.raises(training.tracking.run.TrainingInterrupted):
         tune(cfg, log=quiet)
     before = load(cfg).trials
     assert [t.state for t in before] == [State.COMPLETE, State.COMPLETE, State.FAIL]
     parent_id = load(cfg).user_attrs["mlflow_parent_run_id"]
     assert MlflowClient(store).get_run(parent_id).info.status == "KILLED"
 
-    monkeypatch.setattr(training.run, "epoch_line", original)
+    monkeypatch.setattr(training.tracking.run, "epoch_line", original)
     summary = tune(cfg, log=quiet)
     after = load(cfg).trials
     assert [(t.params, t.value) for t in after[:2]] == [(t.params, t.value) for t in before[:2]]

@@ -26,17 +26,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch
 from torch import nn
 
-from shared.batches import DeviceLoader
-from shared.data import DatasetError, channel_stats, load_dataset
-from shared.device import DeviceError, describe_device, resolve_device
-from shared.models import MODELS, ModelError, build_model, input_size_for, is_convolutional
+from training.engine.batches import DeviceLoader
+from training.engine.data import DatasetError, channel_stats, load_dataset
+from training.engine.device import DeviceError, describe_device, resolve_device
+from training.engine.models import MODELS, ModelError, build_model, input_size_for, is_convolutional
 from shared.preprocess import InputTransform, Preprocessing
 from shared.store import tracking_uri, ui_command, use_store
-from training.build import random_rows, resolve_precision
-from training.config import TrainConfig
-from training.loop import autocast_for, train_epoch
-from training.optim import make_optimizer
-from training.state import TrainingState
+from training.engine.build import random_rows, resolve_precision
+from training.engine.config import TrainConfig
+from training.engine.loop import autocast_for, train_epoch
+from training.engine.optim import make_optimizer
+from training.engine.state import TrainingState
 
 
 def available_devices(names: list[str], log=print) -> list[str]:
@@ -181,7 +181,7 @@ def write_report(rows: list[dict], gpu: bool, out: Path) -> str:
 def benchmark(plan: Plan, out: Path, uri: str, log=print) -> list[dict]:
     import mlflow
 
-    from shared.tracking import ensure_experiment
+    from training.tracking.publish import ensure_experiment
 
     for name in plan.models:
         if name not in MODELS:

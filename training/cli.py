@@ -6,14 +6,15 @@ import signal
 import sys
 from collections.abc import Callable
 
-from shared.data import DatasetError
-from shared.device import DeviceError
-from shared.models import ModelError
+from training.engine.data import DatasetError
+from training.engine.device import DeviceError
+from training.engine.models import ModelError
 from shared.store import DriverMissing, StoreBroken, tracking_uri
-from training import checkpoint, distributed
-from training.config import ConfigError, TrainConfig
-from training.loop import NonFiniteLossError
-from training.run import Resume, StoreError, StoreUnavailable, TrainingInterrupted
+from training.tracking import checkpoint
+from training.engine import distributed
+from training.engine.config import ConfigError, TrainConfig
+from training.engine.loop import NonFiniteLossError
+from training.tracking.run import Resume, StoreError, StoreUnavailable, TrainingInterrupted
 
 BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError, StoreError,
              StoreBroken, DriverMissing)

@@ -164,7 +164,7 @@ def compare(uri: str, experiments: list[str], run_ids: list[str], filter_string:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from shared.tracking import ensure_experiment
+    from training.tracking.publish import ensure_experiment
 
     use_store(uri)
     client = MlflowClient(uri)

@@ -13,24 +13,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import mlflow
 from torch import nn
 
-from shared.calibration import KEEP, RULE, Calibration, calibrate
-from shared.data import ImageData
-from shared.device import describe_device
-from shared.models import count_parameters, describe_models
+from shared.calibration import Calibration, calibrate
+from training.engine.data import ImageData
+from training.engine.device import describe_device
+from training.engine.models import count_parameters, describe_models
 from shared.preprocess import Preprocessing, resize_batch
 from shared.store import tracking_uri, ui_command, ui_page
-from shared.tracking import log_classifier, log_dataset, register_version
-from training import distributed, run_log
-from training.build import DeviceSplits, Setup, build, prepare
+from training.engine import distributed
+from training.tracking import run_log
+from training.engine.build import DeviceSplits, Setup, build, prepare
 from training.cli import StopSignals, resume_config, run_command
-from training.config import TrainConfig, parse_args
-from training.loop import (Callbacks, FitResult, Validation, autocast_for, collect_logits, evaluate,
+from training.engine.config import TrainConfig, parse_args
+from training.engine.loop import (Callbacks, FitResult, Validation, autocast_for, collect_logits, evaluate,
                            fit, never)
-from training.report import model_summary
-from training.run import (EpochRecorder, FollowerRun, Resume, RunOptions, TrackedRun, open_tracked,
+from training.tracking.report import model_summary
+from training.tracking.run import (EpochRecorder, FollowerRun, Resume, RunOptions, TrackedRun, open_tracked,
                           progress_bar)
 
 
@@ -55,6 +54,7 @@ class TrainResult:
     version: str | None = None
     promoted: bool = False
     calibration: Calibration = Calibration()  # chosen on the validation split after training
+    experiment_id: str = ""
 
 
 def train(cfg: TrainConfig, log=print, *, splits: DeviceSplits | None = None,
@@ -73,20 +73,19 @@ def train(cfg: TrainConfig, log=print, *, splits: DeviceSplits | None = None,
     setup = build(cfg, splits, resume.checkpoint if resume else None, log)
     with open_tracked(cfg, options, resume, log) as run:
         log(describe(cfg, splits, setup))
-        run.start(run_log.run_tags(splits.data), run_log.run_params(cfg, splits, setup))
-        if run.writes and resume is None and not options.trial:
-            log_dataset(splits.data.name, str(splits.data.root), splits.data.fingerprint, "training")
+        run.start(run_log.run_tags(splits.data), run_log.run_params(cfg, splits, setup),
+                  splits.data)
         recorder = EpochRecorder(run, setup.state, setup.start.history if setup.start else [])
         result = fit(setup.network, setup.state, setup.loss_fn,
                      Validation(setup.loaders.val, splits.num_classes, cfg.tta),
                      epochs=cfg.epochs, precision=setup.precision, start=setup.start,
-                     callbacks=Callbacks(recorder, progress_bar(cfg.progress and run.writes),
+                     callbacks=Callbacks(recorder, progress_bar(cfg.progress and distributed.world().is_main),
                                          distributed.agreed(stop_requested)))
         run.ensure_stored(result.epochs_run)
         outcome = record_fit(run, result, setup, recorder.seconds, log)
         if not options.trial:
             with run.storing_results(result.epochs_run):
-                test_and_store(cfg, outcome, setup, splits.data, run.writes)
+                test_and_store(cfg, outcome, setup, splits.data, run)
     return outcome
 
 
@@ -112,12 +111,11 @@ def record_fit(run: TrackedRun | FollowerRun, result: FitResult, setup: Setup,
     stop_note = (f"stopped early at epoch {result.stopped_epoch} (best epoch {result.best_epoch})"
                  if result.stopped_epoch else "ran every requested epoch")
     log(f"{stop_note}; best weights from epoch {result.best_epoch} restored")
-    if run.writes:
-        run_log.log_fit_end(result, setup.compile_seconds, tracking_seconds)
+    run.end_fit(result, setup.compile_seconds, tracking_seconds)
     return TrainResult(run.run_id, result.best_val_acc, result.best_epoch, result.epochs_run,
                        result.stopped_epoch, result.history, setup.model, setup.prep,
                        train_seconds=result.train_seconds, compile_seconds=setup.compile_seconds,
-                       tracking_seconds=tracking_seconds)
+                       tracking_seconds=tracking_seconds, experiment_id=run.experiment_id)
 
 
 def default_model_name(dataset: str, model: str) -> str:
@@ -125,9 +123,10 @@ def default_model_name(dataset: str, model: str) -> str:
 
 
 def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: ImageData,
-                   writes: bool = True) -> None:
-    """The end of a full run: test set once (every process its share), then, by the process
-    that `writes`: report, model, registry. Fills `outcome`."""
+                   run: TrackedRun | FollowerRun) -> None:
+    """The end of a full run: test set once (every process its share), then the run records
+    the report, the model and its registry version (a follower records nothing). Fills
+    `outcome`."""
     model, prep = outcome.model, outcome.prep
     start = time.perf_counter()
     distributed.sync_buffers(setup.state.model)
@@ -137,47 +136,38 @@ def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: I
                     tta=prep.tta)
     outcome.test_seconds = time.perf_counter() - start
     outcome.test_acc, outcome.test_loss = test["acc"], test["loss"]
-    calibration = outcome.calibration = calibrate_on_validation(setup, prep.tta, writes)
-    if not writes:
-        return
-    mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"],
-                        "test_seconds": outcome.test_seconds})
-    summary = model_summary(model, (1, 3, prep.input_size, prep.input_size))
-    run_log.log_final_report(outcome.history, outcome.best_epoch, test, data.classes, summary,
-                              {**cfg.public_dict(), "resolved_precision": setup.precision})
+    calibration = outcome.calibration = calibrate_on_validation(setup, prep.tta, run)
+    run.log_test(test, outcome.test_seconds)
+    run.log_report(outcome.history, outcome.best_epoch, test, data.classes,
+                   lambda: model_summary(model, (1, 3, prep.input_size, prep.input_size)),
+                   {**cfg.public_dict(), "resolved_precision": setup.precision})
     served = dataclasses.replace(prep, image_size=cfg.photo_size or prep.image_size)
-    model_info = log_classifier(model, served, data.classes,
-                                resize_batch(data.test_images[:2], served.image_size),
-                                extra={"model": cfg.model, "dataset": data.name,
+    outcome.model_uri = run.log_model(model, served, data.classes,
+                                      resize_batch(data.test_images[:2], served.image_size),
+                                      {"model": cfg.model, "dataset": data.name,
                                        "weights_source": run_log.weights_source(cfg.weights)},
-                                calibration=calibration)
-    outcome.model_uri = model_info.model_uri
-    if not cfg.no_register:
+                                      calibration)
+    if outcome.model_uri is not None and not cfg.no_register:
         outcome.registered_name = cfg.register or default_model_name(data.name, cfg.model)
         # without a validation split (val_fraction 0) the champion rule compares test accuracy
         validated = not math.isnan(outcome.best_val_acc)
-        outcome.version, outcome.promoted = register_version(
-            model_info.model_uri, outcome.registered_name,
+        outcome.version, outcome.promoted = run.register(
+            outcome.model_uri, outcome.registered_name,
             outcome.best_val_acc if validated else test["acc"],
             tags={"test_acc": f"{test['acc']:.6f}", "model": cfg.model, "run_id": outcome.run_id,
                   "score_source": "validation" if validated else "test (no validation split)"})
 
 
-def calibrate_on_validation(setup: Setup, tta: str, writes: bool) -> Calibration:
+def calibrate_on_validation(setup: Setup, tta: str, run: TrackedRun | FollowerRun) -> Calibration:
     """Temperature and unsure threshold from the validation split, logged; none without one."""
     loader = setup.loaders.val
     if len(loader.labels) == 0:
-        if writes:
-            mlflow.log_params({"temperature": 1.0, "unsure_rule": "none (no validation split)"})
-        return Calibration(source="none (no validation split)")
-    logits, labels = collect_logits(setup.state.model, loader, tta=tta,
-                                    autocast=autocast_for(loader.device, setup.precision))
-    calibration, figures = calibrate(logits, labels)
-    if writes:
-        mlflow.log_params({"temperature": f"{calibration.temperature:.4f}",
-                           "unsure_rule": f"{RULE} < {calibration.unsure_below:.4f} "
-                                          f"({KEEP:.0%} of validation images above)"})
-        mlflow.log_metrics(figures)
+        calibration, figures = Calibration(source="none (no validation split)"), {}
+    else:
+        logits, labels = collect_logits(setup.state.model, loader, tta=tta,
+                                        autocast=autocast_for(loader.device, setup.precision))
+        calibration, figures = calibrate(logits, labels)
+    run.log_calibration(calibration, figures)
     return calibration
 
 
@@ -197,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             result = train(cfg, resume=resume, stop_requested=signals.requested)
         if distributed.world().is_main:
             print_outcome(result, time.perf_counter() - start)
-            page = ui_page(mlflow.get_run(result.run_id).info.experiment_id, result.run_id)
+            page = ui_page(result.experiment_id, result.run_id)
             print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri), page)}")
         return 0
 

@@ -19,16 +19,16 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from shared.models import describe_models
-from shared.store import (check_driver, creation_lock, mask_secrets, store_folder, tracking_uri,
-                          ui_command, use_store)
-from shared.tracking import ensure_experiment
-from training.config import ConfigError, TrainConfig, build_parser, opt, parse_args
-from training.loop import NonFiniteLossError, StopTraining
-from training import distributed
-from training.build import prepare
+from training.engine.models import describe_models
+from shared.messages import mask_secrets
+from shared.store import check_driver, creation_lock, store_folder, tracking_uri, ui_command, use_store
+from training.tracking.publish import ensure_experiment
+from training.engine.config import ConfigError, TrainConfig, build_parser, opt, parse_args
+from training.engine.loop import NonFiniteLossError, StopTraining
+from training.engine import distributed
+from training.engine.build import prepare
 from training.cli import run_command
-from training.run import RunOptions, TrainingInterrupted
+from training.tracking.run import RunOptions, TrainingInterrupted
 from training.train import train
 
 SEARCHABLE = ("lr", "epochs", "weight_decay", "batch_size", "muon_lr")

@@ -4,16 +4,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from shared.store import mask_secrets, store_folder
+from shared.store import store_folder
 
-from training.loop import FitResult
+from shared.messages import mask_secrets
 
-if TYPE_CHECKING:
-    from training.state import TrainingState
+
 
 CHECKPOINT_TAG = "checkpoint"
 
@@ -115,28 +113,3 @@ def find_resumable(uri: str, spec: str) -> str:
     if not runs:
         raise ResumeError(f"no unfinished run with a checkpoint in {mask_secrets(uri)}")
     return runs[0].info.run_id
-
-
-def state(cfg, epoch: int, history: list[dict], training: TrainingState) -> dict:
-    """Everything a resumed run needs to go on as if it had not stopped: one dict."""
-    return {"format": 2, "epoch": epoch, "config": cfg.public_dict(), "history": list(history),
-            **training.state_dict()}
-
-
-def snapshot(obj):
-    """A copy of a state whose tensors are on the CPU and no longer shared with training."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj
-
-
-def restore(ckpt: dict, training: TrainingState) -> FitResult:
-    """Load a checkpoint into freshly built training objects; returns the FitResult to start from."""
-    training.load_state_dict(ckpt)
-    history = list(ckpt["history"])
-    return FitResult(history=history, train_seconds=sum(h["epoch_seconds"] for h in history),
-                     stopped_epoch=training.stopper.stopped_epoch)

@@ -10,15 +10,24 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+import torch
+from torch import nn
 from tqdm import tqdm
 
-from shared.store import DriverMissing, mask_secrets, tracking_uri, use_store
-from shared.tracking import ensure_experiment
-from training import checkpoint, distributed, run_log
-from training.config import TrainConfig
-from training.loop import NonFiniteLossError, StopRequested, StopTraining
-from training.state import TrainingState
-from training.writer import BackgroundWriter
+from shared.calibration import KEEP, RULE, Calibration
+from shared.preprocess import Preprocessing
+
+from shared.store import DriverMissing, tracking_uri, use_store
+
+from shared.messages import brief, mask_secrets
+from training.engine.data import ImageData
+from training.tracking.publish import ensure_experiment, log_classifier, log_dataset, register_version
+from training.tracking import checkpoint, run_log
+from training.engine import distributed
+from training.engine.config import TrainConfig
+from training.engine.loop import FitResult, NonFiniteLossError, StopRequested, StopTraining
+from training.engine.state import TrainingState, checkpoint_state, snapshot
+from training.tracking.writer import BackgroundWriter
 
 
 class TrainingInterrupted(Exception):
@@ -53,24 +62,27 @@ class Resume:
 
 
 def open_run(cfg: TrainConfig, uri: str, run_name: str, run_id: str | None,
-             options: RunOptions) -> str:
+             options: RunOptions) -> tuple[str, str]:
     """Start a new MLflow run with the caller's tags, or reopen `run_id` (its status goes
-    back to RUNNING). A run is born tagged: one whose process dies at once is still found."""
+    back to RUNNING). A run is born tagged: one whose process dies at once is still found.
+    Returns (run id, experiment id)."""
     try:
         use_store(uri)
         experiment_id = ensure_experiment(cfg.experiment, uri)
         if run_id is not None:
-            return mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics).info.run_id
-        parent = options.parent_run_id
-        return mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                                parent_run_id=parent, nested=parent is not None,
-                                tags=options.tags or None,
-                                log_system_metrics=cfg.system_metrics).info.run_id
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics)
+        else:
+            parent = options.parent_run_id
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                   parent_run_id=parent, nested=parent is not None,
+                                   tags=options.tags or None,
+                                   log_system_metrics=cfg.system_metrics)
+        return run.info.run_id, run.info.experiment_id
     except DriverMissing:
         raise
     except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
         raise StoreError(f"the tracking store {mask_secrets(uri)} cannot take the run "
-                         f"({mask_secrets(run_log.brief(exc))});"
+                         f"({mask_secrets(brief(exc))});"
                          f" check that it is reachable and writable (disk space, "
                          f"permissions, server), or pass another --tracking-uri") from exc
 
@@ -88,9 +100,11 @@ class TrackedRun:
     it its final status. A body that returns ends FINISHED (its checkpoint removed: nothing left
     to resume); StopTraining ends KILLED with `stop_reason`; a stop request or Ctrl-C ends KILLED
     with the resume command and becomes TrainingInterrupted; anything else ends FAILED with
-    `failure_reason`. Epochs go to the checkpoint and MLflow on a background writer."""
+    `failure_reason`. Epochs go to the checkpoint and MLflow on a background writer.
 
-    writes = True  # the one process of a training that writes to MLflow and the checkpoint
+    It is the one writer of the run's record: params, tags, the dataset, per-epoch metrics, how
+    fitting ended, calibration, test figures, the report, the model and its registry version
+    all go through its methods. FollowerRun has the same methods and writes nothing."""
 
     def __init__(self, cfg: TrainConfig, options: RunOptions, resume: Resume | None = None,
                  log=print):
@@ -105,7 +119,8 @@ class TrackedRun:
 
     def __enter__(self) -> "TrackedRun":
         resumed_id = self.resume.run_id if self.resume else None
-        self.run_id = open_run(self.cfg, self.uri, self.name, resumed_id, self.options)
+        self.run_id, self.experiment_id = open_run(self.cfg, self.uri, self.name, resumed_id,
+                                                   self.options)
         self.ckpt_path = checkpoint.checkpoint_path(self.uri, self.run_id)
         saved = len(self.resume.checkpoint["history"]) if self.resume else 0
         self.saver = checkpoint.Saver(self.ckpt_path, self.cfg.checkpoint_every, saved, self.log)
@@ -140,7 +155,7 @@ class TrackedRun:
             return "KILLED", {"stop_reason": f"interrupted; {self._resume_how()}"}
         if distributed.lost_peer(exc):
             return "FAILED", {"failure_reason": f"another process of this training stopped "
-                                                f"({run_log.brief(exc)}); {self._resume_how()}"}
+                                                f"({brief(exc)}); {self._resume_how()}"}
         reason = str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
         return "FAILED", {"failure_reason": reason}
 
@@ -153,9 +168,10 @@ class TrackedRun:
         return (f"once it does, `{distributed.resume_command(self.run_id)}` goes on "
                 f"after epoch {self.saver.saved}, the last one in {self.ckpt_path}")
 
-    def start(self, tags: dict[str, str], params: dict) -> None:
-        """A new run's tags and params; a resumed run logs the epochs its checkpoint holds
-        and MLflow lacks (a crash between checkpoint and log)."""
+    def start(self, tags: dict[str, str], params: dict, data: ImageData) -> None:
+        """A new run's tags, params and dataset (a trial's dataset is its parent's); a resumed
+        run logs the epochs its checkpoint holds and MLflow lacks (a crash between checkpoint
+        and log)."""
         if self.resume is not None:
             self.log(f"resumed after epoch {self.saver.saved} from {self.ckpt_path}")
             run_log.log_missing_epochs(self.run_id, self.resume.checkpoint["history"])
@@ -164,6 +180,42 @@ class TrackedRun:
                           if self.cfg.checkpoint_every else {})
         mlflow.set_tags({**tags, **checkpoint_tag})
         run_log.log_params(params)
+        if not self.options.trial:
+            log_dataset(data.name, str(data.root), data.fingerprint, "training")
+
+    def end_fit(self, result: FitResult, compile_seconds: float, tracking_seconds: float) -> None:
+        run_log.log_fit_end(result, compile_seconds, tracking_seconds)
+
+    def log_calibration(self, calibration: Calibration, figures: dict[str, float]) -> None:
+        """The temperature and unsure rule chosen on the validation split, and its figures."""
+        if calibration.source.startswith("none"):
+            mlflow.log_params({"temperature": 1.0, "unsure_rule": calibration.source})
+            return
+        mlflow.log_params({"temperature": f"{calibration.temperature:.4f}",
+                           "unsure_rule": f"{RULE} < {calibration.unsure_below:.4f} "
+                                          f"({KEEP:.0%} of validation images above)"})
+        mlflow.log_metrics(figures)
+
+    def log_test(self, test: dict, seconds: float) -> None:
+        mlflow.log_metrics({"test_loss": test["loss"], "test_acc": test["acc"],
+                            "test_seconds": seconds})
+
+    def log_report(self, history: list[dict[str, float]], best_epoch: int, test: dict,
+                   classes: list[str], summary: Callable[[], str], config: dict) -> None:
+        """Curves, confusion matrix, per-class scores, the model summary (`summary()`, made
+        only by the writer) and the config, as artifacts."""
+        run_log.log_final_report(history, best_epoch, test, classes, summary(), config)
+
+    def log_model(self, model: nn.Module, prep: Preprocessing, classes: list[str],
+                  examples: torch.Tensor, extra: dict, calibration: Calibration) -> str | None:
+        """The logged model's URI."""
+        return log_classifier(model, prep, classes, examples, extra=extra,
+                              calibration=calibration).model_uri
+
+    def register(self, model_uri: str, name: str, score: float,
+                 tags: dict[str, str]) -> tuple[str | None, bool]:
+        """(version, promoted to champion)."""
+        return register_version(model_uri, name, score, tags=tags)
 
     def record(self, epoch: int, metrics: dict[str, float], state: dict | None) -> None:
         """One epoch, written off the training thread: the checkpoint `state` (when due) first,
@@ -202,7 +254,7 @@ class TrackedRun:
             if not self.saver.covers(epochs_run):
                 raise
             raise StoreUnavailable(f"training ended but its results could not be stored "
-                                   f"({run_log.brief(exc)}); fix the store (space, "
+                                   f"({brief(exc)}); fix the store (space, "
                                    f"permissions, server); {self._resume_hint()}") from exc
 
 
@@ -210,8 +262,7 @@ class FollowerRun:
     """The run as every process but rank 0 of a distributed training holds it: rank 0 writes
     it to MLflow and the checkpoint; the others train and stay silent."""
 
-    writes = False
-    run_id = ""
+    run_id = experiment_id = ""
 
     def __init__(self, cfg: TrainConfig, options: RunOptions):
         self.cfg, self.options = cfg, options
@@ -227,8 +278,29 @@ class FollowerRun:
     def log(self, *_) -> None:
         pass
 
-    def start(self, tags: dict[str, str], params: dict) -> None:
+    def start(self, tags: dict[str, str], params: dict, data: ImageData) -> None:
         pass
+
+    def end_fit(self, result: FitResult, compile_seconds: float, tracking_seconds: float) -> None:
+        pass
+
+    def log_calibration(self, calibration: Calibration, figures: dict[str, float]) -> None:
+        pass
+
+    def log_test(self, test: dict, seconds: float) -> None:
+        pass
+
+    def log_report(self, history: list[dict[str, float]], best_epoch: int, test: dict,
+                   classes: list[str], summary: Callable[[], str], config: dict) -> None:
+        pass
+
+    def log_model(self, model: nn.Module, prep: Preprocessing, classes: list[str],
+                  examples: torch.Tensor, extra: dict, calibration: Calibration) -> str | None:
+        return None
+
+    def register(self, model_uri: str, name: str, score: float,
+                 tags: dict[str, str]) -> tuple[str | None, bool]:
+        return None, False
 
     def record(self, epoch: int, metrics: dict[str, float], state: dict | None) -> None:
         pass
@@ -269,11 +341,11 @@ class EpochRecorder:
         cfg = self.run.cfg
         self.history.append(metrics)
         last = epoch == cfg.epochs or self.state.stopper.stopped_epoch == epoch
-        snapshot = None
+        copy = None
         if self.run.saver.due(epoch, last=last):
             # a copy taken now: training goes on changing the weights while it is written
-            snapshot = checkpoint.snapshot(checkpoint.state(cfg, epoch, self.history, self.state))
-        self.run.record(epoch, metrics, snapshot)
+            copy = snapshot(checkpoint_state(cfg, epoch, self.history, self.state))
+        self.run.record(epoch, metrics, copy)
         self.run.log(epoch_line(epoch, cfg.epochs, metrics))
         self.seconds += time.perf_counter() - started
         if self.run.options.epoch_hook is not None:

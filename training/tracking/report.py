@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from shared.models import count_parameters  # noqa: E402
+from training.engine.models import count_parameters  # noqa: E402
 
 
 def curves_figure(history: list[dict[str, float]], best_epoch: int) -> plt.Figure:

@@ -11,15 +11,16 @@ import mlflow
 import torch
 import torchvision
 
-from shared.data import ImageData
-from shared.device import describe_device
-from shared.models import count_parameters, get_spec
-from training import report
+from training.engine.data import ImageData
+from training.engine.device import describe_device
+from training.engine.models import count_parameters, get_spec
+from shared.messages import brief
+from training.tracking import report
 
 if TYPE_CHECKING:
-    from training.build import DeviceSplits, Setup
-    from training.config import TrainConfig
-    from training.loop import FitResult
+    from training.engine.build import DeviceSplits, Setup
+    from training.engine.config import TrainConfig
+    from training.engine.loop import FitResult
 
 # MLflow retries a failing HTTP call 7 times with doubling waits (minutes per call); a training
 # run retries its epoch metrics itself after every epoch, so a gone server should cost seconds
@@ -101,12 +102,6 @@ def log_fit_end(result: FitResult, compile_seconds: float, tracking_seconds: flo
     mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
                         "compile_seconds": compile_seconds, "tracking_seconds": tracking_seconds,
                         "tracking_share": share, **({} if math.isnan(best) else {"best_val_acc": best})})
-
-
-def brief(exc: BaseException) -> str:
-    """An exception in one line: database errors carry their SQL statement on later lines."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def log_epoch(run_id: str, epoch: int, metrics: dict[str, float]) -> None:

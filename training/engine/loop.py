@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from shared.batches import DeviceLoader
+from training.engine.batches import DeviceLoader
 from shared.preprocess import tta_logits
-from training import distributed
+from training.engine import distributed
 
 if TYPE_CHECKING:
-    from training.state import TrainingState
+    from training.engine.state import TrainingState
 
 Progress = Callable[[Iterable, str], Iterable]
 

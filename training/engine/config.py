@@ -18,12 +18,12 @@ from typing import Any
 
 import yaml
 
-from shared.batches import FLIPS
-from shared.data import DEFAULT_CACHE_DIR
+from training.engine.batches import FLIPS
+from training.engine.data import DEFAULT_CACHE_DIR
 from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES
-from shared.store import mask_secrets
-from shared.models import MODELS, get_spec
-from training.optim import OPTIMIZERS, SCHEDULES
+from shared.messages import mask_secrets
+from training.engine.models import MODELS, get_spec
+from training.engine.optim import OPTIMIZERS, SCHEDULES
 
 
 REGISTERED_NAME = re.compile(r"[^\W_][\w.-]{0,99}")

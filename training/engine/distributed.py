@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shared.device import DeviceError
+from training.engine.device import DeviceError
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from shared.models import get_spec
-from training.muon import Muon, muon_groups
+from training.engine.models import get_spec
+from training.engine.muon import Muon, muon_groups
 
 if TYPE_CHECKING:
-    from training.config import TrainConfig
+    from training.engine.config import TrainConfig
 
 
 

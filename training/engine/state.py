@@ -1,4 +1,6 @@
-"""The stateful objects of a run, held together: one object steps them, saves and restores them."""
+"""The stateful objects of a run, held together: one object steps them, saves and restores them.
+The checkpoint format is defined here (`checkpoint_state`, `restore`); where checkpoints live
+and how they are written is training.tracking.checkpoint's concern."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -6,10 +8,10 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from shared.batches import DeviceLoader
-from training.features import FeatureLoader
-from training.averaging import Lookahead
-from training.loop import EarlyStopping
+from training.engine.batches import DeviceLoader
+from training.engine.features import FeatureLoader
+from training.engine.averaging import Lookahead
+from training.engine.loop import EarlyStopping, FitResult
 
 
 class Unfreezer:
@@ -90,3 +92,28 @@ class TrainingState:
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def checkpoint_state(cfg, epoch: int, history: list[dict], training: TrainingState) -> dict:
+    """Everything a resumed run needs to go on as if it had not stopped: one dict."""
+    return {"format": 2, "epoch": epoch, "config": cfg.public_dict(), "history": list(history),
+            **training.state_dict()}
+
+
+def snapshot(obj):
+    """A copy of a state whose tensors are on the CPU and no longer shared with training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+def restore(ckpt: dict, training: TrainingState) -> FitResult:
+    """Load a checkpoint into freshly built training objects; returns the FitResult to start from."""
+    training.load_state_dict(ckpt)
+    history = list(ckpt["history"])
+    return FitResult(history=history, train_seconds=sum(h["epoch_seconds"] for h in history),
+                     stopped_epoch=training.stopper.stopped_epoch)

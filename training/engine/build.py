@@ -7,19 +7,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shared.batches import DeviceLoader
-from shared.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
-from shared.device import describe_device, resolve_device
-from shared.models import build_model, get_spec, input_size_for, is_convolutional
+from training.engine.batches import DeviceLoader
+from training.engine.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
+from training.engine.device import describe_device, resolve_device
+from training.engine.models import build_model, get_spec, input_size_for, is_convolutional
 from shared.preprocess import InputTransform, Preprocessing
-from training import checkpoint, distributed, run_log
-from training.averaging import Lookahead
-from training.features import NOT_CACHED, FeatureLoader, feature_loaders, frozen_features
-from training.config import ConfigError, TrainConfig
-from training.loop import EarlyStopping, FitResult, autocast_for, warm_up
-from training.optim import make_optimizer, make_scheduler
-from training.state import TrainingState, Unfreezer
-from training.whiten import whiten_first_conv
+from shared.messages import brief
+from training.engine import distributed
+from training.engine.averaging import Lookahead
+from training.engine.features import NOT_CACHED, FeatureLoader, feature_loaders, frozen_features
+from training.engine.config import ConfigError, TrainConfig
+from training.engine.loop import EarlyStopping, FitResult, autocast_for, warm_up
+from training.engine.optim import make_optimizer, make_scheduler
+from training.engine.state import TrainingState, Unfreezer, restore
+from training.engine.whiten import whiten_first_conv
 
 
 def random_rows(total: int, n: int, seed: int) -> torch.Tensor:
@@ -198,7 +199,7 @@ def compiled(setup: Setup, log=print) -> Setup:
         setup.network = network
     except Exception as exc:  # noqa: BLE001 - no compiler toolchain, an unsupported op...
         log(f"warning: torch.compile ({setup.compile_mode}) failed, training without it: "
-            f"{run_log.brief(exc)}")
+            f"{brief(exc)}")
         setup.compile_mode = "none"
     return setup
 
@@ -256,7 +257,7 @@ def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = Non
     parts = (on_features(cfg, splits, model, prep, log) if cached
              else on_images(cfg, splits, model, prep))
     state = training_state(cfg, parts.trained, parts.loaders.train, precision)
-    start = checkpoint.restore(resume_from, state) if resume_from is not None else None
+    start = restore(resume_from, state) if resume_from is not None else None
     setup = Setup(prep, state, distributed.wrap(parts.trained, device), parts.loaders,
                   nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
                   "none" if cached else compile_mode(cfg, device), start=start,

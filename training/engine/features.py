@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.batches import random_crop, random_flip
-from shared.models import is_convolutional
+from training.engine.batches import random_crop, random_flip
+from training.engine.models import is_convolutional
 from shared.preprocess import InputTransform, Preprocessing
-from training import distributed
-from training.config import TrainConfig
+from training.engine import distributed
+from training.engine.config import TrainConfig
 
 CACHE_VERSION = 1
 

@@ -1,0 +1,22 @@
+"""Messages for people: one line per error, no password from a URI. Standard library only:
+every layer uses it."""
+from __future__ import annotations
+
+import re
+
+CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
+SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*",
+                          re.IGNORECASE)
+
+
+def mask_secrets(text: str) -> str:
+    """`postgresql://user:PW@host/db` -> `postgresql://user:***@host/db` (and `?password=`)
+    anywhere in `text`: what a run logs or prints never holds a password from a URI."""
+    text = CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
+
+
+def brief(exc: BaseException) -> str:
+    """An exception in one line: database errors carry their SQL statement on later lines."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
