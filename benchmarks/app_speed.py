@@ -59,7 +59,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--probe":
         probe(float(sys.argv[2]), sys.argv[3], sys.argv[4])
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tracking-uri", required=True)
     parser.add_argument("--models", required=True, help="comma-separated NAME@ALIAS or NAME/VERSION")
     parser.add_argument("--images", required=True, type=Path, help="a folder of images")

@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.engine.models import MODELS  # noqa: E402
-from training.engine.config import resolve  # noqa: E402
 from training.engine.build import DeviceSplits, prepare  # noqa: E402
+from training.engine.config import resolve  # noqa: E402
+from training.engine.models import MODELS  # noqa: E402
 from training.train import train  # noqa: E402
 
 PLAIN = {"precision": "fp32", "channels_last": False, "compile": "none", "async_logging": False}
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model}: plain {plain['s_per_full_epoch']:.2f} s, tuned "
                   f"{tuned['s_per_full_epoch']:.2f} s per 50k-image epoch", flush=True)
     print()
-    print(f"| model | plain s/epoch | tuned s/epoch | speed-up | tracking share plain | "
-          f"tracking share tuned | compile s |\n|---|---|---|---|---|---|---|")
+    print("| model | plain s/epoch | tuned s/epoch | speed-up | tracking share plain | "
+          "tracking share tuned | compile s |\n|---|---|---|---|---|---|---|")
     for r in rows:
         p, t = r["plain"], r["tuned"]
         print(f"| {r['model']} | {p['s_per_full_epoch']:.2f} | {t['s_per_full_epoch']:.2f} | "

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.engine.models import FAST_SGD  # noqa: E402
-from training.engine.config import ConfigError, coerce, resolve, setting_types  # noqa: E402
 from training.engine.build import DeviceSplits, prepare  # noqa: E402
+from training.engine.config import ConfigError, coerce, resolve, setting_types  # noqa: E402
+from training.engine.models import FAST_SGD  # noqa: E402
 from training.train import train  # noqa: E402
 
 # each piece, the row's name and the settings that take it out of the recipe (or, for an
@@ -65,7 +65,8 @@ def summarize(name: str, runs: list[dict]) -> dict:
     times = [r["record_seconds"] for r in runs]
     return {"variant": name, "runs": len(runs), "mean_acc": statistics.mean(accs),
             "std_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "mean_seconds": statistics.mean(times), "mean_wall": statistics.mean(r["wall_seconds"] for r in runs),
+            "mean_seconds": statistics.mean(times),
+            "mean_wall": statistics.mean(r["wall_seconds"] for r in runs),
             "mean_compile": statistics.mean(r["compile_seconds"] for r in runs),
             "tracking_share": sum(r["tracking_seconds"] for r in runs) /
             sum(r["train_seconds"] + r["tracking_seconds"] for r in runs)}

@@ -29,15 +29,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shared.preprocess import InputTransform, Preprocessing  # noqa: E402
 from training.engine.batches import DeviceLoader  # noqa: E402
 from training.engine.data import channel_stats, load_dataset  # noqa: E402
 from training.engine.device import describe_device, resolve_device  # noqa: E402
 from training.engine.models import MODELS, build_model, is_convolutional  # noqa: E402
-from shared.preprocess import InputTransform, Preprocessing  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 SEED = {  # the seed studies' settings
-    "cnn": {"batch_size": 200, "augment": True, "optimizer": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)},
+    "cnn": {"batch_size": 200, "augment": True,
+            "optimizer": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)},
     "mlp": {"batch_size": 64, "augment": False, "optimizer": lambda p: torch.optim.Adam(p, lr=1e-3)},
 }
 
@@ -57,7 +58,8 @@ def our_loader(images, labels, model: str, batch_size: int, channels_last: bool,
     augment = SEED[model]["augment"]
     prep = Preprocessing(32, 32, mean, std)
     return DeviceLoader(images, labels, batch_size, InputTransform(prep), shuffle=True,
-                        crop_padding=4 if augment else 0, flip="random" if augment else "none", drop_last=True,
+                        crop_padding=4 if augment else 0, flip="random" if augment else "none",
+                        drop_last=True,
                         channels_last=channels_last)
 
 
@@ -90,7 +92,8 @@ def images_per_second(loader, model: nn.Module, optimizer, device: torch.device,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, type=Path,
                         help="CIFAR-10 as an image folder (train/<class>/*.png)")
     parser.add_argument("--models", default="mlp,cnn")
@@ -116,8 +119,9 @@ def main() -> None:
         seed_batch = SEED[name]["batch_size"]
         recipe_batch = MODELS[name].recipe["batch_size"]
         conv = is_convolutional(build_model(name, 10, 32))
-        pipelines = {f"seed pipeline (batch {seed_batch})": seed_loader(args.data_dir, name, args.workers, device),
-                     f"ours (batch {seed_batch})": our_loader(images, labels, name, seed_batch, conv, mean, std)}
+        pipelines = {
+            f"seed pipeline (batch {seed_batch})": seed_loader(args.data_dir, name, args.workers, device),
+            f"ours (batch {seed_batch})": our_loader(images, labels, name, seed_batch, conv, mean, std)}
         if recipe_batch != seed_batch:
             pipelines[f"ours (batch {recipe_batch}, default recipe)"] = our_loader(
                 images, labels, name, recipe_batch, conv, mean, std)

@@ -36,9 +36,9 @@ def log_one_run(uri: str, epochs: int, barrier=None) -> dict:
     """One run as training logs it: params, then one synchronous batch per epoch."""
     import mlflow
 
+    from shared.messages import brief
     from shared.store import use_store
     from training.tracking.publish import ensure_experiment
-    from shared.messages import brief
     from training.tracking.run_log import log_epoch, log_params
 
     use_store(uri)

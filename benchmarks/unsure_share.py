@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                       if p.suffix.lower() in IMAGE_SUFFIXES)[::args.every]
     ood_files = [p for p in image_files(args.ood) if p.suffix.lower() in IMAGE_SUFFIXES] if args.ood else []
     rows = [r for name in args.models.split(",") for r in rows_for(name, in_files, ood_files, args.made)]
-    print("| model | threshold | images | flagged unsure | AUROC vs in-domain | AUROC, energy score | notes |")
+    print("| model | threshold | images | flagged unsure | AUROC vs in-domain | AUROC, energy score "
+          "| notes |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         note = (f"error rate {r['error_rate_flagged']:.1%} among flagged, "

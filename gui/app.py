@@ -13,7 +13,6 @@ from PySide6.QtWidgets import QApplication
 from gui.main_window import MainWindow
 from shared.store import tracking_uri
 
-
 # what Qt's xcb platform (a window on X11) loads, with the Debian package of each
 XCB_LIBRARIES = {
     "libxcb-cursor.so.0": "libxcb-cursor0", "libxcb-icccm.so.4": "libxcb-icccm4",

@@ -21,8 +21,7 @@ from PIL import Image
 from gui.export import write_csv
 from shared.files import image_files
 from shared.heatmap import Explainer, NoHeatmap, photo_with_heatmap
-from shared.inference import (LoadedClassifier, ModelLoadError, Prediction, classify_files,
-                              load_classifier)
+from shared.inference import LoadedClassifier, ModelLoadError, Prediction, classify_files, load_classifier
 from shared.registry import RegistryError, resolve_model_uri
 from shared.store import StoreBroken, tracking_uri, use_store
 

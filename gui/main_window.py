@@ -6,9 +6,22 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, QSize, Qt, QThread, QThreadPool, Signal, Slot
 from PySide6.QtGui import QAction, QImage, QImageReader, QKeySequence, QPixmap
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox,
-                               QLabel, QListView, QMainWindow, QMessageBox, QProgressBar,
-                               QSplitter, QToolBar, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QLabel,
+    QListView,
+    QMainWindow,
+    QMessageBox,
+    QProgressBar,
+    QSplitter,
+    QToolBar,
+    QVBoxLayout,
+    QWidget,
+)
 
 from gui.export import write_csv
 from gui.image_list import ImageListModel, ItemRole

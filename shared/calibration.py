@@ -33,7 +33,7 @@ class Calibration:
                 "unsure_below": self.unsure_below, "unsure_keep": KEEP, "source": self.source}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Calibration":
+    def from_dict(cls, d: dict | None) -> Calibration:
         """A model's calibration metadata; a model logged before calibration existed has none."""
         if not d:
             return cls()

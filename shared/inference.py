@@ -15,8 +15,16 @@ from PIL import Image, UnidentifiedImageError
 from shared.calibration import Calibration
 from shared.files import not_readable
 from shared.preprocess import Preprocessing, decode_image
-from shared.safe_model import (ARCHIVE, UnsafeModel, check_archive, check_calibration,
-                               check_metadata, check_model_dir, check_outputs, open_archive)
+from shared.safe_model import (
+    ARCHIVE,
+    UnsafeModel,
+    check_archive,
+    check_calibration,
+    check_metadata,
+    check_model_dir,
+    check_outputs,
+    open_archive,
+)
 
 # a model is fetched from a local or tracking-server store on every load; no progress bars
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -41,7 +41,7 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(int(d["image_size"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
                    d.get("tta", "none"))
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from shared.store import CHAMPION, DriverMissing, check_driver
-
 from shared.messages import mask_secrets
+from shared.store import CHAMPION, DriverMissing, check_driver
 
 
 class RegistryError(Exception):

@@ -53,7 +53,7 @@ def save_model(pytorch_model, path, mlflow_model, **kwargs) -> None:
     mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
-def _load_pyfunc(data_path: str, model_config=None) -> "ImageService":
+def _load_pyfunc(data_path: str, model_config=None) -> ImageService:
     from shared.inference import open_model_dir
 
     folder = Path(data_path).parent

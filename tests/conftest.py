@@ -95,8 +95,8 @@ def offline(monkeypatch):
 @pytest.fixture(scope="session")
 def registered(tmp_path_factory, image_folder, _store_template):
     """A store holding 'tiny-cnn': version 1 (champion) and version 2 (not champion)."""
-    from training.tracking.publish import register_version
     from training.engine.config import resolve
+    from training.tracking.publish import register_version
     from training.train import train
 
     folder = tmp_path_factory.mktemp("registered")

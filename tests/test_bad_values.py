@@ -5,14 +5,14 @@ import re
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from test_errors import args, runs
+from test_resume import quiet, stop_after_steps
 
 import training.tune
 from shared.store import CHAMPION
-from training.tracking.publish import register_version
-from test_errors import args, runs
-from test_resume import quiet, stop_after_steps
-from training.tracking import checkpoint
 from training.cli import resume_config
+from training.tracking import checkpoint
+from training.tracking.publish import register_version
 from training.tracking.run import TrainingInterrupted
 from training.train import main, train
 

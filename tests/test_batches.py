@@ -1,13 +1,14 @@
 import torch
 
-from training.engine.batches import DeviceLoader, random_crop, random_flip
 from shared.preprocess import InputTransform, Preprocessing
+from training.engine.batches import DeviceLoader, random_crop, random_flip
 
 IDENTITY = Preprocessing(image_size=8, input_size=8, mean=(0, 0, 0), std=(1, 1, 1))
 
 
 def images(n=6, size=8):
-    return torch.arange(n * 3 * size * size, dtype=torch.int64).remainder(251).to(torch.uint8).view(n, 3, size, size)
+    values = torch.arange(n * 3 * size * size, dtype=torch.int64).remainder(251)
+    return values.to(torch.uint8).view(n, 3, size, size)
 
 
 def test_crop_keeps_the_shape_and_moves_content_by_at_most_the_padding():

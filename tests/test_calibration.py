@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from gui.export import write_csv
-from shared.calibration import (Calibration, calibrate, expected_calibration_error, fit_temperature,
-                                unsure_threshold)
+from shared.calibration import (
+    Calibration,
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    unsure_threshold,
+)
 from shared.inference import LoadedClassifier, Prediction, load_classifier
 from shared.preprocess import Preprocessing
 from shared.safe_model import UnsafeModel, check_calibration

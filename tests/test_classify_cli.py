@@ -4,10 +4,11 @@ import csv
 import pytest
 
 import shared.preprocess
-from datagen import make_odd_images
 from gui.classify import main
 from shared.files import image_files
 from shared.inference import classify_files, load_classifier
+
+from datagen import make_odd_images
 
 
 @pytest.fixture

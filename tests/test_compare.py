@@ -95,7 +95,8 @@ def test_benchmark_logs_one_run_per_model_and_device_and_skips_missing_devices(
         assert "No GPU" in (out / "benchmark.md").read_text()
     assert len(runs) == 2 * settings + (2 if torch.cuda.is_available() else 0)
     for run in runs:
-        assert {"model", "device", "device_name", "threads", "batch_size", "precision"} <= set(run.data.params)
+        expected = {"model", "device", "device_name", "threads", "batch_size", "precision"}
+        assert expected <= set(run.data.params)
         assert {"seconds_per_epoch", "images_per_second", "peak_memory_mb",
                 "inference_images_per_second", "latency_ms"} <= set(run.data.metrics)
     with Image.open(out / "seconds_per_epoch.png") as img:

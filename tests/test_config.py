@@ -1,7 +1,7 @@
 import pytest
 
-from training.engine.models import MODELS
 from training.engine.config import ConfigError, parse_args, read_config_file, resolve
+from training.engine.models import MODELS
 
 
 def test_the_models_recipe_replaces_the_general_defaults():

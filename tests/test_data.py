@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from datagen import CLASSES, make_image_folder
+
 from training.engine.data import DatasetError, channel_stats, load_dataset, split_indices
+
+from datagen import CLASSES, make_image_folder
 
 
 def quiet(*_):

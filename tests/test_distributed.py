@@ -10,14 +10,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from datagen import make_image_folder
-from training.engine.batches import DeviceLoader
 from shared.preprocess import InputTransform, Preprocessing
 from training.engine import distributed
+from training.engine.batches import DeviceLoader
 from training.engine.build import check_world, prepare
 from training.engine.config import ConfigError
 from training.servers import free_port
 from training.train import train
+
+from datagen import make_image_folder
 
 IDENTITY = Preprocessing(4, 4, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
@@ -223,7 +224,8 @@ def test_sigterm_to_torchrun_stops_every_process_and_the_run_resumes_under_torch
     killed = only_run(store)
     assert killed.info.status == "KILLED", output[-3000:]
     reason = killed.data.tags["stop_reason"]
-    assert f"torchrun --standalone --nproc-per-node 2 -m training.train --resume {killed.info.run_id}" in reason
+    resume = f"torchrun --standalone --nproc-per-node 2 -m training.train --resume {killed.info.run_id}"
+    assert resume in reason
     resume_and_finish(store, larger_folder, tmp_path, killed.info.run_id, 4)
 
 
@@ -243,8 +245,8 @@ def test_a_killed_process_ends_the_job_and_the_run_resumes(larger_folder, store,
 
 
 def test_a_checkpoint_from_before_sync_bn_existed_still_resumes(train_config, store):
-    from training.tracking import checkpoint
     from training.cli import resume_config
+    from training.tracking import checkpoint
     from training.tracking.run import TrainingInterrupted
 
     calls = []

@@ -7,8 +7,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import training.tracking.run
-from datagen import make_image_folder
 from training.train import main
+
+from datagen import make_image_folder
 
 
 def args(image_folder, store, tmp_path, *extra):

@@ -4,9 +4,10 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from datagen import make_image_folder
 from training.compare import main as compare_main
 from training.evaluate import main
+
+from datagen import make_image_folder
 
 ARTIFACTS = {"confusion_matrix.png", "confusion_matrix.csv", "reliability_diagram.png",
              "per_class_metrics.csv", "confused_pairs.csv", "worst_mistakes.png",

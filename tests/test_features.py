@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from shared.inference import load_classifier
-from training.engine.models import build_model
+from tests.test_finetune import fake_imagenet_checkpoint
 from training.engine.build import prepare, preprocessing
 from training.engine.config import ConfigError
 from training.engine.features import FeatureLoader, cache_key, frozen_features, head_inputs
+from training.engine.models import build_model
 from training.train import train
-from tests.test_finetune import fake_imagenet_checkpoint
 
 QUIET = dict(log=lambda *_: None)
 

@@ -11,10 +11,11 @@ from PySide6.QtGui import QDropEvent
 import gui.main_window
 import shared.inference
 import shared.preprocess
-from datagen import make_odd_images
 from gui.main_window import MainWindow
 from shared.files import image_files
 from shared.inference import classify_files, load_classifier
+
+from datagen import make_odd_images
 
 
 @pytest.fixture

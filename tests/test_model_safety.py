@@ -5,11 +5,12 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-import attacks
 import gui.main_window
 from gui.classify import main
 from shared.safe_model import UnsafeModel, check_model_dir
 from shared.store import use_store
+
+import attacks
 
 
 @pytest.fixture

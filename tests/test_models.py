@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from training.engine.models import (MODELS, ModelError, build_model, count_parameters, describe_models,
-                           get_spec, input_size_for)
+from training.engine.models import (
+    MODELS,
+    ModelError,
+    build_model,
+    count_parameters,
+    describe_models,
+    get_spec,
+    input_size_for,
+)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -4,8 +4,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from training.engine.models import build_model
 from training.engine.config import ConfigError, resolve
+from training.engine.models import build_model
 from training.engine.muon import Muon, muon_groups, normalized_weights, orthogonalize
 from training.engine.optim import make_optimizer, make_scheduler
 from training.train import train

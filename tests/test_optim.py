@@ -3,8 +3,8 @@ every entry builds, and a name outside them is refused (never silently replaced)
 import pytest
 import torch
 
-from training.engine.models import build_model
 from training.engine.config import ConfigError, TrainConfig, resolve
+from training.engine.models import build_model
 from training.engine.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 
 

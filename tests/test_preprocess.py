@@ -3,8 +3,9 @@ import pytest
 from PIL import Image
 
 import shared.preprocess
-from datagen import make_odd_images
 from shared.preprocess import decode_image
+
+from datagen import make_odd_images
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 import training.tracking.run
 from shared.store import store_folder
-from training.tracking import checkpoint
 from training.cli import resume_config
+from training.tracking import checkpoint
 from training.tracking.run import RunOptions, TrainingInterrupted
 from training.train import train
 

@@ -67,7 +67,8 @@ def test_a_study_keeps_its_storage_password_secret(store, image_folder, tmp_path
     real SQLite storage underneath, so every place the URL flows to is exercised."""
     real_open = training.tune.open_storage
     sqlite_storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    monkeypatch.setattr(training.tune, "open_storage", lambda url, heartbeat: real_open(sqlite_storage, heartbeat))
+    monkeypatch.setattr(training.tune, "open_storage",
+                        lambda url, heartbeat: real_open(sqlite_storage, heartbeat))
     storage = f"postgresql://bob:{PASSWORD}@db.example.org/optuna"
     code = training.tune.main([
         "--model", "mlp", "--data-dir", str(image_folder), "--tracking-uri", store,

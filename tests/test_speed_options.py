@@ -6,14 +6,14 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from shared.inference import load_classifier
-from training.engine.models import build_model
 from shared.preprocess import InputTransform, tta_logits
 from training.engine.averaging import Lookahead
-from training.engine.config import ConfigError, resolve
-from training.engine.optim import make_optimizer, make_scheduler
 from training.engine.build import whitening_sample
-from training.train import train
+from training.engine.config import ConfigError, resolve
+from training.engine.models import build_model
+from training.engine.optim import make_optimizer, make_scheduler
 from training.engine.whiten import first_conv, whiten_first_conv
+from training.train import train
 
 
 def quiet(*_):
@@ -144,8 +144,8 @@ def test_a_compiled_model_trains_and_saves_like_an_eager_one(train_config, store
 @pytest.mark.parametrize("optimizer_name", ["sgd", "muon"])
 def test_warming_up_a_compiled_model_leaves_no_trace_in_weights_or_optimizer(train_config,
                                                                             optimizer_name):
-    from training.engine.batches import DeviceLoader
     from shared.preprocess import Preprocessing
+    from training.engine.batches import DeviceLoader
     from training.engine.loop import warm_up
 
     model = build_model("cnn", 3, 32)

@@ -4,11 +4,11 @@ import dataclasses
 import pytest
 import torch
 
-from datagen import CLASSES
 from training.engine.build import build, prepare
-from training.engine.loop import (Callbacks, FitResult, StopRequested, Validation, fit,
-                           train_epoch)
+from training.engine.loop import Callbacks, FitResult, StopRequested, Validation, fit, train_epoch
 from training.engine.state import TrainingState, snapshot
+
+from datagen import CLASSES
 
 # every stateful option on: lookahead, one-cycle schedule, alternating flips, random crops
 OPTIONS = dict(model="cnn", epochs=4, lookahead=True, schedule="onecycle", flip="alternate",

@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 from shared.inference import classify_files, load_classifier
-from training.engine.models import ModelError, build_model, get_spec, renamed_in_order
 from shared.preprocess import InputTransform, Preprocessing, decode_image
+from training.engine.models import ModelError, build_model, get_spec, renamed_in_order
 from training.train import main, train
 
 INPUTS = Path(__file__).resolve().parents[1] / "inputs"

@@ -4,8 +4,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from training.tracking.run import RunOptions
 from training.servers import MlflowServer
+from training.tracking.run import RunOptions
 from training.train import train
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+
 from shared.inference import load_classifier
 from shared.preprocess import Classifier
 from shared.store import CHAMPION

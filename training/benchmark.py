@@ -22,19 +22,18 @@ import matplotlib
 
 matplotlib.use("Agg")  # reports are files: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-
 import torch
 from torch import nn
 
-from training.engine.batches import DeviceLoader
-from training.engine.data import DatasetError, channel_stats, load_dataset
-from training.engine.device import DeviceError, describe_device, resolve_device
-from training.engine.models import MODELS, ModelError, build_model, input_size_for, is_convolutional
 from shared.preprocess import InputTransform, Preprocessing
 from shared.store import tracking_uri, ui_command, use_store
+from training.engine.batches import DeviceLoader
 from training.engine.build import random_rows, resolve_precision
 from training.engine.config import TrainConfig
+from training.engine.data import DatasetError, channel_stats, load_dataset
+from training.engine.device import DeviceError, describe_device, resolve_device
 from training.engine.loop import autocast_for, train_epoch
+from training.engine.models import MODELS, ModelError, build_model, input_size_for, is_convolutional
 from training.engine.optim import make_optimizer
 from training.engine.state import TrainingState
 
@@ -122,7 +121,8 @@ def report(rows: list[dict], gpu: bool) -> tuple[str, object]:
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(models)), 4.5))
     width = 0.8 / len(settings)
     for i, setting in enumerate(settings):
-        values = [next((r["seconds_per_epoch"] for r in rows if r["model"] == m and r["setting"] == setting), 0)
+        values = [next((r["seconds_per_epoch"] for r in rows
+                        if r["model"] == m and r["setting"] == setting), 0)
                   for m in models]
         ax.bar([j + i * width for j in range(len(models))], values, width, label=setting)
     ax.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(models))], models)

@@ -6,14 +6,14 @@ import signal
 import sys
 from collections.abc import Callable
 
-from training.engine.data import DatasetError
-from training.engine.device import DeviceError
-from training.engine.models import ModelError
 from shared.store import DriverMissing, StoreBroken, tracking_uri
-from training.tracking import checkpoint
 from training.engine import distributed
 from training.engine.config import ConfigError, TrainConfig
+from training.engine.data import DatasetError
+from training.engine.device import DeviceError
 from training.engine.loop import NonFiniteLossError
+from training.engine.models import ModelError
+from training.tracking import checkpoint
 from training.tracking.run import Resume, StoreError, StoreUnavailable, TrainingInterrupted
 
 BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError, StoreError,
@@ -45,7 +45,7 @@ class StopSignals:
     def __init__(self):
         self.received: int | None = None
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         self._previous = {sig: signal.signal(sig, self._handle)
                           for sig in (signal.SIGINT, signal.SIGTERM)}
         return self

@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from shared.store import tracking_uri, ui_command, use_store
 
-COLUMNS = ["run", "name", "kind", "model", "dataset", "training", "frozen", "trainable_params", "total_params",
-           "epochs_run", "stopped_at", "best_train_acc", "final_train_acc", "best_val_acc",
+COLUMNS = ["run", "name", "kind", "model", "dataset", "training", "frozen", "trainable_params",
+           "total_params", "epochs_run", "stopped_at", "best_train_acc", "final_train_acc", "best_val_acc",
            "final_val_acc", "best_train_loss", "final_train_loss", "best_val_loss", "final_val_loss",
            "test_acc", "ece", "train_seconds",
            "seconds_per_epoch", "device", "status"]

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from shared.calibration import expected_calibration_error, reliability
-from training.engine.data import CIFAR10_FOLDER, DEFAULT_CACHE_DIR, DatasetError, fingerprint, load_dataset
 from shared.inference import LoadedClassifier, ModelLoadError, load_classifier
 from shared.preprocess import IMAGE_SUFFIXES, decode_image, resize_batch
 from shared.registry import RegistryError, resolve_model_uri
 from shared.store import StoreBroken, tracking_uri, ui_command, ui_page, use_store
-from training.tracking.publish import ensure_experiment, log_dataset
+from training.engine.data import CIFAR10_FOLDER, DEFAULT_CACHE_DIR, DatasetError, fingerprint, load_dataset
 from training.tracking import report
+from training.tracking.publish import ensure_experiment, log_dataset
 from training.tracking.run_log import git_commit
 
 EXPERIMENT = "evaluations"

@@ -16,21 +16,36 @@ from dataclasses import dataclass
 from torch import nn
 
 from shared.calibration import Calibration, calibrate
-from training.engine.data import ImageData
-from training.engine.device import describe_device
-from training.engine.models import count_parameters, describe_models
 from shared.preprocess import Preprocessing, resize_batch
 from shared.store import tracking_uri, ui_command, ui_page
-from training.engine import distributed
-from training.tracking import run_log
-from training.engine.build import DeviceSplits, Setup, build, prepare
 from training.cli import StopSignals, resume_config, run_command
+from training.engine import distributed
+from training.engine.build import DeviceSplits, Setup, build, prepare
 from training.engine.config import TrainConfig, parse_args
-from training.engine.loop import (Callbacks, FitResult, Validation, autocast_for, collect_logits, evaluate,
-                           fit, never)
+from training.engine.data import ImageData
+from training.engine.device import describe_device
+from training.engine.loop import (
+    Callbacks,
+    FitResult,
+    Validation,
+    autocast_for,
+    collect_logits,
+    evaluate,
+    fit,
+    never,
+)
+from training.engine.models import count_parameters, describe_models
+from training.tracking import run_log
 from training.tracking.report import model_summary
-from training.tracking.run import (EpochRecorder, FollowerRun, Resume, RunOptions, TrackedRun, open_tracked,
-                          progress_bar)
+from training.tracking.run import (
+    EpochRecorder,
+    FollowerRun,
+    Resume,
+    RunOptions,
+    TrackedRun,
+    open_tracked,
+    progress_bar,
+)
 
 
 @dataclass

@@ -19,15 +19,15 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from training.engine.models import describe_models
 from shared.messages import mask_secrets
 from shared.store import check_driver, creation_lock, store_folder, tracking_uri, ui_command, use_store
-from training.tracking.publish import ensure_experiment
-from training.engine.config import ConfigError, TrainConfig, build_parser, opt, parse_args
-from training.engine.loop import NonFiniteLossError, StopTraining
+from training.cli import run_command
 from training.engine import distributed
 from training.engine.build import prepare
-from training.cli import run_command
+from training.engine.config import ConfigError, TrainConfig, build_parser, opt, parse_args
+from training.engine.loop import NonFiniteLossError, StopTraining
+from training.engine.models import describe_models
+from training.tracking.publish import ensure_experiment
 from training.tracking.run import RunOptions, TrainingInterrupted
 from training.train import train
 
@@ -65,7 +65,7 @@ class TuneConfig(TrainConfig):
     heartbeat: int = opt(30, "seconds between a running trial's heartbeats; a trial silent "
                              "for 3 of them (its process died) is marked failed", min=1)
 
-    def validate(self) -> "TuneConfig":
+    def validate(self) -> TuneConfig:
         super().validate()
         if self.val_fraction == 0:
             raise ConfigError("tuning scores trials on the validation split (never the test set), "

@@ -7,17 +7,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from training.engine.batches import DeviceLoader
-from training.engine.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
-from training.engine.device import describe_device, resolve_device
-from training.engine.models import build_model, get_spec, input_size_for, is_convolutional
-from shared.preprocess import InputTransform, Preprocessing
 from shared.messages import brief
+from shared.preprocess import InputTransform, Preprocessing
 from training.engine import distributed
 from training.engine.averaging import Lookahead
-from training.engine.features import NOT_CACHED, FeatureLoader, feature_loaders, frozen_features
+from training.engine.batches import DeviceLoader
 from training.engine.config import ConfigError, TrainConfig
+from training.engine.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
+from training.engine.device import describe_device, resolve_device
+from training.engine.features import NOT_CACHED, FeatureLoader, feature_loaders, frozen_features
 from training.engine.loop import EarlyStopping, FitResult, autocast_for, warm_up
+from training.engine.models import build_model, get_spec, input_size_for, is_convolutional
 from training.engine.optim import make_optimizer, make_scheduler
 from training.engine.state import TrainingState, Unfreezer, restore
 from training.engine.whiten import whiten_first_conv
@@ -69,7 +69,7 @@ class DeviceSplits:
         return {"train_size": len(self.train[1]), "val_size": len(self.val[1]),
                 "test_size": len(self.test[1])}
 
-    def subset(self, n_train: int | None, n_val: int | None = None) -> "DeviceSplits":
+    def subset(self, n_train: int | None, n_val: int | None = None) -> DeviceSplits:
         """n_train training and n_val validation images (None: all), drawn at random with a
         fixed seed: benchmarks measure on a subset."""
         def draw(pair, n):

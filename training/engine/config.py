@@ -18,13 +18,12 @@ from typing import Any
 
 import yaml
 
+from shared.messages import mask_secrets
+from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES
 from training.engine.batches import FLIPS
 from training.engine.data import DEFAULT_CACHE_DIR
-from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES
-from shared.messages import mask_secrets
 from training.engine.models import MODELS, get_spec
 from training.engine.optim import OPTIMIZERS, SCHEDULES
-
 
 REGISTERED_NAME = re.compile(r"[^\W_][\w.-]{0,99}")
 COMPILE_MODES = ("none", "auto", "default", "reduce-overhead", "max-autotune")
@@ -158,7 +157,7 @@ class TrainConfig:
     system_metrics: bool = opt(True, "log CPU, memory and GPU use through MLflow")
     progress: bool = opt(True, "show a progress bar during each epoch")
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         get_spec(self.model)
         kinds = setting_types(type(self))
         for f in fields(self):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.preprocess import MAX_IMAGE_SIDE, IMAGE_SUFFIXES, decode_image
+from shared.preprocess import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, decode_image
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"

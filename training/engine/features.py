@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.engine.batches import random_crop, random_flip
-from training.engine.models import is_convolutional
 from shared.preprocess import InputTransform, Preprocessing
 from training.engine import distributed
+from training.engine.batches import random_crop, random_flip
 from training.engine.config import TrainConfig
+from training.engine.models import is_convolutional
 
 CACHE_VERSION = 1
 

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from training.engine.batches import DeviceLoader
 from shared.preprocess import tta_logits
 from training.engine import distributed
+from training.engine.batches import DeviceLoader
 
 if TYPE_CHECKING:
     from training.engine.state import TrainingState

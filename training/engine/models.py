@@ -220,17 +220,20 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
                       "tta": "flip-translate", "val_fraction": 0.0, "patience": 0,
                       "compile": "auto"}),
     ModelSpec("alexnet", "torchvision AlexNet at 224x224 input", _alexnet, input_size=224,
-              head="classifier.6", imagenet=torchvision_weights("alexnet", lambda: torchvision.models.AlexNet_Weights.IMAGENET1K_V1),
+              head="classifier.6", imagenet=torchvision_weights(
+                  "alexnet", lambda: torchvision.models.AlexNet_Weights.IMAGENET1K_V1),
               recipe={**_SGD, "lr": 0.01, "batch_size": 128, "eval_batch_size": 256,
                       "weight_decay": 5e-4, "schedule": "cosine", "epochs": 30},
               finetune_recipe={"lr": 1e-3, "epochs": 10}),
     ModelSpec("vgg16", "torchvision VGG16 at 224x224 input", _vgg16, input_size=224,
-              head="classifier.6", imagenet=torchvision_weights("vgg16", lambda: torchvision.models.VGG16_Weights.IMAGENET1K_V1),
+              head="classifier.6", imagenet=torchvision_weights(
+                  "vgg16", lambda: torchvision.models.VGG16_Weights.IMAGENET1K_V1),
               recipe={**_SGD, "lr": 0.01, "batch_size": 64, "eval_batch_size": 128,
                       "weight_decay": 5e-4, "schedule": "cosine", "epochs": 30},
               finetune_recipe={"lr": 1e-3, "epochs": 10}),
     ModelSpec("resnet18", "ResNet18 with a CIFAR stem (3x3 first conv, no max-pool)", _resnet18,
-              head="fc", imagenet=torchvision_weights("resnet18", lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+              head="fc", imagenet=torchvision_weights(
+                  "resnet18", lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
               recipe={**_SGD, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4,
                       "schedule": "onecycle", "label_smoothing": 0.1, "epochs": 30},
               finetune_recipe={"lr": 0.01, "epochs": 10}),
@@ -255,7 +258,7 @@ def get_spec(name: str) -> ModelSpec:
                          ) from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def timm_spec(arch: str) -> ModelSpec:
     """Any timm architecture by name, with the head and input size of its pretrained config."""
     timm = _timm()

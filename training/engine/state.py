@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
+from training.engine.averaging import Lookahead
 from training.engine.batches import DeviceLoader
 from training.engine.features import FeatureLoader
-from training.engine.averaging import Lookahead
 from training.engine.loop import EarlyStopping, FitResult
 
 
@@ -22,7 +22,7 @@ class Unfreezer:
         self.params, self.after = params, after
 
     @classmethod
-    def of(cls, model: nn.Module, after: int) -> "Unfreezer | None":
+    def of(cls, model: nn.Module, after: int) -> Unfreezer | None:
         if not after:
             return None
         return cls([p for p in model.parameters() if not p.requires_grad], after)

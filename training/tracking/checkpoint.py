@@ -7,11 +7,8 @@ from pathlib import Path
 
 import torch
 
-from shared.store import store_folder
-
 from shared.messages import mask_secrets
-
-
+from shared.store import store_folder
 
 CHECKPOINT_TAG = "checkpoint"
 

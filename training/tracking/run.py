@@ -9,24 +9,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-from mlflow.exceptions import MlflowException
 import torch
+from mlflow.exceptions import MlflowException
 from torch import nn
 from tqdm import tqdm
 
 from shared.calibration import KEEP, RULE, Calibration
-from shared.preprocess import Preprocessing
-
-from shared.store import DriverMissing, tracking_uri, use_store
-
 from shared.messages import brief, mask_secrets
-from training.engine.data import ImageData
-from training.tracking.publish import ensure_experiment, log_classifier, log_dataset, register_version
-from training.tracking import checkpoint, run_log
+from shared.preprocess import Preprocessing
+from shared.store import DriverMissing, tracking_uri, use_store
 from training.engine import distributed
 from training.engine.config import TrainConfig
+from training.engine.data import ImageData
 from training.engine.loop import FitResult, NonFiniteLossError, StopRequested, StopTraining
 from training.engine.state import TrainingState, checkpoint_state, snapshot
+from training.tracking import checkpoint, run_log
+from training.tracking.publish import ensure_experiment, log_classifier, log_dataset, register_version
 from training.tracking.writer import BackgroundWriter
 
 
@@ -117,7 +115,7 @@ class TrackedRun:
         return self.cfg.run_name or (f"{self.cfg.model}-"
                                      f"{'scratch' if self.cfg.weights == 'none' else 'finetuned'}")
 
-    def __enter__(self) -> "TrackedRun":
+    def __enter__(self) -> TrackedRun:
         resumed_id = self.resume.run_id if self.resume else None
         self.run_id, self.experiment_id = open_run(self.cfg, self.uri, self.name, resumed_id,
                                                    self.options)
@@ -268,7 +266,7 @@ class FollowerRun:
         self.cfg, self.options = cfg, options
         self.saver = checkpoint.Saver(Path(), every=0)  # never due
 
-    def __enter__(self) -> "FollowerRun":
+    def __enter__(self) -> FollowerRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

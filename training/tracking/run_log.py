@@ -11,10 +11,10 @@ import mlflow
 import torch
 import torchvision
 
+from shared.messages import brief
 from training.engine.data import ImageData
 from training.engine.device import describe_device
 from training.engine.models import count_parameters, get_spec
-from shared.messages import brief
 from training.tracking import report
 
 if TYPE_CHECKING:
