@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +33,9 @@ def probe(start: float, uri: str, folder: str) -> None:
     from gui.main_window import MainWindow
 
     app = QApplication([sys.argv[0]])
-    settings = QSettings(str(Path(folder) / ".bench-settings.ini"), QSettings.Format.IniFormat)
+    # the window's settings in a folder of its own: the photo folder is the user's, left as it is
+    scratch = tempfile.mkdtemp(prefix="cifarlab-app-speed-")
+    settings = QSettings(str(Path(scratch) / "settings.ini"), QSettings.Format.IniFormat)
     window = MainWindow(uri, settings, Path(folder))
     window.show()
     app.processEvents()
@@ -41,6 +45,7 @@ def probe(start: float, uri: str, folder: str) -> None:
         time.sleep(0.005)
     print(f"{shown:.3f} {time.time() - start:.3f}")
     window.close()
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def launch_times(uri: str, folder: str, rounds: int) -> tuple[float, float]:

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from shared.store import tracking_uri, ui_page, use_store  # noqa: E402
 from training.servers import MlflowServer, free_port  # noqa: E402
 
+
 def chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if found := shutil.which(name):
