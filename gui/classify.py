@@ -19,11 +19,13 @@ from pathlib import Path
 from PIL import Image
 
 from gui.export import write_csv
+from shared.command import run_command
 from shared.files import image_files
 from shared.heatmap import Explainer, NoHeatmap, photo_with_heatmap
-from shared.inference import LoadedClassifier, ModelLoadError, Prediction, classify_files, load_classifier
-from shared.registry import RegistryError, resolve_model_uri
-from shared.store import StoreBroken, tracking_uri, use_store
+from shared.inference import LoadedClassifier, Prediction, classify_files, load_classifier
+from shared.messages import BadInput
+from shared.registry import resolve_model_uri
+from shared.store import tracking_uri, use_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,36 +44,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 16 <= args.heatmap_size <= 2048:
         parser.error(f"--heatmap-size must be between 16 and 2048 (got {args.heatmap_size})")
-    if not args.folder.is_dir():
-        print(f"error: {args.folder} is not a folder", file=sys.stderr)
-        return 2
     uri = tracking_uri(args.tracking_uri)
-    try:
+
+    def body() -> int:
+        if not args.folder.is_dir():
+            raise BadInput(f"{args.folder} is not a folder")
         use_store(uri)
         clf = load_classifier(resolve_model_uri(args.model, uri))
-        explainer = Explainer(clf.module) if args.heatmaps else None
-    except (RegistryError, ModelLoadError, StoreBroken) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NoHeatmap as exc:
-        print(f"error: no heatmaps for {clf.uri}: {exc}; run without --heatmaps",
-              file=sys.stderr)
-        return 2
-    files = image_files(args.folder)
-    predictions = [p for batch in classify_files(clf, files, args.batch_size) for p in batch]
-    if explainer is not None:
-        written = write_heatmaps(clf, explainer, predictions, args.heatmaps, args.heatmap_size)
-        print(f"{written} heatmap(s) in {args.heatmaps}", file=sys.stderr)
-    if args.csv:
-        with open(args.csv, "w", newline="", encoding="utf-8") as out:
-            write_csv(predictions, out)
-    else:
-        write_csv(predictions, sys.stdout)
-    failed = sum(p.error is not None for p in predictions)
-    print(f"{clf.uri}: {len(predictions) - failed} of {len(predictions)} files classified"
-          + (f", {failed} unreadable" if failed else "")
-          + (f"; CSV in {args.csv}" if args.csv else ""), file=sys.stderr)
-    return 0
+        try:
+            explainer = Explainer(clf.module) if args.heatmaps else None
+        except NoHeatmap as exc:
+            raise BadInput(f"no heatmaps for {clf.uri}: {exc}; run without --heatmaps") from None
+        predictions = [p for batch in classify_files(clf, image_files(args.folder), args.batch_size)
+                       for p in batch]
+        if explainer is not None:
+            written = write_heatmaps(clf, explainer, predictions, args.heatmaps, args.heatmap_size)
+            print(f"{written} heatmap(s) in {args.heatmaps}", file=sys.stderr)
+        if args.csv:
+            with open(args.csv, "w", newline="", encoding="utf-8") as out:
+                write_csv(predictions, out)
+        else:
+            write_csv(predictions, sys.stdout)
+        failed = sum(p.error is not None for p in predictions)
+        print(f"{clf.uri}: {len(predictions) - failed} of {len(predictions)} files classified"
+              + (f", {failed} unreadable" if failed else "")
+              + (f"; CSV in {args.csv}" if args.csv else ""), file=sys.stderr)
+        return 0
+
+    return run_command(body)
 
 
 def write_heatmaps(clf: LoadedClassifier, explainer: Explainer, predictions: list[Prediction],

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from shared.calibration import Calibration
 from shared.files import not_readable
+from shared.messages import BadInput
 from shared.preprocess import Preprocessing, decode_image
 from shared.safe_model import (
     ARCHIVE,
@@ -30,7 +31,7 @@ from shared.safe_model import (
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(BadInput):
     """A model that cannot be found, read or used; the message says which and why."""
 
 

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import re
 
+
+class BadInput(Exception):
+    """Bad input: the message says what is wrong and how to fix it, and nothing was started or
+    changed. Commands exit 2 with it (shared.command.run_command)."""
+
+
+class RunFailed(Exception):
+    """A run that started and failed; it was marked FAILED. Commands exit 1 with it."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM ended the command; the message says what was kept. Exit 130."""
+
 CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
 SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*",
                           re.IGNORECASE)

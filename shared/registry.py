@@ -4,11 +4,11 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from shared.messages import mask_secrets
+from shared.messages import BadInput, mask_secrets
 from shared.store import CHAMPION, DriverMissing, check_driver
 
 
-class RegistryError(Exception):
+class RegistryError(BadInput):
     """The store cannot be read, or holds no model; the message says what to do."""
 
 

@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared.messages import mask_secrets
+from shared.messages import BadInput, mask_secrets
 
 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 
@@ -32,7 +32,7 @@ def tracking_uri(explicit: str | None = None) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
-class StoreBroken(Exception):
+class StoreBroken(BadInput):
     """The SQLite store exists but cannot be opened; the message says how to repair it."""
 
 
@@ -66,7 +66,7 @@ def creation_lock(uri: str, purpose: str = "lock") -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-class DriverMissing(Exception):
+class DriverMissing(BadInput):
     """A database URL whose Python driver is not installed; the message names the install."""
 
 

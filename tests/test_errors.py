@@ -117,3 +117,30 @@ def test_the_app_pointed_at_a_postgresql_store_without_its_driver_names_the_extr
     without_psycopg(monkeypatch)
     with pytest.raises(RegistryError, match=r"pip install 'cifarlab\[server\]'"):
         list_versions("postgresql://team:s3cret@127.0.0.1:1/mlflow")
+
+
+@pytest.mark.parametrize("command", ["training.compare", "training.benchmark", "training.evaluate",
+                                     "training.train", "training.tune", "gui.classify"])
+def test_every_command_on_a_store_that_is_not_a_database_exits_2_with_one_line(
+        command, image_folder, tmp_path, capfd):
+    import importlib
+
+    not_a_store = tmp_path / "notes.db"
+    not_a_store.write_text("these are notes, not an MLflow store\n")
+    before = not_a_store.read_bytes()
+    store = f"sqlite:///{not_a_store}"
+    argv = {"training.compare": ["--tracking-uri", store, "--out", str(tmp_path / "report")],
+            "training.benchmark": ["--data-dir", str(image_folder), "--devices", "cpu",
+                                   "--models", "mlp", "--tracking-uri", store,
+                                   "--out", str(tmp_path / "report")],
+            "training.evaluate": ["--model", "m@champion", "--data-dir", str(image_folder),
+                                  "--tracking-uri", store],
+            "training.train": args(image_folder, store, tmp_path),
+            "training.tune": [*args(image_folder, store, tmp_path), "--trials", "1"],
+            "gui.classify": [str(image_folder / "test" / "cat"), "--tracking-uri", store],
+            }[command]
+    assert importlib.import_module(command).main(argv) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(not_a_store) in err[0], err
+    assert "Traceback" not in err[0]
+    assert not_a_store.read_bytes() == before

@@ -25,12 +25,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch
 from torch import nn
 
+from shared.command import run_command
 from shared.preprocess import InputTransform, Preprocessing
 from shared.store import tracking_uri, ui_command, use_store
 from training.engine.batches import DeviceLoader
 from training.engine.build import random_rows, resolve_precision
 from training.engine.config import TrainConfig
-from training.engine.data import DatasetError, channel_stats, load_dataset
+from training.engine.data import channel_stats, load_dataset
 from training.engine.device import DeviceError, describe_device, resolve_device
 from training.engine.loop import autocast_for, train_epoch
 from training.engine.models import MODELS, ModelError, build_model, input_size_for, is_convolutional
@@ -189,13 +190,13 @@ def benchmark(plan: Plan, out: Path, uri: str, log=print) -> list[dict]:
     devices = available_devices(plan.devices, log)
     if not devices:
         raise DeviceError("none of the requested devices is available")
+    use_store(uri)  # before any measurement: a store that cannot take them is refused first
     data = load_dataset(plan.data_dir, log=log)
     count = min(plan.images, len(data.train_labels))
     subset = random_rows(len(data.train_labels), count, plan.seed)
     x, y = data.train_images[subset], data.train_labels[subset]
     mean, std = channel_stats(x)
     gpu = any(d != "cpu" for d in devices)
-    use_store(uri)
     experiment_id = ensure_experiment("benchmark", uri)
     rows, plan_settings = [], settings(devices)
     all_threads = torch.get_num_threads()
@@ -243,14 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --epochs and --images must be at least 1", file=sys.stderr)
         return 2
     out = args.out or Path("reports") / time.strftime("benchmark-%Y%m%d-%H%M%S")
-    try:
+
+    def body() -> int:
         plan = Plan(args.data_dir, args.models.split(","), args.devices.split(","), args.epochs,
                     args.images, args.batch_size)
         benchmark(plan, out, tracking_uri(args.tracking_uri))
-    except (DatasetError, DeviceError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

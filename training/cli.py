@@ -1,41 +1,15 @@
-"""What the training commands share around `train()`: exit statuses for known failures, stop
-signals, and the settings of a run to resume."""
+"""What the training commands share around `train()`: stop signals and the settings of a run
+to resume. Exit statuses for known failures are shared.command's, as for every command."""
 from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable
 
-from shared.store import DriverMissing, StoreBroken, tracking_uri
+from shared.store import tracking_uri
 from training.engine import distributed
 from training.engine.config import ConfigError, TrainConfig
-from training.engine.data import DatasetError
-from training.engine.device import DeviceError
-from training.engine.loop import NonFiniteLossError
-from training.engine.models import ModelError
 from training.tracking import checkpoint
-from training.tracking.run import Resume, StoreError, StoreUnavailable, TrainingInterrupted
-
-BAD_INPUT = (ConfigError, DatasetError, DeviceError, ModelError, checkpoint.ResumeError, StoreError,
-             StoreBroken, DriverMissing)
-RUN_FAILED = (NonFiniteLossError, StoreUnavailable)
-
-
-def run_command(body: Callable[[], int]) -> int:
-    """Run a command, turning its known failures into one message and an exit status:
-    2 bad input (nothing was started), 1 a run that failed, 130 interrupted."""
-    try:
-        return body()
-    except BAD_INPUT as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RUN_FAILED as exc:
-        print(f"error: {exc}. The run was marked FAILED (if the store could be told).",
-              file=sys.stderr)
-        return 1
-    except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return 130
+from training.tracking.run import Resume
 
 
 class StopSignals:

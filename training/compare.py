@@ -24,6 +24,8 @@ import matplotlib
 matplotlib.use("Agg")  # reports are files: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from shared.command import run_command
+from shared.messages import BadInput
 from shared.store import tracking_uri, ui_command, use_store
 
 COLUMNS = ["run", "name", "kind", "model", "dataset", "training", "frozen", "trainable_params",
@@ -33,7 +35,7 @@ COLUMNS = ["run", "name", "kind", "model", "dataset", "training", "frozen", "tra
            "seconds_per_epoch", "device", "status"]
 
 
-class CompareError(Exception):
+class CompareError(BadInput):
     """Nothing to compare, or a selection that cannot be read."""
 
 
@@ -200,16 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or Path("reports") / time.strftime("compare-%Y%m%d-%H%M%S")
     uri = tracking_uri(args.tracking_uri)
-    try:
+
+    def body() -> int:
         rows, run_id = compare(uri, args.experiment, [r for r in args.runs.split(",") if r],
                                args.filter, out)
-    except CompareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(to_markdown(rows))
-    print(f"{len(rows)} runs compared; report in {out}/ and in comparison run {run_id} "
-          f"(see it: {ui_command(uri)})")
-    return 0
+        print(to_markdown(rows))
+        print(f"{len(rows)} runs compared; report in {out}/ and in comparison run {run_id} "
+              f"(see it: {ui_command(uri)})")
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from shared.calibration import expected_calibration_error, reliability
-from shared.inference import LoadedClassifier, ModelLoadError, load_classifier
+from shared.command import run_command
+from shared.inference import LoadedClassifier, load_classifier
 from shared.preprocess import IMAGE_SUFFIXES, decode_image, resize_batch
 from shared.registry import RegistryError, resolve_model_uri
-from shared.store import StoreBroken, tracking_uri, ui_command, ui_page, use_store
+from shared.store import tracking_uri, ui_command, ui_page, use_store
 from training.engine.data import CIFAR10_FOLDER, DEFAULT_CACHE_DIR, DatasetError, fingerprint, load_dataset
 from training.tracking import report
 from training.tracking.publish import ensure_experiment, log_dataset
@@ -229,19 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.worst < 0 or args.batch_size < 1:
         parser.error("--worst must be 0 or more and --batch-size 1 or more")
     uri = tracking_uri(args.tracking_uri)
-    try:
+
+    def body() -> int:
         run_id, m = evaluate(args.model, args.data_dir, uri, worst=args.worst,
                              experiment=args.experiment, batch_size=args.batch_size,
                              cache_dir=args.cache_dir)
-    except (RegistryError, ModelLoadError, StoreBroken, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"evaluation run {run_id}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, "
-          f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} (before temperature "
-          f"{m['ece_before_temperature']:.4f}) on {m['images']} images")
-    page = ui_page(mlflow.get_run(run_id).info.experiment_id, run_id)
-    print(f"see it: {ui_command(uri, page)}")
-    return 0
+        print(f"evaluation run {run_id}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, "
+              f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} (before temperature "
+              f"{m['ece_before_temperature']:.4f}) on {m['images']} images")
+        page = ui_page(mlflow.get_run(run_id).info.experiment_id, run_id)
+        print(f"see it: {ui_command(uri, page)}")
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
+from shared.messages import BadInput
 from shared.store import DriverMissing, check_driver
 
 ROLE = "cifarlab"  # the PostgreSQL role that owns both databases
 DATABASES = ("mlflow", "optuna")
 
 
-class ServerError(Exception):
+class ServerError(BadInput):
     """A server that cannot be installed, set up or started; the message says what to do."""
 
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from shared.calibration import Calibration, calibrate
+from shared.command import run_command
 from shared.preprocess import Preprocessing, resize_batch
 from shared.store import tracking_uri, ui_command, ui_page
-from training.cli import StopSignals, resume_config, run_command
+from training.cli import StopSignals, resume_config
 from training.engine import distributed
 from training.engine.build import DeviceSplits, Setup, build, prepare
 from training.engine.config import TrainConfig, parse_args

@@ -19,9 +19,9 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
+from shared.command import run_command
 from shared.messages import mask_secrets
 from shared.store import check_driver, creation_lock, store_folder, tracking_uri, ui_command, use_store
-from training.cli import run_command
 from training.engine import distributed
 from training.engine.build import prepare
 from training.engine.config import ConfigError, TrainConfig, build_parser, opt, parse_args

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from shared.messages import mask_secrets
+from shared.messages import BadInput, mask_secrets
 from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES
 from training.engine.batches import FLIPS
 from training.engine.data import DEFAULT_CACHE_DIR
@@ -29,7 +29,7 @@ REGISTERED_NAME = re.compile(r"[^\W_][\w.-]{0,99}")
 COMPILE_MODES = ("none", "auto", "default", "reduce-overhead", "max-autotune")
 
 
-class ConfigError(Exception):
+class ConfigError(BadInput):
     """An invalid setting; the message names it and the valid choices."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shared.messages import BadInput
 from shared.preprocess import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, decode_image
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -33,7 +34,7 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarlab"
 
 
-class DatasetError(Exception):
+class DatasetError(BadInput):
     """A dataset is missing, incomplete or unreadable; the message says how to fix it."""
 
 

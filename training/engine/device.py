@@ -5,8 +5,10 @@ import platform
 
 import torch
 
+from shared.messages import BadInput
 
-class DeviceError(Exception):
+
+class DeviceError(BadInput):
     """A device was asked for that this machine does not have."""
 
 

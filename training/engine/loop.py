@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from shared.messages import RunFailed
 from shared.preprocess import tta_logits
 from training.engine import distributed
 from training.engine.batches import DeviceLoader
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 Progress = Callable[[Iterable, str], Iterable]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailed, RuntimeError):
     """The training loss became NaN or infinite."""
 
 

@@ -15,10 +15,11 @@ import torch
 import torchvision
 from torch import nn
 
+from shared.messages import BadInput
 from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
-class ModelError(Exception):
+class ModelError(BadInput):
     """An unknown model name, or weights that cannot be had or do not fit."""
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from shared.messages import mask_secrets
+from shared.messages import BadInput, mask_secrets
 from shared.store import store_folder
 
 CHECKPOINT_TAG = "checkpoint"
 
 
-class ResumeError(Exception):
+class ResumeError(BadInput):
     """A run that cannot be resumed; the message says why."""
 
 

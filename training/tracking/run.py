@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shared.calibration import KEEP, RULE, Calibration
-from shared.messages import brief, mask_secrets
+from shared.messages import BadInput, Interrupted, RunFailed, brief, mask_secrets
 from shared.preprocess import Preprocessing
 from shared.store import DriverMissing, tracking_uri, use_store
 from training.engine import distributed
@@ -28,15 +28,15 @@ from training.tracking.publish import ensure_experiment, log_classifier, log_dat
 from training.tracking.writer import BackgroundWriter
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Interrupted):
     """Ctrl-C during training; the run was marked KILLED with what it had logged."""
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(RunFailed):
     """The tracking store stopped answering and did not come back before the run ended."""
 
 
-class StoreError(Exception):
+class StoreError(BadInput):
     """The tracking store cannot take a new run (unreachable, full, read-only); nothing started."""
 
 
