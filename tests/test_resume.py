@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 import training.tracking.run
 from shared.store import store_folder
 from training.cli import resume_config
+from training.engine.config import TrainConfig, added_settings
 from training.tracking import checkpoint
 from training.tracking.run import RunOptions, TrainingInterrupted
 from training.train import train
@@ -213,3 +214,31 @@ def test_a_store_still_down_at_the_end_keeps_the_checkpoint_and_resume_finishes_
     result = train(cfg, log=quiet, resume=resume)
     assert steps(store, resume.run_id) == [1, 2, 3, 4] and result.epochs_run == 4
     assert client.get_run(resume.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("setting", added_settings())
+def test_a_checkpoint_written_before_a_setting_existed_still_resumes(setting, train_config, store):
+    cfg = train_config(epochs=2)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, log=quiet, stop_requested=stop_after_steps(4))  # 3 steps per epoch: in epoch 2
+    run_id = checkpoint.find_resumable(store, "last")
+    path = checkpoint.checkpoint_path(store, run_id)
+    older = checkpoint.load(path)
+    del older["config"][setting]  # as a version before the setting wrote it
+    checkpoint.save(path, older)
+    resumed, resume = resume_config(train_config(resume="last"))
+    assert getattr(resumed, setting) == getattr(TrainConfig, setting)
+    result = train(resumed, log=quiet, resume=resume)
+    assert result.epochs_run == 2
+    assert MlflowClient(store).get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_checkpoint_lacking_a_setting_that_is_not_marked_added_is_refused(train_config, store):
+    with pytest.raises(TrainingInterrupted):
+        train(train_config(epochs=2), log=quiet, stop_requested=stop_after_steps(4))
+    path = checkpoint.checkpoint_path(store, checkpoint.find_resumable(store, "last"))
+    older = checkpoint.load(path)
+    del older["config"]["label_smoothing"]
+    checkpoint.save(path, older)
+    with pytest.raises(checkpoint.ResumeError, match="lacks some it needs \\(label_smoothing\\)"):
+        resume_config(train_config(resume="last"))

@@ -7,7 +7,7 @@ import sys
 
 from shared.store import tracking_uri
 from training.engine import distributed
-from training.engine.config import ConfigError, TrainConfig
+from training.engine.config import ConfigError, TrainConfig, added_settings
 from training.tracking import checkpoint
 from training.tracking.run import Resume
 
@@ -41,12 +41,6 @@ class StopSignals:
         return self.received is not None
 
 
-# settings added after checkpoints began to be written: a checkpoint without one was written
-# before it existed, when training behaved as its default does
-ADDED_SETTINGS = ("sync_bn", "feature_cache", "feature_views", "unfreeze_after",
-                  "backbone_lr_scale", "photo_size")
-
-
 def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, Resume]:
     """The resumed run's own config, and its id and checkpoint. The checkpoint's settings are
     checked like a new run's: a damaged or edited checkpoint is refused, not trained on."""
@@ -60,14 +54,14 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, Resume]:
                                      "this project wrote")
     fields = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(set(saved) - fields)
-    missing = sorted(fields - set(saved) - set(ADDED_SETTINGS))
+    missing = sorted(fields - set(saved) - set(added_settings()))
     if unknown or missing:
         raise checkpoint.ResumeError(
             f"the checkpoint {path} has settings this version does not know ({', '.join(unknown) or 'none'}) "
             f"or lacks some it needs ({', '.join(missing) or 'none'}); it was written by another "
             "version or edited, so it cannot be resumed: start a new run")
     # the store that held the run, as named now: the checkpoint keeps no password
-    settings = {**{name: getattr(TrainConfig, name) for name in ADDED_SETTINGS}, **saved,
+    settings = {**{name: getattr(TrainConfig, name) for name in added_settings()}, **saved,
                 "resume": None, "tracking_uri": cfg.tracking_uri}
     try:
         resumed = TrainConfig(**settings).validate()

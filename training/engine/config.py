@@ -36,7 +36,10 @@ class ConfigError(BadInput):
 def opt(default: Any, help: str, choices: tuple | None = None, **rules: Any) -> Any:
     """A setting: its default, help and choices, and the rules its value obeys (checked by
     `validate`): min, max (inclusive), below (exclusive), positive, unit (for messages);
-    switch=True makes a bool a flag that only turns it on (--no-register)."""
+    switch=True makes a bool a flag that only turns it on (--no-register); added=True marks a
+    setting added after checkpoints began to be written: a checkpoint without it was written
+    before it existed, when training behaved as its default does, and resumes with it.
+    """
     return field(default=default, metadata={"help": help, "choices": choices, **rules})
 
 
@@ -114,13 +117,13 @@ class TrainConfig:
                       ("none", "backbone"))
     feature_cache: bool = opt(True, "with --freeze backbone: compute the backbone's outputs once "
                                     "per image and view, cache them on disk, and train the head "
-                                    "on them")
+                                    "on them", added=True)
     feature_views: int = opt(2, "feature cache: views of each training image (1: as is, 2: and "
-                                "mirrored, more: random crops and flips)", min=1, max=16)
+                                "mirrored, more: random crops and flips)", min=1, max=16, added=True)
     unfreeze_after: int = opt(0, "with --freeze backbone: train all layers after this many "
-                                 "head-only epochs (0: never)", min=0)
+                                 "head-only epochs (0: never)", min=0, added=True)
     backbone_lr_scale: float = opt(1.0, "fine-tuning: the backbone's learning rate as a multiple "
-                                        "of --lr (the head's)", positive=True)
+                                        "of --lr (the head's)", positive=True, added=True)
     input_size: int | None = opt(None, "network input side (default: the model's, 224 for "
                                        "alexnet/vgg16, else the image size)", min=8,
                                  max=MAX_IMAGE_SIDE, unit="pixels")
@@ -129,14 +132,14 @@ class TrainConfig:
                                        "model resizes them to its input. Default: the dataset's "
                                        "image size, as trained; larger keeps a photo's detail "
                                        "for a model with a larger input", min=8,
-                                 max=MAX_IMAGE_SIDE, unit="pixels")
+                                 max=MAX_IMAGE_SIDE, unit="pixels", added=True)
     seed: int = opt(0, "seed for weights, shuffling and augmentation")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: str = opt("auto", "auto: bf16 (fp16 if unsupported) on CUDA, fp32 elsewhere",
                          ("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = opt(True, "channels_last memory layout for conv nets")
     sync_bn: bool = opt(False, "under torchrun on GPUs: BatchNorm statistics over the whole "
-                               "global batch (SyncBatchNorm) rather than each process's share")
+                               "global batch (SyncBatchNorm) rather than each process's share", added=True)
     patience: int = opt(10, "early stopping: epochs without improvement before stopping (0: off)",
                         min=0)
     min_delta: float = opt(0.0, "early stopping: smallest change that counts as improvement",
@@ -204,6 +207,11 @@ class TrainConfig:
     def public_dict(self) -> dict[str, Any]:
         """The settings as logged, printed and checkpointed: passwords in URIs masked."""
         return {k: mask_secrets(v) if isinstance(v, str) else v for k, v in self.to_dict().items()}
+
+
+def added_settings(cls: type = TrainConfig) -> tuple[str, ...]:
+    """The settings marked added=True: a checkpoint may lack them (it is older than they are)."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("added"))
 
 
 def setting_types(cls: type = TrainConfig) -> dict[str, type]:
