@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.preprocess import InputTransform, Preprocessing  # noqa: E402
-from training.engine.batches import DeviceLoader  # noqa: E402
+from training.engine.batches import Augmentation, DeviceLoader, Sampling  # noqa: E402
 from training.engine.data import channel_stats, load_dataset  # noqa: E402
 from training.engine.device import describe_device, resolve_device  # noqa: E402
 from training.engine.models import MODELS, build_model, is_convolutional  # noqa: E402
@@ -57,9 +57,9 @@ def seed_loader(data_dir: Path, model: str, workers: int, device: torch.device):
 def our_loader(images, labels, model: str, batch_size: int, channels_last: bool, mean, std):
     augment = SEED[model]["augment"]
     prep = Preprocessing(32, 32, mean, std)
-    return DeviceLoader(images, labels, batch_size, InputTransform(prep), shuffle=True,
-                        crop_padding=4 if augment else 0, flip="random" if augment else "none",
-                        drop_last=True,
+    augmentation = Augmentation(4, flip="random") if augment else Augmentation()
+    return DeviceLoader(images, labels, batch_size, InputTransform(prep),
+                        Sampling(shuffle=True, augmentation=augmentation, drop_last=True),
                         channels_last=channels_last)
 
 

@@ -1,7 +1,7 @@
 import torch
 
 from shared.preprocess import InputTransform, Preprocessing
-from training.engine.batches import DeviceLoader, random_crop, random_flip
+from training.engine.batches import Augmentation, DeviceLoader, Sampling, random_crop, random_flip
 
 IDENTITY = Preprocessing(image_size=8, input_size=8, mean=(0, 0, 0), std=(1, 1, 1))
 
@@ -32,7 +32,7 @@ def test_flip_mirrors_some_images_and_leaves_the_others():
 def test_loader_covers_every_image_once_per_epoch_when_not_dropping():
     x = images(10)
     labels = torch.arange(10)
-    loader = DeviceLoader(x, labels, 4, InputTransform(IDENTITY), shuffle=True)
+    loader = DeviceLoader(x, labels, 4, InputTransform(IDENTITY), Sampling(shuffle=True))
     seen = torch.cat([y for _, y in loader])
     assert len(loader) == 3 and sorted(seen.tolist()) == list(range(10))
 
@@ -49,8 +49,8 @@ def test_same_seed_gives_the_same_augmented_batches():
     x, labels = images(8), torch.arange(8)
 
     def first_batch():
-        loader = DeviceLoader(x, labels, 4, InputTransform(IDENTITY), shuffle=True, crop_padding=2,
-                              flip="random", seed=3)
+        sampling = Sampling(shuffle=True, seed=3, augmentation=Augmentation(2, flip="random"))
+        loader = DeviceLoader(x, labels, 4, InputTransform(IDENTITY), sampling)
         return next(iter(loader))
 
     (a, ya), (b, yb) = first_batch(), first_batch()
@@ -67,7 +67,8 @@ def test_reflect_crop_pads_with_the_mirror_image_not_zeros():
 
 def test_alternating_flip_shows_every_image_both_ways_in_two_epochs():
     x = images(32)
-    loader = DeviceLoader(x, torch.arange(32), 32, InputTransform(IDENTITY), flip="alternate")
+    loader = DeviceLoader(x, torch.arange(32), 32, InputTransform(IDENTITY),
+                          Sampling(augmentation=Augmentation(flip="alternate")))
     (first, _), (second, _) = next(iter(loader)), next(iter(loader))
     original = x.float() / 255
     for i in range(32):

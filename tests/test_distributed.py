@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from shared.preprocess import InputTransform, Preprocessing
 from training.engine import distributed
-from training.engine.batches import DeviceLoader
+from training.engine.batches import DeviceLoader, Sampling, Shard
 from training.engine.build import check_world, prepare
 from training.engine.config import ConfigError
 from training.servers import free_port
@@ -28,8 +28,8 @@ def shares(world_size, n=24, batch=8, **options):
     out = []
     for rank in range(world_size):
         loader = DeviceLoader(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.arange(n), batch,
-                              InputTransform(IDENTITY), seed=5, rank=rank, world_size=world_size,
-                              **options)
+                              InputTransform(IDENTITY), Sampling(seed=5, **options),
+                              shard=Shard(rank, world_size))
         out.append([y.tolist() for _, y in loader])
     return out
 

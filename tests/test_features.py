@@ -9,8 +9,8 @@ from shared.inference import load_classifier
 from tests.test_finetune import fake_imagenet_checkpoint
 from training.engine.build import prepare, preprocessing
 from training.engine.config import ConfigError
-from training.engine.features import FeatureLoader, cache_key, frozen_features, head_inputs
-from training.engine.models import build_model
+from training.engine.features import FeatureLoader, Views, cache_key, frozen_features, head_inputs
+from training.engine.models import build_model, get_spec
 from training.train import train
 
 QUIET = dict(log=lambda *_: None)
@@ -73,30 +73,34 @@ def test_without_a_frozen_backbone_or_with_the_cache_off_nothing_is_cached(train
         assert run.data.params["feature_cache"] == "off" and run.data.params["feature_views"] == "0"
 
 
+def prep_of(cfg, splits):
+    return preprocessing(cfg, splits, get_spec(cfg.model))
+
+
 def test_the_cache_key_follows_the_weights_the_input_size_the_views_and_the_images(train_config):
     cfg = frozen(train_config)
     splits = prepare(cfg)
     model = build_model(cfg.model, 3, 32, weights="imagenet", freeze="backbone")
-    key = cache_key(cfg, model, "classifier", preprocessing(cfg, splits), splits)
+    key = cache_key(cfg, model, "classifier", prep_of(cfg, splits), splits)
     model2 = build_model(cfg.model, 3, 32, weights="imagenet", freeze="backbone")
     torch.nn.init.zeros_(model2.classifier.weight)  # the head is not part of the features
-    assert cache_key(cfg, model2, "classifier", preprocessing(cfg, splits), splits) == key
+    assert cache_key(cfg, model2, "classifier", prep_of(cfg, splits), splits) == key
     with torch.no_grad():
         model2.conv_stem.weight[0, 0, 0, 0] += 1
-    assert cache_key(cfg, model2, "classifier", preprocessing(cfg, splits), splits) != key
+    assert cache_key(cfg, model2, "classifier", prep_of(cfg, splits), splits) != key
     for changed in (dataclasses.replace(cfg, input_size=48), dataclasses.replace(cfg, feature_views=1)):
-        assert cache_key(changed, model, "classifier", preprocessing(changed, splits), splits) != key
+        assert cache_key(changed, model, "classifier", prep_of(changed, splits), splits) != key
     fewer = dataclasses.replace(splits, train=(splits.train[0][1:], splits.train[1][1:]))
-    assert cache_key(cfg, model, "classifier", preprocessing(cfg, fewer), fewer) != key
+    assert cache_key(cfg, model, "classifier", prep_of(cfg, fewer), fewer) != key
 
 
 def test_a_damaged_cache_file_is_computed_again(train_config):
     cfg = frozen(train_config)
     splits = prepare(cfg)
     model = build_model(cfg.model, 3, 32, weights="imagenet", freeze="backbone")
-    first = frozen_features(cfg, model, "classifier", preprocessing(cfg, splits), splits, **QUIET)
+    first = frozen_features(cfg, model, "classifier", prep_of(cfg, splits), splits, **QUIET)
     first.path.write_bytes(first.path.read_bytes()[:100])
-    again = frozen_features(cfg, model, "classifier", preprocessing(cfg, splits), splits, **QUIET)
+    again = frozen_features(cfg, model, "classifier", prep_of(cfg, splits), splits, **QUIET)
     assert again.status == "built" and torch.equal(again.train, first.train)
 
 
@@ -104,15 +108,15 @@ def test_views_are_the_image_its_mirror_and_random_crops(train_config):
     cfg = frozen(train_config)
     splits = prepare(cfg)
     model = build_model(cfg.model, 3, 32, weights="imagenet", freeze="backbone").eval()
-    transform = preprocessing(cfg, splits)
+    transform = prep_of(cfg, splits)
     from shared.preprocess import InputTransform
     images = splits.train[0][:4]
-    args = dict(batch_size=2, seed=0, crop_padding=4, crop_fill="zeros")
-    plain, mirror, crop = (head_inputs(model, "classifier", InputTransform(transform), images, v, **args)
+    views = Views(batch_size=2, seed=0, crop_padding=4, crop_fill="zeros")
+    plain, mirror, crop = (head_inputs(model, "classifier", InputTransform(transform), images, v, views)
                            for v in (0, 1, 2))
     assert plain.shape == (4, 1280)
     assert torch.equal(mirror, head_inputs(model, "classifier", InputTransform(transform),
-                                           images.flip(3), 0, **args))
+                                           images.flip(3), 0, views))
     assert not torch.equal(crop, plain)
 
 

@@ -76,11 +76,12 @@ def test_fine_tuning_with_a_frozen_backbone_trains_only_the_head(train_config, t
 
 
 def test_backbone_and_head_learn_at_their_own_rates(train_config):
-    from training.engine.optim import make_optimizer
+    from training.engine.build import optimizer_for
+    from training.engine.models import get_spec
 
     cfg = train_config(model="resnet18", backbone_lr_scale=0.1, lr=0.02, optimizer="sgd")
     model = build_model("resnet18", 3, 32)
-    groups = make_optimizer(cfg, model).param_groups
+    groups = optimizer_for(cfg, model, get_spec(cfg.model).head).param_groups
     head = {id(p) for p in model.fc.parameters()}
     assert {g["lr"] for g in groups if id(g["params"][0]) in head} == {0.02}
     assert [g["lr"] for g in groups if id(g["params"][0]) not in head] == [pytest.approx(0.002)]

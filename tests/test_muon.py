@@ -4,10 +4,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from training.engine.build import optimizer_for, schedule_for
 from training.engine.config import ConfigError, resolve
-from training.engine.models import build_model
+from training.engine.models import build_model, get_spec
 from training.engine.muon import Muon, muon_groups, normalized_weights, orthogonalize
-from training.engine.optim import make_optimizer, make_scheduler
 from training.train import train
 
 
@@ -89,12 +89,12 @@ def test_a_normalized_muon_weight_is_brought_back_to_a_fixed_norm(normalize):
 def test_onecycle_leaves_muon_momentum_alone_and_decay_falls_from_full_to_zero(train_config):
     cfg = train_config(optimizer="muon", muon_momentum=0.6, momentum=0.85, lr=1.0, epochs=1)
     model = build_model("cnn", 3, 32)
-    optimizer = make_optimizer(cfg, model)
-    make_scheduler(cfg, optimizer, steps_per_epoch=10)
+    optimizer = optimizer_for(cfg, model, get_spec(cfg.model).head)
+    schedule_for(cfg, optimizer, 10)
     assert [g["momentum"] for g in optimizer.param_groups if g["muon"]] == [0.6, 0.6]
     cfg = train_config(optimizer="muon", schedule="decay", lr=1.0, epochs=1)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)
+    optimizer = optimizer_for(cfg, model, get_spec(cfg.model).head)
+    scheduler = schedule_for(cfg, optimizer, 10)
     rates = []
     for _ in range(10):
         rates.append(optimizer.param_groups[-1]["lr"])

@@ -3,9 +3,10 @@ every entry builds, and a name outside them is refused (never silently replaced)
 import pytest
 import torch
 
+from training.engine.build import optimizer_for, schedule_for
 from training.engine.config import ConfigError, TrainConfig, resolve
-from training.engine.models import build_model
-from training.engine.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
+from training.engine.models import build_model, get_spec
+from training.engine.optim import OPTIMIZERS, SCHEDULES
 
 
 def test_the_config_offers_exactly_the_registered_names():
@@ -19,8 +20,8 @@ def test_the_config_offers_exactly_the_registered_names():
 def test_every_optimizer_and_schedule_builds_and_steps(optimizer, schedule):
     cfg = resolve({"model": "cnn", "optimizer": optimizer, "schedule": schedule, "epochs": 2})
     model = build_model("cnn", 3, 32)
-    opt = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, opt, steps_per_epoch=5)
+    opt = optimizer_for(cfg, model, get_spec(cfg.model).head)
+    scheduler = schedule_for(cfg, opt, 5)
     model(torch.rand(2, 3, 32, 32)).sum().backward()
     opt.step()
     if scheduler is not None:

@@ -8,10 +8,9 @@ from torch import nn
 from shared.inference import load_classifier
 from shared.preprocess import InputTransform, tta_logits
 from training.engine.averaging import Lookahead
-from training.engine.build import whitening_sample
+from training.engine.build import optimizer_for, schedule_for, whitening_sample
 from training.engine.config import ConfigError, resolve
-from training.engine.models import build_model
-from training.engine.optim import make_optimizer, make_scheduler
+from training.engine.models import build_model, get_spec
 from training.engine.whiten import first_conv, whiten_first_conv
 from training.train import train
 
@@ -74,7 +73,7 @@ def test_flip_tta_averages_the_scores_of_an_image_and_its_mirror():
 
 def test_bias_lr_scale_speeds_up_biases_and_keeps_their_decay_per_step(train_config):
     cfg = train_config(bias_lr_scale=8.0, lr=0.1, weight_decay=0.01)
-    optimizer = make_optimizer(cfg, build_model("cnn", 3, 32))
+    optimizer = optimizer_for(cfg, build_model("cnn", 3, 32), None)
     weights, biases = optimizer.param_groups
     assert all(p.dim() > 1 for p in weights["params"]) and all(p.dim() == 1 for p in biases["params"])
     assert biases["lr"] == pytest.approx(0.8) and biases["weight_decay"] == pytest.approx(0.01 / 8)
@@ -84,8 +83,8 @@ def test_bias_lr_scale_speeds_up_biases_and_keeps_their_decay_per_step(train_con
 def test_linear_schedule_warms_up_from_a_fifth_then_falls_to_7_percent(train_config):
     cfg = train_config(schedule="linear", lr=1.0, epochs=1)
     model = nn.Linear(2, 2)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=100)
+    optimizer = optimizer_for(cfg, model, get_spec(cfg.model).head)
+    scheduler = schedule_for(cfg, optimizer, 100)
     rates = []
     for _ in range(100):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -149,7 +148,8 @@ def test_warming_up_a_compiled_model_leaves_no_trace_in_weights_or_optimizer(tra
     from training.engine.loop import warm_up
 
     model = build_model("cnn", 3, 32)
-    optimizer = make_optimizer(train_config(optimizer=optimizer_name), model)
+    cfg = train_config(optimizer=optimizer_name)
+    optimizer = optimizer_for(cfg, model, get_spec(cfg.model).head)
     prep = Preprocessing(32, 32, (0.5,) * 3, (0.25,) * 3)
     loader = DeviceLoader(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8),
                           torch.randint(0, 3, (8,)), 4, InputTransform(prep))

@@ -28,14 +28,13 @@ from torch import nn
 from shared.command import run_command
 from shared.preprocess import InputTransform, Preprocessing
 from shared.store import tracking_uri, ui_command, use_store
-from training.engine.batches import DeviceLoader
+from training.engine.batches import Augmentation, DeviceLoader, Sampling
 from training.engine.build import random_rows, resolve_precision
-from training.engine.config import TrainConfig
 from training.engine.data import channel_stats, load_dataset
 from training.engine.device import DeviceError, describe_device, resolve_device
 from training.engine.loop import autocast_for, train_epoch
 from training.engine.models import MODELS, ModelError, build_model, input_size_for, is_convolutional
-from training.engine.optim import make_optimizer
+from training.engine.optim import OptimizerSettings, make_optimizer
 from training.engine.state import TrainingState
 
 
@@ -68,13 +67,14 @@ def measure(model_name: str, device: torch.device, images: torch.Tensor, labels:
     precision = resolve_precision("auto", device)
     autocast = autocast_for(device, precision)
     x, y = images.to(device), labels.to(device)
-    loader = DeviceLoader(x, y, batch_size, InputTransform(prep), shuffle=True, crop_padding=4,
-                          flip="random", drop_last=True, channels_last=conv, seed=seed)
+    augmented = Sampling(shuffle=True, seed=seed, augmentation=Augmentation(4, flip="random"),
+                         drop_last=True)
+    loader = DeviceLoader(x, y, batch_size, InputTransform(prep), augmented, channels_last=conv)
     warmup = DeviceLoader(x[:batch_size * 3], y[:batch_size * 3], batch_size, InputTransform(prep),
                           channels_last=conv)
-    # plain momentum SGD through the training command's factory: the step, not the recipe
-    sgd = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0)
-    state = TrainingState(model, make_optimizer(sgd, model), warmup)
+    # plain momentum SGD from the optimizers' registry: the step, not the recipe
+    sgd = make_optimizer("sgd", model, OptimizerSettings(lr=0.01, momentum=0.9))
+    state = TrainingState(model, sgd, warmup)
     loss_fn = nn.CrossEntropyLoss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

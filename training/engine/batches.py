@@ -6,7 +6,8 @@ on the whole batch at once on that device.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +48,58 @@ def alternate_flip(x: torch.Tensor, first: torch.Tensor, epoch: int) -> torch.Te
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-FLIPS = ("none", "random", "alternate")
+@dataclass(frozen=True)
+class Flip:
+    """A horizontal flip by name: `apply(x, generator, sides, epoch)`, where `sides` are the
+    batch's images' bits of the alternating flip (None unless `alternates`)."""
+
+    apply: Callable[[torch.Tensor, torch.Generator, torch.Tensor | None, int], torch.Tensor]
+    alternates: bool = False
+
+
+FLIPS: dict[str, Flip] = {
+    "none": Flip(lambda x, generator, sides, epoch: x),
+    "random": Flip(lambda x, generator, sides, epoch: random_flip(x, generator)),
+    "alternate": Flip(lambda x, generator, sides, epoch: alternate_flip(x, sides, epoch),
+                      alternates=True),
+}
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What a training batch goes through on the device before normalization: a random crop
+    of `crop_padding` pixels (padded with zeros or by reflection), then a flip from FLIPS."""
+
+    crop_padding: int = 0
+    crop_fill: str = "zeros"
+    flip: str = "none"
+
+    def __post_init__(self):
+        if self.flip not in FLIPS:
+            raise ValueError(f"flip must be one of {tuple(FLIPS)} (got {self.flip!r})")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a loader draws its batches: in a seeded random order or in order, augmented or
+    not, a short last batch dropped or kept. The default is evaluation's."""
+
+    shuffle: bool = False
+    seed: int = 0
+    augmentation: Augmentation = Augmentation()
+    drop_last: bool = False
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among a torchrun training's processes."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside a world of {self.world_size} processes")
 
 
 class DeviceLoader:
@@ -56,34 +108,31 @@ class DeviceLoader:
     Inputs come out normalized (and resized, for 224-pixel networks) by `transform`, in
     channels_last layout when asked, ready for the network.
 
-    With `world_size` processes (torchrun), `batch_size` is the global batch: every process
-    draws the same seeded order and takes its own share of each batch (rank, rank + world,
-    ...), so an epoch still visits every image once across processes. Augmentation draws are
-    then seeded per process and epoch, so processes do not crop their shares alike.
+    With a `shard` of several processes (torchrun), `batch_size` is the global batch: every
+    process draws the same seeded order and takes its own share of each batch (rank, rank +
+    world, ...), so an epoch still visits every image once across processes. Augmentation
+    draws are then seeded per process and epoch, so processes do not crop their shares alike.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 transform: InputTransform, *, shuffle: bool = False, crop_padding: int = 0,
-                 crop_fill: str = "zeros", flip: str = "none", drop_last: bool = False,
-                 channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if flip not in FLIPS:
-            raise ValueError(f"flip must be one of {FLIPS} (got {flip!r})")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+                 transform: InputTransform, sampling: Sampling = Sampling(), *,
+                 channels_last: bool = False, shard: Shard = Shard()):
         self.images, self.labels = images, labels
-        self.batch_size = batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.batch_size, self.sampling, self.shard = batch_size, sampling, shard
         self.transform = transform.to(images.device)
-        self.shuffle, self.crop_padding, self.crop_fill = shuffle, crop_padding, crop_fill
-        self.flip = flip
-        self.drop_last, self.channels_last = drop_last, channels_last
-        self.generator = torch.Generator(device=images.device).manual_seed(seed)
+        self.channels_last = channels_last
+        self.flip = FLIPS[sampling.augmentation.flip]
+        self.generator = torch.Generator(device=images.device).manual_seed(sampling.seed)
         self.epoch = 0  # passes started, for the alternating flip
         self.first_flips = None
-        if flip == "alternate":  # each image's side in even epochs, fixed by the seed
+        if self.flip.alternates:  # each image's side in even epochs, fixed by the seed
             self.first_flips = torch.rand(images.shape[0], device=images.device,
                                           generator=torch.Generator(device=images.device)
-                                          .manual_seed(seed + 1)) < 0.5
+                                          .manual_seed(sampling.seed + 1)) < 0.5
+
+    @property
+    def drop_last(self) -> bool:
+        return self.sampling.drop_last
 
     @property
     def device(self) -> torch.device:
@@ -99,23 +148,23 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.images.shape[0]
-        if self.shuffle:
+        if self.sampling.shuffle:
             order = torch.randperm(n, device=self.device, generator=self.generator)
         else:
             order = torch.arange(n, device=self.device)
         epoch, self.epoch = self.epoch, self.epoch + 1
         augment = self.augment_generator(epoch)
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world_size]
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size][self.shard.rank::self.shard.world_size]
             if len(idx):  # a short last evaluation batch can leave a process nothing
                 yield self.prepare(self.images[idx], idx, epoch, augment), self.labels[idx]
 
     def augment_generator(self, epoch: int) -> torch.Generator:
         """One process: the shuffling generator, as always. Several: one of this process and
         epoch, so a resumed run draws what it would have drawn, without saving every rank's."""
-        if self.world_size == 1:
+        if self.shard.world_size == 1:
             return self.generator
-        seed = (self.seed * 1_000_003 + epoch) * 4099 + self.rank + 1
+        seed = (self.sampling.seed * 1_000_003 + epoch) * 4099 + self.shard.rank + 1
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def state_dict(self) -> dict:
@@ -129,12 +178,11 @@ class DeviceLoader:
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 batch (the images at `idx`) -> augmented (when asked), normalized network input."""
         generator = generator or self.generator
-        if self.crop_padding:
-            x = random_crop(x, self.crop_padding, generator, self.crop_fill)
-        if self.flip == "random":
-            x = random_flip(x, generator)
-        elif self.flip == "alternate":
-            x = alternate_flip(x, self.first_flips[idx], epoch)
+        augmentation = self.sampling.augmentation
+        if augmentation.crop_padding:
+            x = random_crop(x, augmentation.crop_padding, generator, augmentation.crop_fill)
+        sides = self.first_flips[idx] if self.flip.alternates else None
+        x = self.flip.apply(x, generator, sides, epoch)
         x = self.transform(x.float().div_(255))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -11,14 +11,14 @@ from shared.messages import brief
 from shared.preprocess import InputTransform, Preprocessing
 from training.engine import distributed
 from training.engine.averaging import Lookahead
-from training.engine.batches import DeviceLoader
+from training.engine.batches import Augmentation, DeviceLoader, Sampling, Shard
 from training.engine.config import ConfigError, TrainConfig
 from training.engine.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
 from training.engine.device import describe_device, resolve_device
 from training.engine.features import NOT_CACHED, FeatureLoader, feature_loaders, frozen_features
 from training.engine.loop import EarlyStopping, FitResult, autocast_for, warm_up
-from training.engine.models import build_model, get_spec, input_size_for, is_convolutional
-from training.engine.optim import make_optimizer, make_scheduler
+from training.engine.models import ModelSpec, build_model, get_spec, is_convolutional
+from training.engine.optim import OptimizerSettings, Schedule, make_optimizer, make_scheduler
 from training.engine.state import TrainingState, Unfreezer, restore
 from training.engine.whiten import whiten_first_conv
 
@@ -121,6 +121,7 @@ class Setup:
     world_params: dict = field(default_factory=dict)  # under torchrun: its processes and devices
     whole: nn.Module | None = None  # with cached features: the network whose head state.model is
     feature_params: dict = field(default_factory=lambda: dict(NOT_CACHED))
+    spec: ModelSpec | None = None  # the model's, resolved once by build
 
     @property
     def model(self) -> nn.Module:
@@ -128,12 +129,11 @@ class Setup:
         return self.whole if self.whole is not None else self.state.model
 
 
-def preprocessing(cfg: TrainConfig, splits: DeviceSplits) -> Preprocessing:
+def preprocessing(cfg: TrainConfig, splits: DeviceSplits, spec: ModelSpec) -> Preprocessing:
     # pretrained features expect the inputs they were trained on
-    spec = get_spec(cfg.model)
     mean, std = spec.pretrained_stats if cfg.weights != "none" else splits.scratch_stats
     image_size = splits.data.image_size
-    return Preprocessing(image_size, cfg.input_size or input_size_for(cfg.model, image_size),
+    return Preprocessing(image_size, cfg.input_size or spec.input_size or image_size,
                          mean, std, cfg.tta)
 
 
@@ -156,29 +156,48 @@ def check_world(cfg: TrainConfig, splits: DeviceSplits) -> None:
                           "every process needs at least one")
 
 
+def augmentation_for(cfg: TrainConfig) -> Augmentation:
+    if not cfg.augment:
+        return Augmentation()
+    return Augmentation(cfg.crop_padding, cfg.crop_fill, cfg.flip)
+
+
 def make_loaders(cfg: TrainConfig, splits: DeviceSplits, prep: Preprocessing,
                  channels_last: bool) -> Loaders:
     """Under torchrun every loader gives this process its share; an evaluation batch stays
     --eval-batch-size per process."""
     world = distributed.world()
-    common = {"transform": InputTransform(prep), "channels_last": channels_last,
-              "rank": world.rank, "world_size": world.size}
-    n_train = len(splits.train[1])
-    train = DeviceLoader(*splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                         crop_padding=cfg.crop_padding if cfg.augment else 0,
-                         crop_fill=cfg.crop_fill, flip=cfg.flip if cfg.augment else "none",
-                         drop_last=n_train > cfg.batch_size, **common)
+    shard, transform = Shard(world.rank, world.size), InputTransform(prep)
+    sampling = Sampling(shuffle=True, seed=cfg.seed, augmentation=augmentation_for(cfg),
+                        drop_last=len(splits.train[1]) > cfg.batch_size)
+    train = DeviceLoader(*splits.train, cfg.batch_size, transform, sampling,
+                         channels_last=channels_last, shard=shard)
     eval_batch = cfg.eval_batch_size * world.size
-    return Loaders(train, DeviceLoader(*splits.val, eval_batch, **common),
-                   DeviceLoader(*splits.test, eval_batch, **common))
+    return Loaders(train, *(DeviceLoader(*split, eval_batch, transform, channels_last=channels_last,
+                                         shard=shard) for split in (splits.val, splits.test)))
+
+
+def optimizer_for(cfg: TrainConfig, model: nn.Module, head: str | None) -> torch.optim.Optimizer:
+    """The config's optimizer; `head` is the model's head module (its spec's)."""
+    settings = OptimizerSettings(
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+        bias_lr_scale=cfg.bias_lr_scale, backbone_lr_scale=cfg.backbone_lr_scale, head=head,
+        include_frozen=bool(cfg.unfreeze_after), muon_lr=cfg.muon_lr,
+        muon_momentum=cfg.muon_momentum)
+    return make_optimizer(cfg.optimizer, model, settings)
+
+
+def schedule_for(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                 steps_per_epoch: int) -> Schedule | None:
+    return make_scheduler(cfg.schedule, optimizer, cfg.epochs * steps_per_epoch)
 
 
 def training_state(cfg: TrainConfig, model: nn.Module, loader: DeviceLoader | FeatureLoader,
-                   precision: str) -> TrainingState:
-    optimizer = make_optimizer(cfg, model)
+                   precision: str, head: str | None) -> TrainingState:
+    optimizer = optimizer_for(cfg, model, head)
     return TrainingState(
         model, optimizer, loader, EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta),
-        scheduler=make_scheduler(cfg, optimizer, len(loader)),
+        scheduler=schedule_for(cfg, optimizer, len(loader)),
         scaler=torch.amp.GradScaler(loader.device.type) if precision == "fp16" else None,
         averager=Lookahead(model, cfg.epochs * len(loader)) if cfg.lookahead else None,
         unfreezer=Unfreezer.of(model, cfg.unfreeze_after))
@@ -234,8 +253,7 @@ def on_images(cfg: TrainConfig, splits: DeviceSplits, model: nn.Module,
 
 
 def on_features(cfg: TrainConfig, splits: DeviceSplits, model: nn.Module, prep: Preprocessing,
-                log=print) -> Parts:
-    head = get_spec(cfg.model).head
+                head: str, log=print) -> Parts:
     model = on_device(cfg, model, splits.device)
     features = frozen_features(cfg, model, head, prep, splits, log)
     return Parts(model.get_submodule(head), Loaders(*feature_loaders(cfg, features, splits)),
@@ -250,18 +268,19 @@ def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = Non
     precision = resolve_precision(cfg.precision, device)
     check_world(cfg, splits)
     torch.manual_seed(cfg.seed)
+    spec = get_spec(cfg.model)  # resolved once, carried in the Setup
     model = build_model(cfg.model, splits.num_classes, data.image_size, weights=cfg.weights,
                         freeze=cfg.freeze)
-    prep = preprocessing(cfg, splits)
+    prep = preprocessing(cfg, splits, spec)
     cached = cfg.uses_feature_cache
-    parts = (on_features(cfg, splits, model, prep, log) if cached
+    parts = (on_features(cfg, splits, model, prep, spec.head, log) if cached
              else on_images(cfg, splits, model, prep))
-    state = training_state(cfg, parts.trained, parts.loaders.train, precision)
+    state = training_state(cfg, parts.trained, parts.loaders.train, precision, spec.head)
     start = restore(resume_from, state) if resume_from is not None else None
     setup = Setup(prep, state, distributed.wrap(parts.trained, device), parts.loaders,
                   nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
                   "none" if cached else compile_mode(cfg, device), start=start,
                   world_params=distributed.describe(describe_device(device)["device_name"],
                                                      cfg.batch_size),
-                  whole=parts.whole, feature_params=parts.feature_params)
+                  whole=parts.whole, feature_params=parts.feature_params, spec=spec)
     return compiled(setup, log)

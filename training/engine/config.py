@@ -102,7 +102,7 @@ class TrainConfig:
     crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)", min=0)
     crop_fill: str = opt("zeros", "what the crop padding holds", ("zeros", "reflect"))
     flip: str = opt("random", "horizontal flip: random, alternate (each image mirrored in "
-                              "every other epoch) or none", FLIPS)
+                              "every other epoch) or none", tuple(FLIPS))
     whiten_init: bool = opt(False, "set the first conv's filters by whitening image patches "
                                    "and keep them fixed")
     lookahead: bool = opt(False, "lookahead weight averaging: every 5 steps the weights are "
@@ -161,7 +161,7 @@ class TrainConfig:
     progress: bool = opt(True, "show a progress bar during each epoch")
 
     def validate(self) -> TrainConfig:
-        get_spec(self.model)
+        spec = get_spec(self.model)
         kinds = setting_types(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
@@ -176,7 +176,7 @@ class TrainConfig:
         if self.val_fraction == 0 and self.patience:
             raise ConfigError("early stopping watches the validation split, and val_fraction 0 "
                               "leaves none: add --patience 0, or keep a --val-fraction")
-        if self.backbone_lr_scale != 1 and get_spec(self.model).head is None:
+        if self.backbone_lr_scale != 1 and spec.head is None:
             raise ConfigError(f"--backbone-lr-scale sets the rate of all but the head, and "
                               f"{self.model} has no separate head; models with one: "
                               f"{', '.join(n for n, s in MODELS.items() if s.head)}, timm/NAME")

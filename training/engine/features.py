@@ -98,29 +98,40 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
+@dataclass(frozen=True)
+class Views:
+    """How the cache sees each image: view 0 as is, 1 mirrored, 2 and more a random crop (of
+    `crop_padding` pixels, padded by `crop_fill`) and flip drawn from `seed` and the view;
+    computed `batch_size` images at a time."""
+
+    batch_size: int
+    seed: int = 0
+    crop_padding: int = 4
+    crop_fill: str = "zeros"
+    channels_last: bool = False
+
+
 def head_inputs(model: nn.Module, head: str, transform: InputTransform, images: torch.Tensor,
-                view: int, *, batch_size: int, seed: int, crop_padding: int,
-                crop_fill: str, channels_last: bool = False) -> torch.Tensor:
-    """What `model`'s `head` layer receives for each uint8 image, seen as view `view` (0: as
-    is, 1: mirrored, 2 and more: a random crop and flip drawn from `seed` and the view)."""
+                view: int, views: Views) -> torch.Tensor:
+    """What `model`'s `head` layer receives for each uint8 image, seen as view `view`."""
     outputs = []
 
     def grab(module: nn.Module, args: tuple) -> None:
         outputs.append(args[0].detach().flatten(1).half())
         raise _Captured
 
-    generator = torch.Generator(device=images.device).manual_seed(seed * 1009 + view)
+    generator = torch.Generator(device=images.device).manual_seed(views.seed * 1009 + view)
     hook = model.get_submodule(head).register_forward_pre_hook(grab)
     model.eval()
     try:
-        for batch in images.split(batch_size):
+        for batch in images.split(views.batch_size):
             if view == 1:
                 batch = batch.flip(3)
             elif view >= 2:
-                batch = random_flip(random_crop(batch, crop_padding, generator, crop_fill),
-                                    generator)
+                batch = random_flip(random_crop(batch, views.crop_padding, generator,
+                                                views.crop_fill), generator)
             x = transform(batch.float() / 255)
-            if channels_last:
+            if views.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
                 model(x)
@@ -203,15 +214,14 @@ def frozen_features(cfg: TrainConfig, model: nn.Module, head: str, prep: Preproc
 def compute(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing, splits,
             key: str, log=print) -> dict:
     transform = InputTransform(prep).to(splits.device)
-    common = {"batch_size": cfg.eval_batch_size, "seed": cfg.seed,
-              "crop_padding": crop_padding(cfg), "crop_fill": cfg.crop_fill,
-              "channels_last": cfg.channels_last and is_convolutional(model)}
+    seen = Views(cfg.eval_batch_size, cfg.seed, crop_padding(cfg), cfg.crop_fill,
+                 cfg.channels_last and is_convolutional(model))
 
     def outputs(images: torch.Tensor, views: int, split: str) -> torch.Tensor:
         if not len(images):  # no validation split
             return torch.empty((views, 0, 1), dtype=torch.half, device=images.device)
         started = time.perf_counter()
-        out = torch.stack([head_inputs(model, head, transform, images, v, **common)
+        out = torch.stack([head_inputs(model, head, transform, images, v, seen)
                            for v in range(views)])
         rate = views * len(images) / max(time.perf_counter() - started, 1e-9)
         log(f"features: {split}, {len(images)} images x {views} view(s), {rate:,.0f} img/s")

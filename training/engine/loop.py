@@ -95,7 +95,7 @@ def warm_up(network: nn.Module, model: nn.Module, optimizer: torch.optim.Optimiz
     optimizer state, so training starts as if they never ran. Returns the seconds spent."""
     start = time.perf_counter()
     weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-    n = loader.batch_size // loader.world_size  # the batch one process trains on
+    n = loader.batch_size // loader.shard.world_size  # the batch one process trains on
     x = loader.transform(loader.images[:n].float() / 255)
     if loader.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -14,7 +14,7 @@ import torchvision
 from shared.messages import brief
 from training.engine.data import ImageData
 from training.engine.device import describe_device
-from training.engine.models import count_parameters, get_spec
+from training.engine.models import count_parameters
 from training.tracking import report
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def run_params(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> dict:
     return {
         **cfg.public_dict(),
         "weights_source": weights_source(cfg.weights), "fine_tuned": cfg.weights != "none",
-        "frozen_layers": frozen_layers(cfg),
+        "frozen_layers": frozen_layers(cfg, setup.spec.head),
         "head_lr": cfg.lr, "backbone_lr": cfg.lr * cfg.backbone_lr_scale,
         **describe_device(splits.device), "precision_resolved": setup.precision,
         "compile_resolved": setup.compile_mode, "epochs_requested": cfg.epochs,
@@ -81,10 +81,10 @@ def run_params(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> dict:
     }
 
 
-def frozen_layers(cfg: TrainConfig) -> str:
+def frozen_layers(cfg: TrainConfig, head: str | None) -> str:
     if cfg.freeze == "none":
         return "none"
-    frozen = f"all but {get_spec(cfg.model).head}"
+    frozen = f"all but {head}"
     return f"{frozen} for {cfg.unfreeze_after} epoch(s)" if cfg.unfreeze_after else frozen
 
 
