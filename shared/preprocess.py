@@ -8,6 +8,7 @@ feeds plain [0, 1] images and gets exactly the training-time preprocessing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,7 +24,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_MEGAPIXELS = 64  # larger images are refused rather than decoded into gigabytes of memory
 MAX_IMAGE_SIDE = 1024  # the largest stored or network input side a dataset or model may have
-TTA_MODES = ("none", "flip", "flip-translate")
 
 
 @dataclass(frozen=True)
@@ -115,20 +115,31 @@ class InputTransform(nn.Module):
         return x
 
 
-def tta_logits(net: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
-    """The network's scores averaged over views of `x`: flip adds the mirror image;
-    flip-translate also the mirrored pair shifted one pixel up-left and down-right
-    (reflect-padded), weighted half and half against the unshifted pair."""
-    if mode == "none":
-        return net(x)
-    pair = 0.5 * (net(x) + net(x.flip(3)))
-    if mode == "flip":
-        return pair
+def flip_views(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The scores of `x` and its mirror image, averaged."""
+    return 0.5 * (net(x) + net(x.flip(3)))
+
+
+def flip_translate_views(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mirrored pair, and the mirrored pair shifted one pixel up-left and down-right
+    (reflect-padded), weighted half and half."""
+    pair = flip_views(net, x)
     h, w = x.shape[2], x.shape[3]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
     shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
-    moved = sum(0.5 * (net(s) + net(s.flip(3))) for s in shifted) / len(shifted)
+    moved = sum(flip_views(net, s) for s in shifted) / len(shifted)
     return 0.5 * pair + 0.5 * moved
+
+
+# test-time augmentation by name: the views a model's scores are averaged over
+TTA: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "none": lambda net, x: net(x), "flip": flip_views, "flip-translate": flip_translate_views}
+TTA_MODES = tuple(TTA)
+
+
+def tta_logits(net: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
+    """The network's scores averaged over the views of `x` that TTA[mode] takes."""
+    return TTA[mode](net, x)
 
 
 class Classifier(nn.Module):

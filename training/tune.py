@@ -13,7 +13,9 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import mlflow
 import optuna
@@ -31,7 +33,69 @@ from training.tracking.publish import ensure_experiment
 from training.tracking.run import RunOptions, TrainingInterrupted
 from training.train import train
 
-SEARCHABLE = ("lr", "epochs", "weight_decay", "batch_size", "muon_lr")
+
+def rate_bounds(name: str) -> Callable[[TuneConfig], tuple]:
+    """A learning rate's (low, high): its --NAME-range, else the recipe's value / 10 to x 10."""
+    def bounds(cfg: TuneConfig) -> tuple:
+        value, given = getattr(cfg, name), getattr(cfg, f"{name}_range")
+        return parse_range(given or f"{value / 10:g},{value * 10:g}", f"{name}_range", float,
+                           positive=True)
+    return bounds
+
+
+def muon_lr_bounds(cfg: TuneConfig) -> tuple:
+    if cfg.optimizer != "muon":
+        raise ConfigError("--search muon_lr needs --optimizer muon (the rate of its hidden-layer "
+                          f"steps); this study uses {cfg.optimizer}")
+    return rate_bounds("muon_lr")(cfg)
+
+
+def epochs_bounds(cfg: TuneConfig) -> tuple:
+    text = cfg.epochs_range or f"{max(1, cfg.epochs // 6)},{cfg.epochs}"
+    return parse_range(text, "epochs_range", int, positive=True)
+
+
+def batch_size_choices(cfg: TuneConfig) -> tuple:
+    try:
+        choices = tuple(sorted({int(v) for v in cfg.batch_sizes.split(",")}))
+    except ValueError:
+        raise ConfigError(f"batch_sizes {cfg.batch_sizes!r} must be integers separated by "
+                          "commas") from None
+    if not choices or min(choices) < 1:
+        raise ConfigError(f"batch_sizes {cfg.batch_sizes!r} must be positive")
+    return choices
+
+
+@dataclass(frozen=True)
+class Searchable:
+    """A setting the tuner can search: its bounds (low, high) or choices, read from the
+    config, and how a trial draws it."""
+
+    bounds: Callable[[TuneConfig], tuple]
+    suggest: Callable[[optuna.Trial, str, tuple], Any]
+
+
+def log_scale(trial: optuna.Trial, name: str, bounds: tuple) -> float:
+    return trial.suggest_float(name, *bounds, log=True)
+
+
+SEARCHABLE: dict[str, Searchable] = {
+    "lr": Searchable(rate_bounds("lr"), log_scale),
+    "epochs": Searchable(epochs_bounds, lambda trial, name, bounds: trial.suggest_int(name, *bounds)),
+    "weight_decay": Searchable(
+        lambda cfg: parse_range(cfg.weight_decay_range, "weight_decay_range", float, positive=True),
+        log_scale),
+    "batch_size": Searchable(batch_size_choices,
+                             lambda trial, name, bounds: trial.suggest_categorical(name, list(bounds))),
+    "muon_lr": Searchable(muon_lr_bounds, log_scale),
+}
+
+# pruners by name, each given the most epochs a trial may train
+PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+    "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs),
+    "none": lambda epochs: optuna.pruners.NopPruner(),
+}
 PARENT_ATTR = "mlflow_parent_run_id"
 WORKER_WAIT_SECONDS = 120
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -56,7 +120,7 @@ class TuneConfig(TrainConfig):
     objective: str = opt("val_acc", "what the study optimises (never the test set)",
                          ("val_acc", "val_loss"))
     pruner: str = opt("median", "prunes hopeless trials from their per-epoch values",
-                      ("median", "hyperband", "none"))
+                      tuple(PRUNERS))
     study_name: str | None = opt(None, "Optuna study name (default: <model>-<objective>)")
     storage: str | None = opt(None, "Optuna storage URL: sqlite:///..., postgresql://..., "
                                     "mysql://... (default: sqlite beside the MLflow store)")
@@ -82,30 +146,7 @@ class TuneConfig(TrainConfig):
 
     def space(self) -> dict[str, tuple]:
         """Each searched parameter's (low, high), or its choices for batch_size."""
-        space = {}
-        for name in self.search_names():
-            if name in ("lr", "muon_lr"):
-                if name == "muon_lr" and self.optimizer != "muon":
-                    raise ConfigError("--search muon_lr needs --optimizer muon (the rate of "
-                                      f"its hidden-layer steps); this study uses {self.optimizer}")
-                value, given = getattr(self, name), getattr(self, f"{name}_range")
-                space[name] = parse_range(given or f"{value / 10:g},{value * 10:g}",
-                                          f"{name}_range", float, positive=True)
-            elif name == "epochs":
-                text = self.epochs_range or f"{max(1, self.epochs // 6)},{self.epochs}"
-                space[name] = parse_range(text, "epochs_range", int, positive=True)
-            elif name == "weight_decay":
-                space[name] = parse_range(self.weight_decay_range, "weight_decay_range", float,
-                                          positive=True)
-            else:
-                try:
-                    space[name] = tuple(sorted({int(v) for v in self.batch_sizes.split(",")}))
-                except ValueError:
-                    raise ConfigError(f"batch_sizes {self.batch_sizes!r} must be integers "
-                                      "separated by commas") from None
-                if not space[name] or min(space[name]) < 1:
-                    raise ConfigError(f"batch_sizes {self.batch_sizes!r} must be positive")
-        return space
+        return {name: SEARCHABLE[name].bounds(self) for name in self.search_names()}
 
 
 def training_settings(cfg: TuneConfig, **changes) -> TrainConfig:
@@ -173,24 +214,11 @@ def open_storage(url: str, heartbeat: int = 30) -> optuna.storages.BaseStorage:
 
 
 def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
-    if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    if cfg.pruner == "hyperband":
-        high = cfg.space().get("epochs", (1, cfg.epochs))[1]
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=high)
-    return optuna.pruners.NopPruner()
+    return PRUNERS[cfg.pruner](cfg.space().get("epochs", (1, cfg.epochs))[1])
 
 
 def suggest(trial: optuna.Trial, space: dict[str, tuple]) -> dict:
-    params = {}
-    for name, bounds in space.items():
-        if name == "batch_size":
-            params[name] = trial.suggest_categorical(name, list(bounds))
-        elif name == "epochs":
-            params[name] = trial.suggest_int(name, *bounds)
-        else:
-            params[name] = trial.suggest_float(name, *bounds, log=True)
-    return params
+    return {name: SEARCHABLE[name].suggest(trial, name, bounds) for name, bounds in space.items()}
 
 
 def objective_value(history: list[dict[str, float]], objective: str) -> float:

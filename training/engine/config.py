@@ -26,7 +26,11 @@ from training.engine.models import MODELS, get_spec
 from training.engine.optim import OPTIMIZERS, SCHEDULES
 
 REGISTERED_NAME = re.compile(r"[^\W_][\w.-]{0,99}")
-COMPILE_MODES = ("none", "auto", "default", "reduce-overhead", "max-autotune")
+# --compile's choices: the torch.compile modes, and two of our own
+COMPILE_MODES = {
+    "none": "eager", "auto": "default on CUDA, none elsewhere (falls back to eager if compiling "
+    "fails)", "default": "torch.compile", "reduce-overhead": "adds CUDA graphs",
+    "max-autotune": "searches kernels (slow to compile)"}
 
 
 class ConfigError(BadInput):
@@ -108,10 +112,9 @@ class TrainConfig:
     lookahead: bool = opt(False, "lookahead weight averaging: every 5 steps the weights are "
                                  "pulled toward a running average, and end on it")
     tta: str = opt("none", "test-time augmentation for validation, test and the logged model: "
-                           "none, flip, flip-translate (6 views)", TTA_MODES)
-    compile: str = opt("auto", "torch.compile the training step; auto: on CUDA only (falls "
-                               "back to eager if compiling fails); reduce-overhead adds CUDA "
-                               "graphs", COMPILE_MODES)
+                           f"{', '.join(TTA_MODES)} (flip-translate: 6 views)", TTA_MODES)
+    compile: str = opt("auto", "torch.compile the training step: " + "; ".join(
+        f"{mode}: {what}" for mode, what in COMPILE_MODES.items()), tuple(COMPILE_MODES))
     weights: str = opt("none", "initial weights: none (from scratch), imagenet, or a checkpoint path")
     freeze: str = opt("none", "none: train all layers; backbone: train only the new head",
                       ("none", "backbone"))

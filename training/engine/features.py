@@ -97,7 +97,6 @@ class _Captured(Exception):
     """Raised from the head's pre-hook: the head's input is all that is needed."""
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class Views:
     """How the cache sees each image: view 0 as is, 1 mirrored, 2 and more a random crop (of
@@ -111,6 +110,7 @@ class Views:
     channels_last: bool = False
 
 
+@torch.no_grad()
 def head_inputs(model: nn.Module, head: str, transform: InputTransform, images: torch.Tensor,
                 view: int, views: Views) -> torch.Tensor:
     """What `model`'s `head` layer receives for each uint8 image, seen as view `view`."""
