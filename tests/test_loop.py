@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from training.engine.loop import EarlyStopping
+from training.engine.state import EarlyStopping
 
 
 def set_weight(model: nn.Linear, value: float) -> None:

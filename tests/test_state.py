@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from training.engine.build import build, prepare
-from training.engine.loop import Callbacks, FitResult, StopRequested, Validation, fit, train_epoch
-from training.engine.state import TrainingState, snapshot
+from training.engine.loop import Callbacks, StopRequested, Validation, fit, train_epoch
+from training.engine.state import FitResult, TrainingState, snapshot
 
 from datagen import CLASSES
 

@@ -16,10 +16,10 @@ from training.engine.config import ConfigError, TrainConfig
 from training.engine.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
 from training.engine.device import describe_device, resolve_device
 from training.engine.features import NOT_CACHED, FeatureLoader, feature_loaders, frozen_features
-from training.engine.loop import EarlyStopping, FitResult, autocast_for, warm_up
+from training.engine.loop import autocast_for, warm_up
 from training.engine.models import ModelSpec, build_model, get_spec, is_convolutional
 from training.engine.optim import OptimizerSettings, Schedule, make_optimizer, make_scheduler
-from training.engine.state import TrainingState, Unfreezer, restore
+from training.engine.state import EarlyStopping, FitResult, TrainingState, Unfreezer, restore
 from training.engine.whiten import whiten_first_conv
 
 

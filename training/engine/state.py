@@ -3,6 +3,7 @@ The checkpoint format is defined here (`checkpoint_state`, `restore`); where che
 and how they are written is training.tracking.checkpoint's concern."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -11,7 +12,67 @@ from torch import nn
 from training.engine.averaging import Lookahead
 from training.engine.batches import DeviceLoader
 from training.engine.features import FeatureLoader
-from training.engine.loop import EarlyStopping, FitResult
+
+
+class EarlyStopping:
+    """Stops after `patience` epochs without improvement of `monitor` by more than `min_delta`,
+    keeping a copy of the best weights to restore. patience=0 never stops, but still keeps the
+    best weights."""
+
+    def __init__(self, monitor: str = "val_acc", patience: int = 10, min_delta: float = 0.0):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.sign = -1.0 if monitor.endswith("loss") else 1.0
+        self.best_value: float | None = None
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stopped_epoch: int | None = None
+
+    def step(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
+        """Record an epoch; True when training should stop. Without validation metrics the
+        last epoch counts as the best."""
+        value = metrics.get(self.monitor)
+        if value is None:
+            self.best_epoch, self.best_state = epoch, None
+            return False
+        if self.best_value is None or self.sign * (value - self.best_value) > self.min_delta:
+            self.best_value, self.best_epoch = value, epoch
+            self.best_state = copy.deepcopy(model.state_dict())
+        elif self.patience and epoch - self.best_epoch >= self.patience:
+            self.stopped_epoch = epoch
+            return True
+        return False
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch,
+                "best_state": self.best_state, "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.best_state, self.stopped_epoch = state["best_state"], state["stopped_epoch"]
+
+
+@dataclass
+class FitResult:
+    """How fitting went (fit returns it), or where a resumed run goes on (restore)."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_value: float | None = None
+    stopped_epoch: int | None = None  # None: ran every requested epoch
+    train_seconds: float = 0.0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    @property
+    def best_val_acc(self) -> float:
+        """NaN without a validation split."""
+        return max((h["val_acc"] for h in self.history if "val_acc" in h), default=float("nan"))
 
 
 class Unfreezer:

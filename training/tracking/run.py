@@ -21,8 +21,8 @@ from shared.store import DriverMissing, tracking_uri, use_store
 from training.engine import distributed
 from training.engine.config import TrainConfig
 from training.engine.data import ImageData
-from training.engine.loop import FitResult, NonFiniteLossError, StopRequested, StopTraining
-from training.engine.state import TrainingState, checkpoint_state, snapshot
+from training.engine.loop import NonFiniteLossError, StopRequested, StopTraining
+from training.engine.state import FitResult, TrainingState, checkpoint_state, snapshot
 from training.tracking import checkpoint, run_log
 from training.tracking.publish import ensure_experiment, log_classifier, log_dataset, register_version
 from training.tracking.writer import BackgroundWriter

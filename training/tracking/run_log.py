@@ -20,7 +20,7 @@ from training.tracking import report
 if TYPE_CHECKING:
     from training.engine.build import DeviceSplits, Setup
     from training.engine.config import TrainConfig
-    from training.engine.loop import FitResult
+    from training.engine.state import FitResult
 
 # MLflow retries a failing HTTP call 7 times with doubling waits (minutes per call); a training
 # run retries its epoch metrics itself after every epoch, so a gone server should cost seconds
