@@ -7,6 +7,7 @@ import torch
 
 from shared.inference import load_classifier
 from tests.test_finetune import fake_imagenet_checkpoint
+from training.engine.batches import Sampling
 from training.engine.build import prepare, preprocessing
 from training.engine.config import ConfigError
 from training.engine.features import FeatureLoader, Views, cache_key, frozen_features, head_inputs
@@ -122,7 +123,7 @@ def test_views_are_the_image_its_mirror_and_random_crops(train_config):
 
 def test_a_feature_loader_draws_one_view_per_image_each_epoch_and_resumes_exactly():
     features = torch.stack([torch.zeros(10, 2), torch.ones(10, 2)]).half()
-    loader = FeatureLoader(features, torch.arange(10), 4, shuffle=True, seed=1)
+    loader = FeatureLoader(features, torch.arange(10), 4, Sampling(shuffle=True, seed=1))
     state = loader.state_dict()
     epoch = [(x.clone(), y.clone()) for x, y in loader]
     assert sorted(torch.cat([y for _, y in epoch]).tolist()) == list(range(10))

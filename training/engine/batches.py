@@ -102,7 +102,56 @@ class Shard:
             raise ValueError(f"rank {self.rank} is outside a world of {self.world_size} processes")
 
 
-class DeviceLoader:
+class Batches:
+    """What every loader of a training shares: `batch_size` rows of `labels` at a time, drawn
+    as `sampling` says, this process's `shard` of each global batch, and a seeded generator
+    saved with the training state."""
+
+    def __init__(self, labels: torch.Tensor, batch_size: int, sampling: Sampling, shard: Shard):
+        self.labels, self.batch_size, self.sampling, self.shard = labels, batch_size, sampling, shard
+        self.generator = torch.Generator(device=labels.device).manual_seed(sampling.seed)
+        self.epoch = 0  # passes started
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @property
+    def drop_last(self) -> bool:
+        return self.sampling.drop_last
+
+    def __len__(self) -> int:
+        n = self.labels.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else self.labels.shape[0]
+
+    def order(self) -> torch.Tensor:
+        n = self.labels.shape[0]
+        if self.sampling.shuffle:
+            return torch.randperm(n, device=self.device, generator=self.generator)
+        return torch.arange(n, device=self.device)
+
+    def shares(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
+        """This process's indices of each batch of `order`; a short last batch can leave a
+        process none, and it is skipped."""
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = idx[self.shard.rank::self.shard.world_size]
+            if len(idx):
+                yield idx
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"]
+
+
+class DeviceLoader(Batches):
     """Iterates (inputs, labels) batches over uint8 images already on `device`.
 
     Inputs come out normalized (and resized, for 224-pixel networks) by `transform`, in
@@ -117,47 +166,23 @@ class DeviceLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  transform: InputTransform, sampling: Sampling = Sampling(), *,
                  channels_last: bool = False, shard: Shard = Shard()):
-        self.images, self.labels = images, labels
-        self.batch_size, self.sampling, self.shard = batch_size, sampling, shard
+        super().__init__(labels, batch_size, sampling, shard)
+        self.images = images
         self.transform = transform.to(images.device)
         self.channels_last = channels_last
         self.flip = FLIPS[sampling.augmentation.flip]
-        self.generator = torch.Generator(device=images.device).manual_seed(sampling.seed)
-        self.epoch = 0  # passes started, for the alternating flip
         self.first_flips = None
         if self.flip.alternates:  # each image's side in even epochs, fixed by the seed
             self.first_flips = torch.rand(images.shape[0], device=images.device,
                                           generator=torch.Generator(device=images.device)
                                           .manual_seed(sampling.seed + 1)) < 0.5
 
-    @property
-    def drop_last(self) -> bool:
-        return self.sampling.drop_last
-
-    @property
-    def device(self) -> torch.device:
-        return self.images.device
-
-    def __len__(self) -> int:
-        n = self.images.shape[0]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_images(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else self.images.shape[0]
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = self.images.shape[0]
-        if self.sampling.shuffle:
-            order = torch.randperm(n, device=self.device, generator=self.generator)
-        else:
-            order = torch.arange(n, device=self.device)
+        order = self.order()
         epoch, self.epoch = self.epoch, self.epoch + 1
         augment = self.augment_generator(epoch)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size][self.shard.rank::self.shard.world_size]
-            if len(idx):  # a short last evaluation batch can leave a process nothing
-                yield self.prepare(self.images[idx], idx, epoch, augment), self.labels[idx]
+        for idx in self.shares(order):
+            yield self.prepare(self.images[idx], idx, epoch, augment), self.labels[idx]
 
     def augment_generator(self, epoch: int) -> torch.Generator:
         """One process: the shuffling generator, as always. Several: one of this process and
@@ -166,13 +191,6 @@ class DeviceLoader:
             return self.generator
         seed = (self.sampling.seed * 1_000_003 + epoch) * 4099 + self.shard.rank + 1
         return torch.Generator(device=self.device).manual_seed(seed)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.epoch = state["epoch"]
 
     def prepare(self, x: torch.Tensor, idx: torch.Tensor | None = None, epoch: int = 0,
                 generator: torch.Generator | None = None) -> torch.Tensor:

@@ -21,58 +21,31 @@ from torch import nn
 
 from shared.preprocess import InputTransform, Preprocessing
 from training.engine import distributed
-from training.engine.batches import random_crop, random_flip
+from training.engine.batches import Batches, Sampling, Shard, random_crop, random_flip
 from training.engine.config import TrainConfig
 from training.engine.models import is_convolutional
 
 CACHE_VERSION = 1
 
 
-class FeatureLoader:
+class FeatureLoader(Batches):
     """Batches of cached backbone outputs and labels, with what the loop and the training state
     ask of a `DeviceLoader`. A training image comes out as one of its views, drawn anew each
     epoch; under torchrun every process takes its share of each global batch."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
-                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1):
-        self.features, self.labels = features, labels  # features: (views, images, width)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator(device=features.device).manual_seed(seed)
-        self.epoch = 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.features.device
-
-    def __len__(self) -> int:
-        n = self.labels.shape[0]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_images(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else self.labels.shape[0]
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 sampling: Sampling = Sampling(), *, shard: Shard = Shard()):
+        super().__init__(labels, batch_size, sampling, shard)
+        self.features = features  # (views, images, width)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         views, n = self.features.shape[:2]
-        g = self.generator
-        order = (torch.randperm(n, device=self.device, generator=g) if self.shuffle
-                 else torch.arange(n, device=self.device))
-        view = (torch.randint(0, views, (n,), device=self.device, generator=g) if self.shuffle
-                else torch.zeros(n, dtype=torch.long, device=self.device))
+        order = self.order()
+        view = (torch.randint(0, views, (n,), device=self.device, generator=self.generator)
+                if self.sampling.shuffle else torch.zeros(n, dtype=torch.long, device=self.device))
         self.epoch += 1
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world_size]
-            if len(idx):
-                yield self.features[view[idx], idx].float(), self.labels[idx]
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.epoch = state["epoch"]
+        for idx in self.shares(order):
+            yield self.features[view[idx], idx].float(), self.labels[idx]
 
 
 NOT_CACHED = {"feature_cache": "off", "feature_views": 0}  # the params of a run without the cache
@@ -235,10 +208,9 @@ def feature_loaders(cfg: TrainConfig, features: Features, splits) -> tuple[Featu
     """Training, validation and test loaders over the cached features, shared by processes
     as `make_loaders` shares images."""
     world = distributed.world()
-    common = {"rank": world.rank, "world_size": world.size}
-    n_train = len(splits.train[1])
+    shard = Shard(world.rank, world.size)
+    sampling = Sampling(shuffle=True, seed=cfg.seed, drop_last=len(splits.train[1]) > cfg.batch_size)
     eval_batch = cfg.eval_batch_size * world.size
-    return (FeatureLoader(features.train, splits.train[1], cfg.batch_size, shuffle=True,
-                          seed=cfg.seed, drop_last=n_train > cfg.batch_size, **common),
-            FeatureLoader(features.val, splits.val[1], eval_batch, **common),
-            FeatureLoader(features.test, splits.test[1], eval_batch, **common))
+    return (FeatureLoader(features.train, splits.train[1], cfg.batch_size, sampling, shard=shard),
+            FeatureLoader(features.val, splits.val[1], eval_batch, shard=shard),
+            FeatureLoader(features.test, splits.test[1], eval_batch, shard=shard))
