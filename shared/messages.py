@@ -17,6 +17,7 @@ class RunFailed(Exception):
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM ended the command; the message says what was kept. Exit 130."""
 
+
 CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
 SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*",
                           re.IGNORECASE)

@@ -133,7 +133,7 @@ def preprocessing(cfg: TrainConfig, splits: DeviceSplits, spec: ModelSpec) -> Pr
     # pretrained features expect the inputs they were trained on
     mean, std = spec.pretrained_stats if cfg.weights != "none" else splits.scratch_stats
     image_size = splits.data.image_size
-    return Preprocessing(image_size, cfg.input_size or spec.input_size or image_size,
+    return Preprocessing(image_size, cfg.input_size or spec.input_side(image_size),
                          mean, std, cfg.tta)
 
 

@@ -204,6 +204,10 @@ class ModelSpec:
     recipe: dict = field(default_factory=dict)
     finetune_recipe: dict = field(default_factory=dict)
 
+    def input_side(self, image_size: int) -> int:
+        """The network's input side for images of `image_size`."""
+        return self.input_size or image_size
+
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec("mlp", "the seed MLP: 3072-128-64-10, LeakyReLU, log-softmax", SeedMLP,
@@ -301,7 +305,7 @@ def describe_models() -> str:
 
 
 def input_size_for(name: str, image_size: int) -> int:
-    return get_spec(name).input_size or image_size
+    return get_spec(name).input_side(image_size)
 
 
 def build_model(name: str, num_classes: int, image_size: int = 32, *, weights: str = "none",

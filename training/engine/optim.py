@@ -48,12 +48,11 @@ def trainable_groups(s: OptimizerSettings, model: nn.Module) -> list[dict]:
     """The trainable parameters' groups (and, with --unfreeze-after, the frozen backbone's,
     which train later). With --backbone-lr-scale k, the backbone's at k times the head's rate."""
     params = [p for p in model.parameters() if p.requires_grad or s.include_frozen]
-    head = s.head
-    if s.backbone_lr_scale == 1 or head is None:  # TrainConfig.validate refuses the latter
+    if s.backbone_lr_scale == 1 or s.head is None:  # TrainConfig.validate refuses the latter
         return param_groups(s, params)
     # with cached features the optimizer gets the head alone
     modules = dict(model.named_modules())
-    in_head = {id(p) for p in modules.get(head, model).parameters()}
+    in_head = {id(p) for p in modules.get(s.head, model).parameters()}
     backbone = param_groups(s, [p for p in params if id(p) not in in_head])
     for group in backbone:
         group["lr"] *= s.backbone_lr_scale

@@ -185,8 +185,9 @@ class TrackedRun:
         run_log.log_fit_end(result, compile_seconds, tracking_seconds)
 
     def log_calibration(self, calibration: Calibration, figures: dict[str, float]) -> None:
-        """The temperature and unsure rule chosen on the validation split, and its figures."""
-        if calibration.source.startswith("none"):
+        """The temperature and unsure rule chosen on the validation split, and its figures
+        (none without a validation split: the calibration then says why in its source)."""
+        if not figures:
             mlflow.log_params({"temperature": 1.0, "unsure_rule": calibration.source})
             return
         mlflow.log_params({"temperature": f"{calibration.temperature:.4f}",
