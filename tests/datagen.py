@@ -93,3 +93,32 @@ def make_odd_images(folder: Path) -> dict[str, str | None]:
             "sixteen.png": None, "cmyk.jpg": None, "rotated.jpg": None,
             "huge.png": "megapixel limit", "notes.txt": "not an image",
             "truncated.png": "truncated", "empty.jpg": "not an image"}
+
+
+def make_class_folders(root: Path, n_per_class: int = 12, size: int = 32, classes=CLASSES,
+                       ext: str = "png") -> Path:
+    """ROOT/<class>/* with no split: torchvision's ImageFolder layout."""
+    counts: dict[int, int] = {}
+    for label, arr in class_images(n_per_class, size, classes):
+        folder = root / classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        i = counts[label] = counts.get(label, -1) + 1
+        Image.fromarray(arr).save(folder / f"{classes[label]}_{i:03d}.{ext}")
+    return root
+
+
+def make_labels_file_dataset(root: Path, n_per_class: int = 12, classes=CLASSES,
+                             labels_name: str = "trainLabels.csv", n_unlabelled_test: int = 4) -> Path:
+    """Kaggle's CIFAR-10 layout: ROOT/train/1.png ... with ROOT/trainLabels.csv of id,label,
+    and an unlabelled ROOT/test/."""
+    (root / "train").mkdir(parents=True)
+    rows = ["id,label"]
+    for i, (label, arr) in enumerate(class_images(n_per_class, 32, classes), start=1):
+        Image.fromarray(arr).save(root / "train" / f"{i}.png")
+        rows.append(f"{i},{classes[label]}")
+    (root / labels_name).write_text("\n".join(rows) + "\n")
+    (root / "test").mkdir()
+    for i, (_, arr) in enumerate(class_images(1, 32, classes, seed=5), start=1):
+        if i <= n_unlabelled_test:
+            Image.fromarray(arr).save(root / "test" / f"{i}.png")
+    return root

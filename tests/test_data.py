@@ -22,7 +22,7 @@ def test_image_folder_classes_come_from_the_folder_names(image_folder, tmp_path)
 
 def test_second_load_comes_from_the_cache_without_decoding(image_folder, tmp_path, monkeypatch):
     first = load_dataset(image_folder, cache_dir=tmp_path, log=quiet)
-    monkeypatch.setattr("training.engine.data._decode_folder", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr("training.engine.data._decode_found", lambda *a, **k: pytest.fail("decoded again"))
     second = load_dataset(image_folder, cache_dir=tmp_path, log=quiet)
     assert torch.equal(first.train_images, second.train_images)
     assert first.fingerprint == second.fingerprint
@@ -87,13 +87,13 @@ def test_corrupt_cifar10_files_say_how_to_recover(cifar_mirror, tmp_path):
         load_dataset(tmp_path / "data", cache_dir=None, log=quiet)
 
 
-def test_corrupt_image_file_is_named_in_the_error(tmp_path):
+def test_a_corrupt_image_file_is_skipped_and_named(tmp_path):
     root = make_image_folder(tmp_path / "d", n_train=3, n_test=2)
     bad = root / "train" / "dog" / "0001.png"
     bad.write_bytes(b"\x89PNG not really")
-    with pytest.raises(DatasetError) as err:
-        load_dataset(root, cache_dir=None, log=quiet)
-    assert str(bad) in str(err.value) and "Delete or replace" in str(err.value)
+    data = load_dataset(root, cache_dir=None, log=quiet)
+    assert [name for name, _ in data.skipped] == ["train/dog/0001.png"]
+    assert len(data.train_labels) == 8 and bad.read_bytes() == b"\x89PNG not really"
 
 
 def test_image_folder_without_test_split_is_refused(tmp_path):

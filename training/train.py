@@ -89,8 +89,7 @@ def train(cfg: TrainConfig, log=print, *, splits: DeviceSplits | None = None,
     setup = build(cfg, splits, resume.checkpoint if resume else None, log)
     with open_tracked(cfg, options, resume, log) as run:
         log(describe(cfg, splits, setup))
-        run.start(run_log.run_tags(splits.data), run_log.run_params(cfg, splits, setup),
-                  splits.data)
+        run.start(run_log.run_tags(splits.data), run_log.run_params(cfg, splits, setup), splits)
         recorder = EpochRecorder(run, setup.state, setup.start.history if setup.start else [])
         result = fit(setup.network, setup.state, setup.loss_fn,
                      Validation(setup.loaders.val, splits.num_classes, cfg.tta),

@@ -82,12 +82,15 @@ class Augmentation:
 @dataclass(frozen=True)
 class Sampling:
     """How a loader draws its batches: in a seeded random order or in order, augmented or
-    not, a short last batch dropped or kept. The default is evaluation's."""
+    not, a short last batch dropped or kept; `balanced` draws each epoch's images with
+    replacement, every class equally often (for imbalanced classes). The default is
+    evaluation's."""
 
     shuffle: bool = False
     seed: int = 0
     augmentation: Augmentation = Augmentation()
     drop_last: bool = False
+    balanced: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class Batches:
 
     def order(self) -> torch.Tensor:
         n = self.labels.shape[0]
+        if self.sampling.balanced:
+            weights = 1.0 / torch.bincount(self.labels).float()[self.labels]
+            return torch.multinomial(weights, n, replacement=True, generator=self.generator)
         if self.sampling.shuffle:
             return torch.randperm(n, device=self.device, generator=self.generator)
         return torch.arange(n, device=self.device)

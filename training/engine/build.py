@@ -2,7 +2,9 @@
 loaders and its training state (`build`). Bad input raises here, before any run exists."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -13,9 +15,19 @@ from training.engine import distributed
 from training.engine.averaging import Lookahead
 from training.engine.batches import Augmentation, DeviceLoader, Sampling, Shard
 from training.engine.config import ConfigError, TrainConfig
-from training.engine.data import DatasetError, ImageData, channel_stats, load_dataset, split_indices
+from training.engine.data import (
+    DatasetError,
+    ImageData,
+    channel_stats,
+    load_found,
+    median_side,
+    split_indices,
+    stratified_split,
+    train_then_val,
+)
 from training.engine.device import describe_device, resolve_device
 from training.engine.features import NOT_CACHED, FeatureLoader, feature_loaders, frozen_features
+from training.engine.layouts import Found, Source, find_layout
 from training.engine.loop import autocast_for, warm_up
 from training.engine.models import ModelSpec, build_model, get_spec, is_convolutional
 from training.engine.optim import OptimizerSettings, Schedule, make_optimizer, make_scheduler
@@ -50,9 +62,14 @@ def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.compile
 
 
+SMALL_MODEL_SIDE = 64  # the stored side, at most, for a model with no input size of its own
+
+
 @dataclass
 class DeviceSplits:
-    """A dataset, split and moved to the training device once; the trials of a study share it."""
+    """A dataset, split and moved to the training device once; the trials of a study share it.
+    `files` names each split's rows for folder layouts; `image_size_reason` says why the
+    images are stored at their size; `val_source` where the validation split came from."""
 
     data: ImageData
     device: torch.device
@@ -60,6 +77,9 @@ class DeviceSplits:
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
     scratch_stats: tuple[tuple[float, ...], tuple[float, ...]]  # mean, std of the train split
+    files: dict[str, list[str]] = field(default_factory=dict)
+    image_size_reason: str = ""
+    val_source: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -69,6 +89,12 @@ class DeviceSplits:
         return {"train_size": len(self.train[1]), "val_size": len(self.val[1]),
                 "test_size": len(self.test[1])}
 
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split."""
+        return {split: dict(zip(self.data.classes, torch.bincount(
+                    pair[1].cpu(), minlength=self.num_classes).tolist()))
+                for split, pair in (("train", self.train), ("val", self.val), ("test", self.test))}
+
     def subset(self, n_train: int | None, n_val: int | None = None) -> DeviceSplits:
         """n_train training and n_val validation images (None: all), drawn at random with a
         fixed seed: benchmarks measure on a subset."""
@@ -77,25 +103,94 @@ class DeviceSplits:
                 return pair
             pick = random_rows(len(pair[1]), n, seed=0).sort().values.to(pair[1].device)
             return pair[0][pick], pair[1][pick]
-        return DeviceSplits(self.data, self.device, draw(self.train, n_train), draw(self.val, n_val),
-                        self.test, self.scratch_stats)
+        return dataclasses.replace(self, train=draw(self.train, n_train), val=draw(self.val, n_val),
+                                   files={})
+
+
+def image_size_for(cfg: TrainConfig, spec: ModelSpec, found: Found) -> tuple[int, str]:
+    """The side the images are stored at, and why: --image-size; else the network's input
+    side, but never more than the images' median shorter side (smaller images are resized
+    per batch on the device, which costs no memory); for a model with no input side of its
+    own, the median shorter side, at most SMALL_MODEL_SIDE."""
+    if cfg.image_size:
+        return cfg.image_size, "--image-size"
+    if found.layout == "torchvision":
+        return 32, "CIFAR-10's own size"
+    median, measured = median_side(found)
+    target = cfg.input_size or spec.input_size
+    seen = f"the images' median shorter side, {median} px over {measured} sampled"
+    if target:
+        if median >= target:
+            return target, f"{spec.name}'s input side ({seen})"
+        return median, f"{seen}, below {spec.name}'s input side {target}: resized per batch"
+    if median > SMALL_MODEL_SIDE:
+        return SMALL_MODEL_SIDE, (f"{seen}, capped at {SMALL_MODEL_SIDE} for {spec.name}, a model "
+                                  "built for small images (--image-size sets another)")
+    return max(8, median), seen
+
+
+def check_skipped(data: ImageData, max_skipped: float, log=print) -> None:
+    """Go on while at most `max_skipped` of the files could not be read, saying which were
+    skipped; else stop, listing them."""
+    skipped, listed = data.skipped, max(1, data.listed)
+    if not skipped:
+        return
+    lines = "\n  ".join(f"{name} ({why})" for name, why in skipped[:20])
+    more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+    if len(skipped) > max_skipped * listed:
+        raise DatasetError(f"{len(skipped)} of the {listed} image files in {data.root} could not "
+                           f"be read, more than --max-skipped {max_skipped:g} allows:\n  {lines}"
+                           f"{more}\nDelete or replace these files (nothing in the folder was "
+                           "changed), or raise --max-skipped to train without them")
+    log(f"skipped {len(skipped)} unreadable file(s) of {listed} (listed in the run's "
+        f"data/skipped_files.csv):\n  {lines}{more}")
 
 
 def prepare(cfg: TrainConfig, log=print) -> DeviceSplits:
     """Device, dataset, split. Raises DeviceError / DatasetError on bad input."""
     device = distributed.place(resolve_device(cfg.device))
+    spec = get_spec(cfg.model)
+    labels = Path(cfg.labels).expanduser().resolve() if cfg.labels else None
+    source = Source(Path(cfg.data_dir).expanduser().resolve(), labels, cfg.test_fraction)
     with distributed.machine_first():
-        data = load_dataset(cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir,
-                            log=log)
-    train_idx, val_idx = split_indices(len(data.train_labels), cfg.val_fraction, cfg.split_seed)
+        found = find_layout(source)
+        size, reason = image_size_for(cfg, spec, found)
+        data = load_found(found, size, cache_dir=cfg.cache_dir, log=log)
+    check_skipped(data, cfg.max_skipped, log)
+    for line in data.duplicates:
+        log(f"warning: {line}")
     if int(data.train_labels.max()) >= len(data.classes):
         raise DatasetError(f"{data.root}: labels exceed the {len(data.classes)} classes found")
-    images, labels = data.train_images.to(device), data.train_labels.to(device)
-    train_idx_d, val_idx_d = train_idx.to(device), val_idx.to(device)
-    return DeviceSplits(data, device, (images[train_idx_d], labels[train_idx_d]),
-                    (images[val_idx_d], labels[val_idx_d]),
-                    (data.test_images.to(device), data.test_labels.to(device)),
-                    channel_stats(data.train_images[train_idx]))
+    files = dict(data.files)
+    if data.val_images is not None:
+        train, val = (data.train_images, data.train_labels), (data.val_images, data.val_labels)
+        val_source = "given (val/ folder)"
+    else:
+        train, val, files = carve_val(cfg, data, files)
+        each = " of each class's" if data.carved else " of the"
+        val_source = f"{cfg.val_fraction:g}{each} training images" if len(val[1]) else "none"
+    stats = channel_stats(train[0])
+    on = [tuple(t.to(device) for t in pair) for pair in (train, val, (data.test_images,
+                                                                       data.test_labels))]
+    return DeviceSplits(data, device, *on, stats, files=files, image_size_reason=reason,
+                        val_source=val_source)
+
+
+def carve_val(cfg: TrainConfig, data: ImageData, files: dict[str, list[str]]):
+    """The validation split held out of the training images, as views: the rows are moved
+    in place so the training ones come first (no copy of the images)."""
+    labels = data.train_labels
+    if data.carved:
+        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed, data.classes)
+    else:
+        train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, cfg.split_seed)
+    if "train" in files:
+        names = files["train"]
+        files = {**files, "train": [names[i] for i in train_idx.tolist()],
+                 "val": [names[i] for i in val_idx.tolist()]}
+    n = train_then_val(data.train_images, labels, train_idx, val_idx)
+    images = data.train_images
+    return (images[:n], labels[:n]), (images[n:], labels[n:]), files
 
 
 @dataclass
@@ -137,6 +232,17 @@ def preprocessing(cfg: TrainConfig, splits: DeviceSplits, spec: ModelSpec) -> Pr
                          mean, std, cfg.tta)
 
 
+def loss_for(cfg: TrainConfig, splits: DeviceSplits) -> nn.Module:
+    """Cross-entropy, its classes weighted by N / (classes x count) with --class-weights
+    balanced (a class with no training image weighs 0)."""
+    weight = None
+    if cfg.class_weights == "balanced":
+        counts = torch.bincount(splits.train[1], minlength=splits.num_classes).double()
+        weight = torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp_min(1)), 0.0)
+        weight = weight.float().to(splits.device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
 def check_world(cfg: TrainConfig, splits: DeviceSplits) -> None:
     """Several processes share each batch: it must split evenly, and every process needs images."""
     size = distributed.world().size
@@ -169,7 +275,8 @@ def make_loaders(cfg: TrainConfig, splits: DeviceSplits, prep: Preprocessing,
     world = distributed.world()
     shard, transform = Shard(world.rank, world.size), InputTransform(prep)
     sampling = Sampling(shuffle=True, seed=cfg.seed, augmentation=augmentation_for(cfg),
-                        drop_last=len(splits.train[1]) > cfg.batch_size)
+                        drop_last=len(splits.train[1]) > cfg.batch_size,
+                        balanced=cfg.sampler == "balanced")
     train = DeviceLoader(*splits.train, cfg.batch_size, transform, sampling,
                          channels_last=channels_last, shard=shard)
     eval_batch = cfg.eval_batch_size * world.size
@@ -278,7 +385,7 @@ def build(cfg: TrainConfig, splits: DeviceSplits, resume_from: dict | None = Non
     state = training_state(cfg, parts.trained, parts.loaders.train, precision, spec.head)
     start = restore(resume_from, state) if resume_from is not None else None
     setup = Setup(prep, state, distributed.wrap(parts.trained, device), parts.loaders,
-                  nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
+                  loss_for(cfg, splits), precision,
                   "none" if cached else compile_mode(cfg, device), start=start,
                   world_params=distributed.describe(describe_device(device)["device_name"],
                                                      cfg.batch_size),

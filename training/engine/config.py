@@ -68,14 +68,32 @@ def check_rules(name: str, value: Any, rules: Mapping[str, Any]) -> None:
 class TrainConfig:
     model: str = opt("cnn", f"model to train: {', '.join(MODELS)}, or timm/NAME for any timm "
                             "model (--list-models describes them)")
-    data_dir: str = opt("data", "CIFAR-10 is downloaded here, or: a folder with train/<class>/ "
-                                "and test/<class>/ image folders")
-    image_size: int | None = opt(None, "image-folder datasets: side to resize images to "
-                                       "(default: the first image's size)", min=8, max=MAX_IMAGE_SIDE,
+    data_dir: str = opt("data", "the dataset's folder: train/<class>/ and test/<class>/ (and "
+                                "val/), <class>/ folders with no split, train/ with a labels "
+                                "CSV, or CIFAR-10 (downloaded into an empty or missing folder)")
+    labels: str | None = opt(None, "a CSV of file id,label for the images in DATA_DIR/train/ "
+                                   "(default: DATA_DIR/trainLabels.csv when there is one)",
+                             added=True)
+    image_size: int | None = opt(None, "side the images are stored at (default: the model's "
+                                       "input side, or for a model built for small images the "
+                                       "photos' median shorter side, at most 64; never larger "
+                                       "than the photos' median)", min=8, max=MAX_IMAGE_SIDE,
                                  unit="pixels")
     val_fraction: float = opt(0.1, "share of the training images held out for validation (0: "
-                                   "train on all of them, with no validation and no early stopping)",
-                            min=0, below=1)
+                                   "train on all of them, with no validation and no early "
+                                   "stopping); a given val/ folder is used instead",
+                              min=0, below=1)
+    test_fraction: float = opt(0.1, "class folders with no split, or a labels file: share of "
+                                    "each class held out for testing (fixed by the file names)",
+                               min=0.01, below=1, added=True)
+    max_skipped: float = opt(0.05, "share of the image files that may be unreadable: they are "
+                                   "skipped and listed; more stops the run with the list",
+                             min=0, max=1, added=True)
+    class_weights: str = opt("none", "balanced: weigh each class's loss by the inverse of its "
+                                     "training images' count", ("none", "balanced"), added=True)
+    sampler: str = opt("shuffle", "balanced: draw each epoch's training images with "
+                                  "replacement, every class equally often", ("shuffle", "balanced"),
+                       added=True)
     split_seed: int = opt(0, "seed of the train/validation split (fixed across runs)")
     cache_dir: str = opt(str(DEFAULT_CACHE_DIR), "where decoded datasets are cached")
     epochs: int = opt(30, "maximum number of epochs", min=1)

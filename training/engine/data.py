@@ -1,49 +1,53 @@
-"""Datasets: find them, decode them once into a uint8 cache, split them.
+"""Datasets: decode them once into a uint8 cache, split them, and measure them.
 
-Two forms are recognised from what is on disk:
-- an image-folder tree: ROOT/train/<class>/* and ROOT/test/<class>/* (Kaggle-style exports,
-  cifar2png, a user's own photos). Class names are the folder names.
-- torchvision's CIFAR-10 (ROOT/cifar-10-batches-py), downloaded into ROOT when absent.
+`layouts.find_layout` says where the files are and how they are labelled; this module decodes
+them (every image through `shared.preprocess.decode_image`, as the app does) into one uint8
+array per split and caches the arrays. Decoding 60,000 PNGs takes seconds; loading the cached
+arrays a fraction of one, so the cache is keyed by the files' names, labels, sizes and
+modification times and rebuilt when any of them changes.
 
-Decoding 60,000 PNGs takes seconds; loading the cached arrays takes a fraction of one, so the
-cache is keyed by the source files' names, sizes and modification times and rebuilt when any
-of them changes.
+Files that cannot be read are skipped and listed (the caller decides how many are too many);
+the same image under two classes, or in two splits, is reported. Memory stays close to the
+images' own size: each split is decoded into its own array, rows are moved in place rather
+than copied, and statistics are taken in chunks of a fixed number of pixels.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from shared.messages import BadInput
-from shared.preprocess import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, decode_image
+from shared.files import not_readable
+from shared.preprocess import MAX_IMAGE_SIDE, decode_image
+from training.engine.layouts import CIFAR10_ARCHIVE, CIFAR10_FOLDER, DatasetError, Found, Source, find_layout
 
-CIFAR10_FOLDER = "cifar-10-batches-py"
-CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarlab"
-
-
-class DatasetError(BadInput):
-    """A dataset is missing, incomplete or unreadable; the message says how to fix it."""
+SPLITS = ("train", "val", "test")
+__all__ = ["CIFAR10_ARCHIVE", "CIFAR10_FOLDER", "DatasetError", "ImageData", "load_dataset",
+           "load_found", "split_indices", "stratified_split", "channel_stats", "fingerprint"]
 
 
 @dataclass
 class ImageData:
-    """A whole dataset as uint8 tensors of shape (N, 3, H, W) with int64 labels."""
+    """A whole dataset as uint8 tensors of shape (N, 3, H, W) with int64 labels; `val_*` only
+    where the dataset gives its own validation split. `files` names each split's rows (paths
+    relative to the root) for folder layouts."""
 
     name: str
-    form: str  # "image-folder" or "torchvision"
+    layout: str
     root: Path
     classes: list[str]
     train_images: torch.Tensor
@@ -51,36 +55,86 @@ class ImageData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     fingerprint: str
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+    files: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[list[str]] = field(default_factory=list)  # [name, why] of unreadable files
+    duplicates: list[str] = field(default_factory=list)  # the same image twice, in words
+    listed: int = 0  # image files found, the skipped ones included
 
     @property
     def image_size(self) -> int:
         return int(self.train_images.shape[-1])
 
+    @property
+    def form(self) -> str:
+        return "torchvision" if self.layout == "torchvision" else "image-folder"
+
+    @property
+    def carved(self) -> bool:
+        """Whether this project held out the test split (a layout with no test/ of its own)."""
+        return self.layout in ("class-folders", "labels-file")
+
 
 def load_dataset(data_dir: str | Path, *, image_size: int | None = None,
                  cache_dir: str | Path | None = DEFAULT_CACHE_DIR, download: bool = True,
-                 workers: int = 0, log=print) -> ImageData:
-    """Load the dataset at `data_dir`, decoding it only if the cache is missing or stale."""
+                 workers: int = 0, log=print, labels: str | Path | None = None,
+                 test_fraction: float = 0.1) -> ImageData:
+    """The dataset at `data_dir`, in whichever layout it is, decoded at `image_size` (default:
+    the median shorter side of its images)."""
     root = Path(data_dir).expanduser().resolve()
-    if _is_image_folder(root):
-        form, name, sources = "image-folder", root.name, _folder_sources(root)
+    found = find_layout(Source(root, Path(labels).expanduser().resolve() if labels else None,
+                               test_fraction))
+    size = image_size or min(median_side(found)[0], MAX_IMAGE_SIDE)
+    return load_found(found, size, cache_dir=cache_dir, download=download, workers=workers,
+                      log=log)
+
+
+def load_found(found: Found, image_size: int, *, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+               download: bool = True, workers: int = 0, log=print) -> ImageData:
+    """Decode `found` at `image_size`, unless the cache holds it already."""
+    for note in found.notes:
+        log(note)
+    if found.layout == "torchvision":
+        name, sources = "cifar10", _torchvision_sources(found.root, download, log)
     else:
-        form, name = "torchvision", "cifar10"
-        sources = _torchvision_sources(root, download, log)
-    key = _cache_key(form, root, sources, image_size)
+        name, sources = found.root.name, {split: [(found.relative(p), found.classes[label], p)
+                                                  for p, label in items]
+                                          for split, items in found.splits.items()}
+    key = _cache_key(found.layout, found.root, sources, image_size)
     cached = _read_cache(cache_dir, name, key)
     if cached is not None:
-        return ImageData(name=name, form=form, root=root, **cached)
+        return ImageData(name=name, layout=found.layout, root=found.root, **cached)
     start = time.perf_counter()
-    if form == "image-folder":
-        arrays = _decode_folder(root, sources, image_size, workers, log)
+    if found.layout == "torchvision":
+        arrays = _read_torchvision(found.root)
     else:
-        arrays = _read_torchvision(root)
-    arrays["fingerprint"] = _fingerprint(arrays)
-    log(f"decoded {name}: {len(arrays['train_labels'])} train + {len(arrays['test_labels'])} "
-        f"test images in {time.perf_counter() - start:.1f} s")
+        arrays = _decode_found(found, image_size, workers, log)
+    arrays["fingerprint"] = _fingerprint(arrays, carved=found.carved)
+    counts = " + ".join(f"{len(arrays[f'{s}_labels'])} {s}" for s in SPLITS if f"{s}_labels" in arrays)
+    log(f"decoded {name}: {counts} images in {time.perf_counter() - start:.1f} s")
     _write_cache(cache_dir, name, key, arrays, log)
-    return ImageData(name=name, form=form, root=root, **_as_tensors(arrays))
+    return ImageData(name=name, layout=found.layout, root=found.root, **_as_tensors(arrays))
+
+
+def median_side(found: Found, sample: int = 256) -> tuple[int, int]:
+    """The median shorter side of (an even sample of) the dataset's images, and how many
+    were measured; CIFAR-10 is 32. Only the files' headers are read."""
+    if found.layout == "torchvision":
+        return 32, 0
+    files = found.all_files()
+    step = max(1, len(files) // sample)
+    sides = []
+    for path in files[::step]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+    if not sides:
+        raise DatasetError(f"none of the {len(files[::step])} images sampled in {found.root} "
+                           "could be read; check that the files are images")
+    return int(statistics.median_low(sides)), len(sides)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,60 +148,79 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int,
+                     classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded train/validation split that holds out round(n x fraction) of each class (at
+    least one): (train indices, val indices), sorted. A class too small for both is named."""
+    if val_fraction == 0:
+        return torch.arange(len(labels)), torch.arange(0)
+    generator = torch.Generator().manual_seed(seed)
+    val, small = [], []
+    for label in range(len(classes)):
+        members = (labels == label).nonzero().squeeze(1)
+        if len(members) == 0:
+            continue
+        n_val = max(1, round(len(members) * val_fraction))
+        if len(members) - n_val < 1:
+            small.append(f"{classes[label]} ({len(members)} training image(s))")
+            continue
+        val.append(members[torch.randperm(len(members), generator=generator)[:n_val]])
+    if small:
+        raise DatasetError(f"class(es) with too few images for both the training and the "
+                           f"validation split: {', '.join(small)}. Add images, remove those "
+                           "folders, or pass --val-fraction 0")
+    val_idx = torch.cat(val).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val_idx] = False
+    return keep.nonzero().squeeze(1), val_idx
+
+
+def pack_rows(array: np.ndarray, rows: np.ndarray, block: int = 256) -> int:
+    """Move array[rows] (sorted row indices) to the front of `array`, in order, in place, and
+    return how many: no copy of the whole, at most `block` rows buffered at a time."""
+    write = 0
+    for start in range(0, len(rows), block):
+        part = rows[start:start + block]
+        for run in np.split(part, np.flatnonzero(np.diff(part) != 1) + 1):
+            first, n = int(run[0]), len(run)
+            if first != write:
+                array[write:write + n] = array[first:first + n]
+            write += n
+    return write
+
+
+def train_then_val(images: torch.Tensor, labels: torch.Tensor, train_idx: torch.Tensor,
+                   val_idx: torch.Tensor) -> int:
+    """Reorder images and labels in place so the training rows come first and the validation
+    rows after them (each in order): both splits are then views, not copies. Returns the
+    number of training rows."""
+    for tensor in (images, labels):
+        array = tensor.numpy()
+        val_rows = array[val_idx.numpy()].copy()
+        n_train = pack_rows(array, train_idx.numpy())
+        array[n_train:n_train + len(val_rows)] = val_rows
+    return len(train_idx)
+
+
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
+    """Per-channel mean and std of uint8 images, on the [0, 1] scale, in chunks of about 4
+    million pixels: memory stays flat whatever the dataset's size."""
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
-    for chunk in images.split(4096):
-        x = chunk.to(torch.float64).div_(255)
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += x.square().sum(dim=(0, 2, 3))
+    per_chunk = max(1, (1 << 22) // max(1, images.shape[2] * images.shape[3]))
+    for chunk in images.split(per_chunk):
+        x = chunk.to(torch.float32).div_(255)
+        total += x.sum(dim=(0, 2, 3), dtype=torch.float64)
+        total_sq += x.square_().sum(dim=(0, 2, 3), dtype=torch.float64)
     count = images.shape[0] * images.shape[2] * images.shape[3]
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
-# --- finding the data --------------------------------------------------------------------
+# --- torchvision's CIFAR-10 --------------------------------------------------------------
 
-def _is_image_folder(root: Path) -> bool:
-    train = root / "train"
-    if not train.is_dir() or not any(p.is_dir() for p in train.iterdir()):
-        return False
-    if not (root / "test").is_dir():
-        raise DatasetError(f"{root} has train/<class>/ folders but no test/ folder. An image-folder "
-                           "dataset needs both train/<class>/* and test/<class>/* (the test set is "
-                           "used once, for the final evaluation).")
-    return True
-
-
-def _list_images(split_dir: Path) -> dict[str, list[Path]]:
-    classes = {}
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        files = sorted(p for p in class_dir.iterdir()
-                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-        if files:
-            classes[class_dir.name] = files
-    return classes
-
-
-def _folder_sources(root: Path) -> dict[str, dict[str, list[Path]]]:
-    sources = {split: _list_images(root / split) for split in ("train", "test")}
-    train, test = sources["train"], sources["test"]
-    if len(train) < 2:
-        raise DatasetError(f"{root / 'train'} holds images for {len(train)} class folder(s); a "
-                           "classifier needs at least 2 (one sub-folder of images per class).")
-    if not test:
-        raise DatasetError(f"{root / 'test'} holds no images in class sub-folders "
-                           f"(expected test/<class>/*.png or .jpg, with classes {sorted(train)}).")
-    unknown = sorted(set(test) - set(train))
-    if unknown:
-        raise DatasetError(f"{root / 'test'} has classes that train/ lacks: {unknown}. Every test "
-                           "class needs training images under train/<class>/.")
-    return sources
-
-
-def _torchvision_sources(root: Path, download: bool, log) -> dict[str, dict[str, list[Path]]]:
+def _torchvision_sources(root: Path, download: bool, log) -> dict[str, list]:
     folder = root / CIFAR10_FOLDER
     if not folder.is_dir():
         if not download:
@@ -160,7 +233,7 @@ def _torchvision_sources(root: Path, download: bool, log) -> dict[str, dict[str,
         except (OSError, RuntimeError) as exc:  # URLError is an OSError
             raise DatasetError(_missing_cifar_message(root, f"the download failed: {exc}")) from exc
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    return {"cifar10": {"batches": files}}
+    return {"cifar10": [(p.name, "batches", p) for p in files]}
 
 
 def _missing_cifar_message(root: Path, reason: str) -> str:
@@ -173,62 +246,68 @@ def _missing_cifar_message(root: Path, reason: str) -> str:
 
 # --- decoding ----------------------------------------------------------------------------
 
-def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
+def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray, str] | str:
+    """(image, hash of the file's bytes), or why the file could not be read."""
     path, size = args
+    why = not_readable(path)
+    if why:
+        return why
     try:
-        return decode_image(path, size)
+        data = Path(path).read_bytes()
+        if not data:
+            return "an empty file"
+        return decode_image(io.BytesIO(data), size), hashlib.blake2b(data, digest_size=16).hexdigest()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _decode_folder(root: Path, sources, image_size: int | None, workers: int, log) -> dict:
-    classes = sorted(sources["train"])
-    size = image_size or _first_image_size(sources["train"])
-    jobs = {split: [(str(p), classes.index(c)) for c in sorted(per_class)
-                    for p in per_class[c]] for split, per_class in sources.items()}
-    total = sum(len(v) for v in jobs.values())
-    log(f"decoding {total} images from {root} at {size}x{size} (once; later runs use the cache)")
+def _decode_found(found: Found, size: int, workers: int, log) -> dict:
+    """Each split into its own uint8 array; unreadable files left out and listed."""
+    total = sum(len(items) for items in found.splits.values())
+    log(f"decoding {total} images from {found.root} ({found.layout}) at {size}x{size} "
+        "(once; later runs use the cache)")
     workers = workers or min(os.cpu_count() or 1, 8)
-    arrays, failures = {"classes": classes}, []
+    arrays = {"classes": found.classes, "files": {}, "skipped": [], "listed": total}
+    seen: dict[str, tuple[str, str, str]] = {}  # file hash -> (name, split, class) first seen
+    duplicates = []
     pool = None
     if workers > 1 and total >= 4000:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        for split, items in jobs.items():
-            args = [(path, size) for path, _ in items]
-            results = pool.map(_decode_one, args, chunksize=512) if pool else map(_decode_one, args)
+        for split, items in found.splits.items():
+            args = [(str(path), size) for path, _ in items]
+            results = pool.map(_decode_one, args, chunksize=256) if pool else map(_decode_one, args)
             images = np.empty((len(items), 3, size, size), dtype=np.uint8)
+            kept = []
             for i, result in enumerate(results):
+                name = found.relative(items[i][0])
                 if isinstance(result, str):
-                    failures.append(f"{items[i][0]} ({result})")
-                else:
-                    images[i] = result
-            arrays[f"{split}_images"] = images
-            arrays[f"{split}_labels"] = np.array([label for _, label in items], dtype=np.int64)
+                    arrays["skipped"].append([name, result])
+                    continue
+                images[i], digest = result
+                kept.append(i)
+                here = (name, split, found.classes[items[i][1]])
+                if digest in seen and seen[digest][1:] != here[1:]:
+                    duplicates.append(_duplicate(seen[digest], here))
+                seen.setdefault(digest, here)
+            n = pack_rows(images, np.array(kept, dtype=np.int64))
+            if n == 0:
+                raise DatasetError(f"none of the {len(items)} {split} images in {found.root} "
+                                   "could be read; check that the files are images")
+            arrays[f"{split}_images"] = images[:n]
+            arrays[f"{split}_labels"] = np.array([items[i][1] for i in kept], dtype=np.int64)
+            arrays["files"][split] = [found.relative(items[i][0]) for i in kept]
     finally:
         if pool:
             pool.shutdown()
-    if failures:
-        shown = "\n  ".join(failures[:5])
-        more = f"\n  ... and {len(failures) - 5} more" if len(failures) > 5 else ""
-        raise DatasetError(f"{len(failures)} image file(s) in {root} could not be read:\n  {shown}"
-                           f"{more}\nDelete or replace these files (or re-extract the dataset), "
-                           "then run again.")
+    arrays["duplicates"] = duplicates
     return arrays
 
 
-def _first_image_size(per_class: dict[str, list[Path]]) -> int:
-    first = next(iter(per_class.values()))[0]
-    try:
-        with Image.open(first) as img:
-            side = min(img.size)
-    except OSError as exc:
-        raise DatasetError(f"{first} could not be read ({exc}); delete or replace it.") from exc
-    if side > MAX_IMAGE_SIDE:
-        raise DatasetError(f"the first image, {first}, is {side} pixels on its shorter side; "
-                           f"images are stored at most {MAX_IMAGE_SIDE} pixels wide: pass "
-                           "--image-size (e.g. 224)")
-    return side
+def _duplicate(first: tuple[str, str, str], second: tuple[str, str, str]) -> str:
+    where = (f"under two classes ({first[2]} and {second[2]})" if first[2] != second[2]
+             else f"in two splits ({first[1]} and {second[1]})")
+    return f"the same image {where}: {first[0]} and {second[0]}"
 
 
 def _read_torchvision(root: Path) -> dict:
@@ -248,32 +327,37 @@ def _read_torchvision(root: Path) -> dict:
     }
 
 
-def _fingerprint(arrays: dict) -> str:
-    return fingerprint(arrays["classes"], *(arrays[key] for key in _ARRAYS))
+def _fingerprint(arrays: dict, carved: bool) -> str:
+    """The arrays' hash; where this project held out the test split, each split's file names
+    too, so a run that scored other files has another fingerprint."""
+    names = [json.dumps(arrays["files"]).encode()] if carved else []
+    present = [arrays[f"{s}_{kind}"] for s in ("train", "test", "val") for kind in ("images", "labels")
+               if f"{s}_images" in arrays]
+    return fingerprint(arrays["classes"], *present, *names)
 
 
 def fingerprint(classes: list[str], *arrays) -> str:
-    """A dataset's identity: the hash of its class names and image and label arrays."""
+    """A dataset's identity: the hash of its class names and image and label arrays (or bytes)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(classes).encode())
     for array in arrays:
-        h.update(np.ascontiguousarray(np.asarray(array)).data)
+        h.update(array if isinstance(array, bytes) else np.ascontiguousarray(np.asarray(array)).data)
     return h.hexdigest()
 
 
 # --- the cache ---------------------------------------------------------------------------
 
-_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+_META = ("classes", "fingerprint", "files", "skipped", "duplicates", "listed")
 
 
-def _cache_key(form: str, root: Path, sources, image_size: int | None) -> str:
+def _cache_key(layout: str, root: Path, sources: dict, image_size: int) -> str:
     h = hashlib.blake2b(digest_size=12)
-    h.update(f"{form}|{root}|{image_size}|v1".encode())
-    for split, per_class in sorted(sources.items()):
-        for class_name, files in sorted(per_class.items()):
-            for path in files:
-                st = path.stat()
-                h.update(f"{split}/{class_name}/{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"{layout}|{root}|{image_size}|v2".encode())
+    for split, items in sorted(sources.items()):
+        for name, label, path in items:
+            st = path.stat() if path.exists() else None
+            stamp = f"{st.st_size}|{st.st_mtime_ns}" if st else "missing"
+            h.update(f"{split}/{label}/{name}|{stamp}\n".encode("utf-8", "backslashreplace"))
     return h.hexdigest()
 
 
@@ -287,10 +371,11 @@ def _read_cache(cache_dir, name: str, key: str) -> dict | None:
     path = _cache_path(cache_dir, name, key)
     try:
         meta = json.loads((path / "meta.json").read_text())
-        arrays = {k: np.load(path / f"{k}.npy") for k in _ARRAYS}
-    except (OSError, ValueError):
+        arrays = {f"{s}_{kind}": np.load(path / f"{s}_{kind}.npy") for s in meta["splits"]
+                  for kind in ("images", "labels")}
+    except (OSError, ValueError, KeyError):
         return None
-    return _as_tensors({**arrays, "classes": meta["classes"], "fingerprint": meta["fingerprint"]})
+    return _as_tensors({**arrays, **{k: meta[k] for k in _META}})
 
 
 def _write_cache(cache_dir, name: str, key: str, arrays: dict, log) -> None:
@@ -301,9 +386,11 @@ def _write_cache(cache_dir, name: str, key: str, arrays: dict, log) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=path.parent))
-        for k in _ARRAYS:
-            np.save(tmp / f"{k}.npy", arrays[k])
-        meta = {"classes": arrays["classes"], "fingerprint": arrays["fingerprint"]}
+        splits = [s for s in SPLITS if f"{s}_images" in arrays]
+        for s in splits:
+            for kind in ("images", "labels"):
+                np.save(tmp / f"{s}_{kind}.npy", arrays[f"{s}_{kind}"])
+        meta = {"splits": splits, **{k: arrays.get(k, _EMPTY.get(k)) for k in _META}}
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, path)  # atomic: a reader sees a whole cache or none
     except OSError as exc:
@@ -314,8 +401,16 @@ def _write_cache(cache_dir, name: str, key: str, arrays: dict, log) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+_EMPTY = {"files": {}, "skipped": [], "duplicates": [], "listed": 0}
+
+
 def _as_tensors(arrays: dict) -> dict:
     out = {"classes": list(arrays["classes"]), "fingerprint": arrays["fingerprint"]}
-    for k in _ARRAYS:
-        out[k] = torch.from_numpy(np.ascontiguousarray(arrays[k]))
+    out.update({k: arrays.get(k, _EMPTY[k]) for k in _EMPTY})
+    for s in SPLITS:
+        for kind in ("images", "labels"):
+            if f"{s}_{kind}" in arrays:
+                out[f"{s}_{kind}"] = torch.from_numpy(np.ascontiguousarray(arrays[f"{s}_{kind}"]))
+    if not out["listed"]:
+        out["listed"] = sum(len(out[f"{s}_labels"]) for s in SPLITS if f"{s}_labels" in out)
     return out

@@ -209,7 +209,8 @@ def feature_loaders(cfg: TrainConfig, features: Features, splits) -> tuple[Featu
     as `make_loaders` shares images."""
     world = distributed.world()
     shard = Shard(world.rank, world.size)
-    sampling = Sampling(shuffle=True, seed=cfg.seed, drop_last=len(splits.train[1]) > cfg.batch_size)
+    sampling = Sampling(shuffle=True, seed=cfg.seed, drop_last=len(splits.train[1]) > cfg.batch_size,
+                        balanced=cfg.sampler == "balanced")
     eval_batch = cfg.eval_batch_size * world.size
     return (FeatureLoader(features.train, splits.train[1], cfg.batch_size, sampling, shard=shard),
             FeatureLoader(features.val, splits.val[1], eval_batch, shard=shard),

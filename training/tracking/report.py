@@ -28,6 +28,29 @@ def curves_figure(history: list[dict[str, float]], best_epoch: int) -> plt.Figur
     return fig
 
 
+def class_counts_figure(counts: dict[str, dict[str, int]]) -> plt.Figure:
+    """Images per class, one bar per split (counts: split -> class -> images)."""
+    classes = list(next(iter(counts.values())))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.45 * len(classes)), 3.8))
+    bottom = [0] * len(classes)
+    for split, per_class in counts.items():
+        heights = [per_class[c] for c in classes]
+        ax.bar(range(len(classes)), heights, bottom=bottom, label=split)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set(ylabel="images", title="images per class")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def class_counts_csv(counts: dict[str, dict[str, int]]) -> str:
+    splits = list(counts)
+    rows = ["class," + ",".join(splits)]
+    rows += [f"{c}," + ",".join(str(counts[s][c]) for s in splits) for c in next(iter(counts.values()))]
+    return "\n".join(rows) + "\n"
+
+
 def confusion_figure(confusion: torch.Tensor, classes: list[str],
                      title: str = "test set confusion matrix") -> plt.Figure:
     n = len(classes)

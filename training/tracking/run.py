@@ -19,8 +19,8 @@ from shared.messages import BadInput, Interrupted, RunFailed, brief, mask_secret
 from shared.preprocess import Preprocessing
 from shared.store import DriverMissing, tracking_uri, use_store
 from training.engine import distributed
+from training.engine.build import DeviceSplits
 from training.engine.config import TrainConfig
-from training.engine.data import ImageData
 from training.engine.loop import NonFiniteLossError, StopRequested, StopTraining
 from training.engine.state import FitResult, TrainingState, checkpoint_state, snapshot
 from training.tracking import checkpoint, run_log
@@ -166,8 +166,9 @@ class TrackedRun:
         return (f"once it does, `{distributed.resume_command(self.run_id)}` goes on "
                 f"after epoch {self.saver.saved}, the last one in {self.ckpt_path}")
 
-    def start(self, tags: dict[str, str], params: dict, data: ImageData) -> None:
-        """A new run's tags, params and dataset (a trial's dataset is its parent's); a resumed
+    def start(self, tags: dict[str, str], params: dict, splits: DeviceSplits) -> None:
+        """A new run's tags, params and dataset with its record (a trial's dataset is its
+        parent's); a resumed
         run logs the epochs its checkpoint holds and MLflow lacks (a crash between checkpoint
         and log)."""
         if self.resume is not None:
@@ -179,7 +180,9 @@ class TrackedRun:
         mlflow.set_tags({**tags, **checkpoint_tag})
         run_log.log_params(params)
         if not self.options.trial:
+            data = splits.data
             log_dataset(data.name, str(data.root), data.fingerprint, "training")
+            run_log.log_data(splits)
 
     def end_fit(self, result: FitResult, compile_seconds: float, tracking_seconds: float) -> None:
         run_log.log_fit_end(result, compile_seconds, tracking_seconds)
@@ -277,7 +280,7 @@ class FollowerRun:
     def log(self, *_) -> None:
         pass
 
-    def start(self, tags: dict[str, str], params: dict, data: ImageData) -> None:
+    def start(self, tags: dict[str, str], params: dict, splits: DeviceSplits) -> None:
         pass
 
     def end_fit(self, result: FitResult, compile_seconds: float, tracking_seconds: float) -> None:

@@ -72,13 +72,48 @@ def run_params(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> dict:
         "compile_resolved": setup.compile_mode, "epochs_requested": cfg.epochs,
         "early_stopping": (f"patience={cfg.patience},min_delta={cfg.min_delta},"
                            f"monitor={cfg.monitor}") if cfg.patience else "off",
-        **splits.sizes(), "num_classes": splits.num_classes,
+        **splits.sizes(), "num_classes": splits.num_classes, **data_params(splits),
         "classes": ",".join(splits.data.classes), "image_size_resolved": prep.image_size,
         "input_size_resolved": prep.input_size,
         "photo_size_resolved": cfg.photo_size or prep.image_size, "normalize_mean": list(prep.mean),
         "normalize_std": list(prep.std), "trainable_params": trainable, "total_params": total,
         **setup.world_params, **setup.feature_params,
     }
+
+
+def data_params(splits: DeviceSplits) -> dict:
+    """How the data was read: its layout, why its images have their size, where validation
+    came from, what was skipped, and how uneven the classes are."""
+    data = splits.data
+    train = splits.class_counts()["train"].values()
+    return {"data_layout": data.layout, "image_size_reason": splits.image_size_reason,
+            "val_source": splits.val_source, "skipped_files": len(data.skipped),
+            "duplicate_images": len(data.duplicates),
+            "class_balance": round(min(train) / max(1, max(train)), 4)}
+
+
+def log_data(splits: DeviceSplits) -> None:
+    """The dataset's record: each split's files (so a later evaluation scores exactly the
+    held-out ones), the skipped files with why, the same image twice, images per class."""
+    import csv
+    import io
+
+    import matplotlib.pyplot as plt
+
+    data = splits.data
+    for split, names in splits.files.items():
+        mlflow.log_text("".join(f"{name}\n" for name in names), f"data/files_{split}.txt")
+    if data.skipped:
+        out = io.StringIO()
+        csv.writer(out).writerows([("file", "reason"), *data.skipped])
+        mlflow.log_text(out.getvalue(), "data/skipped_files.csv")
+    if data.duplicates:
+        mlflow.log_text("".join(f"{line}\n" for line in data.duplicates), "data/duplicates.txt")
+    counts = splits.class_counts()
+    mlflow.log_text(report.class_counts_csv(counts), "data/class_counts.csv")
+    fig = report.class_counts_figure(counts)
+    mlflow.log_figure(fig, "data/class_counts.png")
+    plt.close(fig)
 
 
 def frozen_layers(cfg: TrainConfig, head: str | None) -> str:
