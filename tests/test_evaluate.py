@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from training.compare import main as compare_main
 from training.evaluate import main
 
-from datagen import make_image_folder
+from datagen import make_class_folders, make_image_folder
 
 ARTIFACTS = {"confusion_matrix.png", "confusion_matrix.csv", "reliability_diagram.png",
              "per_class_metrics.csv", "confused_pairs.csv", "worst_mistakes.png",
@@ -122,3 +122,67 @@ def test_every_experiment_opens_on_its_runs_in_the_mlflow_ui(evaluated):
     for experiment in MlflowClient(store).search_experiments():
         if experiment.name != "Default":
             assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.fixture
+def own_photos_model(store, tmp_path):
+    """A cnn trained and registered on class folders with no split of their own."""
+    from training.engine.config import resolve
+    from training.tracking.publish import register_version
+    from training.train import train
+
+    root = make_class_folders(tmp_path / "photos", n_per_class=10)
+    cfg = resolve(dict(model="cnn", data_dir=str(root), cache_dir=str(tmp_path / "cache"),
+                       tracking_uri=store, epochs=1, batch_size=8, val_fraction=0.2,
+                       progress=False, system_metrics=False, device="cpu"))
+    result = train(cfg, log=lambda *_: None)
+    register_version(result.model_uri, result.registered_name, score=0.0)
+    return root, result
+
+
+def test_the_models_own_split_less_folder_is_scored_on_exactly_its_held_out_files(
+        own_photos_model, store, tmp_path):
+    import mlflow
+    root, result = own_photos_model
+    assert main(["--model", f"{result.registered_name}/1", "--data-dir", str(root),
+                 "--tracking-uri", store]) == 0
+    (run,) = evaluation_runs(store)
+    source = mlflow.get_run(result.run_id)
+    assert run.data.metrics["images"] == int(source.data.params["test_size"]) == 3
+    assert run.data.params["scored"] == "the source run's held-out test files"
+    assert run.data.params["data_layout"] == "class-folders"
+    assert run.data.metrics["accuracy"] == pytest.approx(source.data.metrics["test_acc"], abs=1e-6)
+
+
+def test_a_held_out_file_that_is_gone_is_named(own_photos_model, store, tmp_path, capsys):
+    root, result = own_photos_model
+    lost = MlflowClient(store).download_artifacts(result.run_id, "data/files_test.txt", str(tmp_path))
+    name = open(lost).read().splitlines()[0]
+    (root / name).unlink()
+    assert main(["--model", f"{result.registered_name}/1", "--data-dir", str(root),
+                 "--tracking-uri", store]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "1 of the 3 test files" in err
+    assert evaluation_runs(store) == []
+
+
+def test_a_moved_copy_of_the_folder_is_still_scored_on_its_held_out_files(own_photos_model, store,
+                                                                         tmp_path):
+    root, result = own_photos_model
+    shutil.copytree(root, tmp_path / "elsewhere")
+    shutil.rmtree(root)
+    assert main(["--model", f"{result.registered_name}/1", "--data-dir", str(tmp_path / "elsewhere"),
+                 "--tracking-uri", store]) == 0
+    (run,) = evaluation_runs(store)
+    assert run.data.metrics["images"] == 3
+
+
+def test_another_folder_of_the_same_classes_is_scored_whole(own_photos_model, store, tmp_path):
+    _, result = own_photos_model
+    other = make_class_folders(tmp_path / "more", n_per_class=4)  # the same names, a few of them
+    (other / "cat" / "cat_001.png").write_bytes(b"")
+    assert main(["--model", f"{result.registered_name}/1", "--data-dir", str(other),
+                 "--tracking-uri", store]) == 0
+    (run,) = evaluation_runs(store)
+    assert run.data.metrics["images"] == 11 and run.data.params["skipped_files"] == "1"
+    assert run.data.params["scored"] == "all labelled images"

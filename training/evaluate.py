@@ -2,8 +2,11 @@
 
     python -m training.evaluate --model cifar10-cnn@champion --data-dir ~/data/cifar10
 
---data-dir is CIFAR-10 (its test set), an image-folder dataset (its test/ folder) or any
-folder of <class>/ sub-folders named after the model's classes. The model is loaded through
+--data-dir is read in the training layouts' terms: CIFAR-10 (its test set); train/ and test/
+class folders (test/); the model's own class folders or labels file with no test split of
+their own (exactly the test files its training run held out, from the run's
+data/files_test.txt); any other folder of <class>/ sub-folders named after the model's
+classes, or train/ with a labels file (all their images). The model is loaded through
 the app's safe loader and sees each image exactly as the app would. One MLflow run in the
 `evaluations` experiment holds: the dataset (mlflow.log_input, digest = the images' hash),
 accuracy, loss, per-class precision/recall/F1, calibration error before and after the model's
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -27,10 +30,20 @@ from mlflow.tracking import MlflowClient
 from shared.calibration import expected_calibration_error, reliability
 from shared.command import run_command
 from shared.inference import LoadedClassifier, load_classifier
-from shared.preprocess import IMAGE_SUFFIXES, decode_image, resize_batch
+from shared.preprocess import resize_batch
 from shared.registry import RegistryError, resolve_model_uri
 from shared.store import tracking_uri, ui_command, ui_page, use_store
-from training.engine.data import CIFAR10_FOLDER, DEFAULT_CACHE_DIR, DatasetError, fingerprint, load_dataset
+from training.engine.data import (
+    CIFAR10_ARCHIVE,
+    CIFAR10_FOLDER,
+    DEFAULT_CACHE_DIR,
+    DatasetError,
+    decode_files,
+    decode_pool,
+    fingerprint,
+    load_dataset,
+)
+from training.engine.layouts import KAGGLE_LABELS, Found, Source, class_dirs, find_layout
 from training.tracking import report
 from training.tracking.publish import ensure_experiment, log_dataset
 from training.tracking.run_log import git_commit
@@ -47,6 +60,9 @@ class EvalSet:
     images: torch.Tensor
     labels: torch.Tensor  # indices into the model's class names
     digest: str
+    layout: str = ""
+    scored: str = ""  # which of the folder's images, in words
+    skipped: list[list[str]] = field(default_factory=list)  # [name, why] of unreadable files
 
 
 @dataclass
@@ -80,37 +96,107 @@ def find_version(spec: str | None, uri: str) -> ModelRef:
                     str(version.version), version.run_id or "")
 
 
-def class_folders(root: Path) -> dict[str, list[Path]]:
-    return {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                           and not p.name.startswith("."))
-            for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
-
-
 def evaluation_set(data_dir: str | Path, classes: list[str], size: int,
-                   cache_dir: str | Path | None = DEFAULT_CACHE_DIR) -> EvalSet:
-    """The labelled images under `data_dir` (see the module's docstring), decoded at `size`."""
+                   cache_dir: str | Path | None = DEFAULT_CACHE_DIR, *,
+                   labels: str | Path | None = None,
+                   held_out: HeldOut | None = None) -> EvalSet:
+    """The labelled images under `data_dir` (see the module's docstring), decoded at `size`.
+    `held_out` is the source run's file lists: on the folder that run trained on, with a test
+    split this project held out, exactly its test files are scored."""
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder")
+    if (root / CIFAR10_FOLDER).is_dir() or (root / CIFAR10_ARCHIVE).is_file():
+        return _cifar_test(root, classes, size, cache_dir)
+    found = _labelled(root, Path(labels).expanduser().resolve() if labels else None)
+    unknown = sorted(set(found.classes) - set(classes))
+    if unknown:
+        raise DatasetError(f"{found.root} has class folders the model does not know: {unknown}. "
+                           f"The model's classes are: {classes}. Rename or remove those folders.")
+    items = [item for split in ("train", "val", "test") for item in found.splits.get(split, [])]
+    scored = "all labelled images"
+    if found.layout == "split-folders":
+        items, scored = found.splits["test"], "the test/ folder"
+    elif held_out is not None and held_out.trained_on(found, items):
+        items, scored = held_out.test_items(found, items), "the source run's held-out test files"
+    decoded = decode_files([path for path, _ in items], size, decode_pool(len(items)))
+    if not decoded.kept:
+        raise DatasetError(f"none of the {len(items)} images in {found.root} could be read; "
+                           "check that the files are images")
+    images = decoded.images
+    labels_ = np.array([classes.index(found.classes[items[i][1]]) for i in decoded.kept],
+                       dtype=np.int64)
+    skipped = [[found.relative(items[i][0]), why] for i, why in decoded.failed]
+    name = found.root.name
+    if found.layout == "split-folders" or found.root.name == "test":
+        name = (found.root.name if found.layout == "split-folders" else found.root.parent.name) + "-test"
+    elif scored.startswith("the source run"):
+        name = f"{found.root.name}-test"
+    return EvalSet(name, found.root, torch.from_numpy(images), torch.from_numpy(labels_),
+                   fingerprint(classes, images, labels_), found.layout, scored, skipped)
+
+
+def _labelled(root: Path, labels: Path | None) -> Found:
+    """The folder's labelled files, in the training layouts' terms; a folder of class
+    sub-folders may hold any of the model's classes, even one."""
+    train = root / "train"
+    if train.is_dir() and (labels or (root / KAGGLE_LABELS).is_file() or class_dirs(train)):
+        return find_layout(Source(root, labels))
     if (root / "test").is_dir():
         root = root / "test"
-    folders = class_folders(root)
-    if not any(folders.values()):
-        if (root / CIFAR10_FOLDER).is_dir():
-            return _cifar_test(root, classes, size, cache_dir)
+    per_class = class_dirs(root)
+    if not per_class:
         raise DatasetError(f"{root} holds no labelled images: expected <class>/ sub-folders of "
-                           f"images (classes {classes}), a test/ folder of them, or CIFAR-10 "
-                           f"({CIFAR10_FOLDER}/)")
-    unknown = sorted(c for c, files in folders.items() if files and c not in classes)
-    if unknown:
-        raise DatasetError(f"{root} has class folders the model does not know: {unknown}. The "
-                           f"model's classes are: {classes}. Rename or remove those folders.")
-    files = [(p, classes.index(c)) for c, paths in folders.items() for p in paths]
-    images = np.stack([decode_image(p, size) for p, _ in files])
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    return EvalSet(root.parent.name + "-" + root.name if root.name == "test" else root.name, root,
-                   torch.from_numpy(images), torch.from_numpy(labels),
-                   fingerprint(classes, images, labels))
+                           f"images, a test/ folder of them, train/ with a labels file, or "
+                           f"CIFAR-10 ({CIFAR10_FOLDER}/)")
+    names = sorted(per_class)
+    return Found("class-folders", root, names,
+                 {"test": [(p, names.index(c)) for c in names for p in per_class[c]]})
+
+
+@dataclass
+class HeldOut:
+    """A training run's data folder and file lists (names relative to that folder)."""
+
+    root: str
+    listed: dict[str, list[str]]
+
+    def trained_on(self, found: Found, items: list[tuple[Path, int]]) -> bool:
+        """Whether `found` is the folder the run trained on: the same path, or a copy holding
+        every file the run listed and (almost) nothing else."""
+        if str(found.root) == self.root:
+            return True
+        here = {found.relative(path) for path, _ in items}
+        there = {name for names in self.listed.values() for name in names}
+        return there <= here and len(here - there) <= 0.05 * len(here)
+
+    def test_items(self, found: Found, items: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+        by_name = {found.relative(path): (path, label) for path, label in items}
+        test = self.listed["test"]
+        missing = [name for name in test if name not in by_name]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise DatasetError(f"{len(missing)} of the {len(test)} test files the model was held "
+                               f"out from are gone from {found.root}: {shown}. Restore them to "
+                               "score the model on its own test split, or evaluate on another "
+                               "folder")
+        return [by_name[name] for name in test]
+
+
+def held_out_files(run_id: str) -> HeldOut | None:
+    """The source run's data folder and data/files_*.txt lists, where it logged them."""
+    import tempfile
+    root = mlflow.get_run(run_id).data.params.get("data_root")
+    listed = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for split in ("train", "val", "test"):
+            try:
+                local = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=f"data/files_{split}.txt", dst_path=tmp)
+            except Exception:  # noqa: BLE001 - older runs and other layouts log no lists
+                continue
+            listed[split] = Path(local).read_text(encoding="utf-8").splitlines()
+    return HeldOut(root or "", listed) if "test" in listed and "train" in listed else None
 
 
 def _cifar_test(root: Path, classes: list[str], size: int, cache_dir) -> EvalSet:
@@ -120,7 +206,8 @@ def _cifar_test(root: Path, classes: list[str], size: int, cache_dir) -> EvalSet
                            f"classes are {classes}")
     images = resize_batch(data.test_images, size)
     return EvalSet(f"{data.name}-test", root, images, data.test_labels,
-                   fingerprint(classes, images.numpy(), data.test_labels.numpy()))
+                   fingerprint(classes, images.numpy(), data.test_labels.numpy()), data.layout,
+                   "CIFAR-10's test set")
 
 
 def measure(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
@@ -183,12 +270,17 @@ def log_evaluation(data: EvalSet, clf: LoadedClassifier, result: dict, mistakes:
 
 def evaluate(spec: str | None, data_dir: str | Path, uri: str, *, worst: int = 24,
              experiment: str = EXPERIMENT, batch_size: int = 256,
-             cache_dir: str | Path | None = DEFAULT_CACHE_DIR) -> tuple[str, dict]:
+             cache_dir: str | Path | None = DEFAULT_CACHE_DIR, labels: str | Path | None = None,
+             log=print) -> tuple[str, dict]:
     """Evaluate the registered version `spec` on `data_dir`; (run id, metrics)."""
     use_store(uri)
     ref = find_version(spec, uri)
     clf = load_classifier(ref.uri)
-    data = evaluation_set(data_dir, clf.classes, clf.prep.image_size, cache_dir)
+    data = evaluation_set(data_dir, clf.classes, clf.prep.image_size, cache_dir, labels=labels,
+                          held_out=held_out_files(ref.run_id) if ref.run_id else None)
+    log(f"scoring {len(data.labels)} images of {data.source}: {data.scored}")
+    for name, why in data.skipped:
+        log(f"warning: skipped {name} ({why})")
     result = measure(clf.scores(data.images, batch_size), data.labels, clf.classes,
                      clf.calibration.temperature)
     mistakes = worst_mistakes(result["probs"], data.labels, clf.classes, worst)
@@ -203,7 +295,11 @@ def evaluate(spec: str | None, data_dir: str | Path, uri: str, *, worst: int = 2
                            "model_uri": ref.uri, "dataset": data.name,
                            "data_dir": str(data.source), "images": len(data.labels),
                            "image_size": clf.prep.image_size, "tta": clf.prep.tta,
-                           "temperature": clf.calibration.temperature, "worst_shown": worst})
+                           "temperature": clf.calibration.temperature, "worst_shown": worst,
+                           "data_layout": data.layout, "scored": data.scored,
+                           "skipped_files": len(data.skipped)})
+        if data.skipped:
+            mlflow.log_text(report.skipped_csv(data.skipped), "skipped_files.csv")
         log_evaluation(data, clf, result, mistakes)
     m = result["metrics"]
     MlflowClient(uri).set_model_version_tag(
@@ -218,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="NAME@ALIAS, NAME/VERSION or NAME (its champion); "
                                         "default: the champion of the newest registered model")
     parser.add_argument("--data-dir", required=True, help="CIFAR-10, an image-folder dataset "
-                        "(its test/ is used) or a folder of <class>/ sub-folders")
+                        "(its test/ is used), the model's own split-less folder (its held-out "
+                        "test files are used), or any folder of <class>/ sub-folders")
+    parser.add_argument("--labels", help="a CSV of file id,label for DATA_DIR/train/ "
+                                         "(default: DATA_DIR/trainLabels.csv when there is one)")
     parser.add_argument("--worst", type=int, default=24, help="mistakes shown in the gallery")
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -234,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         run_id, m = evaluate(args.model, args.data_dir, uri, worst=args.worst,
                              experiment=args.experiment, batch_size=args.batch_size,
-                             cache_dir=args.cache_dir)
+                             cache_dir=args.cache_dir, labels=args.labels)
         print(f"evaluation run {run_id}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, "
               f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} (before temperature "
               f"{m['ece_before_temperature']:.4f}) on {m['images']} images")

@@ -37,7 +37,8 @@ from training.engine.layouts import CIFAR10_ARCHIVE, CIFAR10_FOLDER, DatasetErro
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarlab"
 SPLITS = ("train", "val", "test")
 __all__ = ["CIFAR10_ARCHIVE", "CIFAR10_FOLDER", "DatasetError", "ImageData", "load_dataset",
-           "load_found", "split_indices", "stratified_split", "channel_stats", "fingerprint"]
+           "load_found", "decode_files", "split_indices", "stratified_split", "channel_stats",
+           "fingerprint"]
 
 
 @dataclass
@@ -261,42 +262,68 @@ def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray, str] | str:
         return f"{type(exc).__name__}: {exc}"
 
 
+@dataclass
+class Decoded:
+    """One list of files decoded: the readable ones' images packed at the front of `images`
+    (rows `kept` of the list), each one's hash of bytes, and why the others failed."""
+
+    images: np.ndarray
+    kept: list[int]
+    digests: list[str]
+    failed: list[tuple[int, str]]
+
+
+def decode_files(paths: list[Path], size: int, pool: ProcessPoolExecutor | None = None) -> Decoded:
+    """Decode `paths` at `size` into one uint8 array, straight into place (no stacking
+    copy); unreadable files are left out and said why."""
+    args = [(str(path), size) for path in paths]
+    results = pool.map(_decode_one, args, chunksize=256) if pool else map(_decode_one, args)
+    images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    decoded = Decoded(images, [], [], [])
+    for i, result in enumerate(results):
+        if isinstance(result, str):
+            decoded.failed.append((i, result))
+            continue
+        images[i], digest = result
+        decoded.kept.append(i)
+        decoded.digests.append(digest)
+    decoded.images = images[:pack_rows(images, np.array(decoded.kept, dtype=np.int64))]
+    return decoded
+
+
+def decode_pool(n_files: int, workers: int = 0) -> ProcessPoolExecutor | None:
+    """Worker processes for decoding many files; None (decode here) for a few."""
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers > 1 and n_files >= 4000:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return None
+
+
 def _decode_found(found: Found, size: int, workers: int, log) -> dict:
     """Each split into its own uint8 array; unreadable files left out and listed."""
     total = sum(len(items) for items in found.splits.values())
     log(f"decoding {total} images from {found.root} ({found.layout}) at {size}x{size} "
         "(once; later runs use the cache)")
-    workers = workers or min(os.cpu_count() or 1, 8)
     arrays = {"classes": found.classes, "files": {}, "skipped": [], "listed": total}
     seen: dict[str, tuple[str, str, str]] = {}  # file hash -> (name, split, class) first seen
     duplicates = []
-    pool = None
-    if workers > 1 and total >= 4000:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = decode_pool(total, workers)
     try:
         for split, items in found.splits.items():
-            args = [(str(path), size) for path, _ in items]
-            results = pool.map(_decode_one, args, chunksize=256) if pool else map(_decode_one, args)
-            images = np.empty((len(items), 3, size, size), dtype=np.uint8)
-            kept = []
-            for i, result in enumerate(results):
-                name = found.relative(items[i][0])
-                if isinstance(result, str):
-                    arrays["skipped"].append([name, result])
-                    continue
-                images[i], digest = result
-                kept.append(i)
-                here = (name, split, found.classes[items[i][1]])
+            decoded = decode_files([path for path, _ in items], size, pool)
+            names = [found.relative(path) for path, _ in items]
+            arrays["skipped"] += [[names[i], why] for i, why in decoded.failed]
+            if not decoded.kept:
+                raise DatasetError(f"none of the {len(items)} {split} images in {found.root} "
+                                   "could be read; check that the files are images")
+            for i, digest in zip(decoded.kept, decoded.digests):
+                here = (names[i], split, found.classes[items[i][1]])
                 if digest in seen and seen[digest][1:] != here[1:]:
                     duplicates.append(_duplicate(seen[digest], here))
                 seen.setdefault(digest, here)
-            n = pack_rows(images, np.array(kept, dtype=np.int64))
-            if n == 0:
-                raise DatasetError(f"none of the {len(items)} {split} images in {found.root} "
-                                   "could be read; check that the files are images")
-            arrays[f"{split}_images"] = images[:n]
-            arrays[f"{split}_labels"] = np.array([items[i][1] for i in kept], dtype=np.int64)
-            arrays["files"][split] = [found.relative(items[i][0]) for i in kept]
+            arrays[f"{split}_images"] = decoded.images
+            arrays[f"{split}_labels"] = np.array([items[i][1] for i in decoded.kept], dtype=np.int64)
+            arrays["files"][split] = [names[i] for i in decoded.kept]
     finally:
         if pool:
             pool.shutdown()

@@ -95,7 +95,7 @@ def find_layout(source: Source) -> Found:
     train = root / "train"
     if train.is_dir() and labels is not None:
         return _labels_file(root, train, labels, source.test_fraction)
-    if train.is_dir() and _class_dirs(train):
+    if train.is_dir() and class_dirs(train):
         return _split_folders(root)
     if train.is_dir() and _images_in(train):
         raise DatasetError(f"{train} holds images but no class folders, and no labels file was "
@@ -104,7 +104,7 @@ def find_layout(source: Source) -> Found:
     if source.labels is not None:
         raise DatasetError(f"--labels {source.labels} needs the images it labels in {train}, "
                           "which is not there")
-    classes = _class_dirs(root)
+    classes = class_dirs(root)
     if classes:
         return _class_folders(root, classes, source.test_fraction)
     raise DatasetError(_unknown_message(root))
@@ -142,7 +142,7 @@ def _images_under(folder: Path) -> list[Path]:
     return found
 
 
-def _class_dirs(folder: Path) -> dict[str, list[Path]]:
+def class_dirs(folder: Path) -> dict[str, list[Path]]:
     """Each visible sub-folder that holds images (at any depth) -> its image files. A
     sub-folder holding no images is not a class."""
     classes = {}
@@ -154,7 +154,7 @@ def _class_dirs(folder: Path) -> dict[str, list[Path]]:
 
 
 def _split_folders(root: Path) -> Found:
-    train = _class_dirs(root / "train")
+    train = class_dirs(root / "train")
     if len(train) < 2:
         raise DatasetError(f"{root / 'train'} holds images for {len(train)} class folder(s); a "
                           "classifier needs at least 2 (one sub-folder of images per class)")
@@ -170,7 +170,7 @@ def _split_folders(root: Path) -> Found:
     for split, folder in (("val", val), ("test", root / "test")):
         if folder is None:
             continue
-        per_class = _class_dirs(folder)
+        per_class = class_dirs(folder)
         unknown = sorted(set(per_class) - set(classes))
         if unknown:
             raise DatasetError(f"{folder} has classes that train/ lacks: {unknown}. Every class "

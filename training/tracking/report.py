@@ -87,6 +87,15 @@ def per_class_scores(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
              "support": int(c[i].sum())} for i, name in enumerate(classes)]
 
 
+def skipped_csv(skipped: list[list[str]]) -> str:
+    """The files that could not be read, with why: file,reason rows, quoted where needed."""
+    import csv
+    import io
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([("file", "reason"), *skipped])
+    return out.getvalue()
+
+
 def scores_csv(scores: list[dict]) -> str:
     header = list(scores[0])
     return "\n".join([",".join(header)] + [",".join(str(s[k]) for k in header) for s in scores]) + "\n"

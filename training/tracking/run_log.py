@@ -86,7 +86,8 @@ def data_params(splits: DeviceSplits) -> dict:
     came from, what was skipped, and how uneven the classes are."""
     data = splits.data
     train = splits.class_counts()["train"].values()
-    return {"data_layout": data.layout, "image_size_reason": splits.image_size_reason,
+    return {"data_layout": data.layout, "data_root": str(data.root),
+            "image_size_reason": splits.image_size_reason,
             "val_source": splits.val_source, "skipped_files": len(data.skipped),
             "duplicate_images": len(data.duplicates),
             "class_balance": round(min(train) / max(1, max(train)), 4)}
@@ -95,18 +96,13 @@ def data_params(splits: DeviceSplits) -> dict:
 def log_data(splits: DeviceSplits) -> None:
     """The dataset's record: each split's files (so a later evaluation scores exactly the
     held-out ones), the skipped files with why, the same image twice, images per class."""
-    import csv
-    import io
-
     import matplotlib.pyplot as plt
 
     data = splits.data
     for split, names in splits.files.items():
         mlflow.log_text("".join(f"{name}\n" for name in names), f"data/files_{split}.txt")
     if data.skipped:
-        out = io.StringIO()
-        csv.writer(out).writerows([("file", "reason"), *data.skipped])
-        mlflow.log_text(out.getvalue(), "data/skipped_files.csv")
+        mlflow.log_text(report.skipped_csv(data.skipped), "data/skipped_files.csv")
     if data.duplicates:
         mlflow.log_text("".join(f"{line}\n" for line in data.duplicates), "data/duplicates.txt")
     counts = splits.class_counts()
