@@ -1,13 +1,15 @@
 """Classify a folder without a window, with the app's inference code:
 
     python -m gui.classify FOLDER [--model NAME@ALIAS | NAME/VERSION | NAME] [--csv FILE]
-                                  [--heatmaps DIR]
+                                  [--heatmaps DIR] [--submission FILE]
 
 One CSV row per file found: the predicted class, confidence and whether it is unsure (under
 the model's threshold: maybe none of its classes), or why the file could not be read. With
 --heatmaps, DIR/<name>_heatmap.png shows where the model looked (Grad-CAM of the predicted
-class over the square it sees). Exit status 0 once the batch has finished, even if some files
-were unreadable.
+class over the square it sees). With --submission, FILE is a competition submission
+(Kaggle's CIFAR-10: `id,label`, id = the file's name without its extension), for a folder of
+unlabelled test images such as its test/. Exit status 0 once the batch has finished, even if
+some files were unreadable.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from gui.export import write_csv
+from gui.export import submission_ids, write_csv, write_submission
 from shared.command import run_command
-from shared.files import image_files
+from shared.files import display_name, image_files
 from shared.heatmap import Explainer, NoHeatmap, photo_with_heatmap
 from shared.inference import LoadedClassifier, Prediction, classify_files, load_classifier
 from shared.messages import BadInput
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write a heatmap of each classified image here")
     parser.add_argument("--heatmap-size", type=int, default=256, metavar="PIXELS",
                         help="side of the heatmap images (default 256)")
+    parser.add_argument("--submission", type=Path, metavar="FILE",
+                        help="also write Kaggle's submission format here: id,label rows")
     args = parser.parse_args(argv)
     if not 16 <= args.heatmap_size <= 2048:
         parser.error(f"--heatmap-size must be between 16 and 2048 (got {args.heatmap_size})")
@@ -49,13 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if not args.folder.is_dir():
             raise BadInput(f"{args.folder} is not a folder")
+        files = image_files(args.folder)
+        if args.submission:
+            try:
+                submission_ids(files)
+            except ValueError as exc:
+                raise BadInput(f"--submission needs one id per file, and {exc}; keep one of "
+                               "them") from None
         use_store(uri)
         clf = load_classifier(resolve_model_uri(args.model, uri))
         try:
             explainer = Explainer(clf.module) if args.heatmaps else None
         except NoHeatmap as exc:
             raise BadInput(f"no heatmaps for {clf.uri}: {exc}; run without --heatmaps") from None
-        predictions = [p for batch in classify_files(clf, image_files(args.folder), args.batch_size)
+        predictions = [p for batch in classify_files(clf, files, args.batch_size)
                        for p in batch]
         if explainer is not None:
             written = write_heatmaps(clf, explainer, predictions, args.heatmaps, args.heatmap_size)
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_csv(predictions, out)
         else:
             write_csv(predictions, sys.stdout)
+        if args.submission:
+            write_submission_file(predictions, args.submission)
         failed = sum(p.error is not None for p in predictions)
         print(f"{clf.uri}: {len(predictions) - failed} of {len(predictions)} files classified"
               + (f", {failed} unreadable" if failed else "")
@@ -72,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_command(body)
+
+
+def write_submission_file(predictions: list[Prediction], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as out:
+        unreadable = write_submission(predictions, out)
+    print(f"submission: {len(predictions) - len(unreadable)} rows in {path}", file=sys.stderr)
+    if unreadable:
+        names = ", ".join(display_name(p) for p in unreadable[:5])
+        print(f"warning: {len(unreadable)} unreadable file(s) have no row (a competition may "
+              f"refuse the file): {names}", file=sys.stderr)
 
 
 def write_heatmaps(clf: LoadedClassifier, explainer: Explainer, predictions: list[Prediction],

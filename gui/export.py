@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from shared.files import display_name
@@ -34,3 +35,32 @@ def write_csv(predictions: Iterable[Prediction], out: TextIO) -> int:
                          unsure, cell(top), cell(p.error or "")])
         count += 1
     return count
+
+
+def submission_ids(paths: Iterable[str | Path]) -> dict[str, str]:
+    """Each file's id in a competition submission: its name without the extension. Raises
+    ValueError naming two files that would share an id."""
+    ids: dict[str, str] = {}
+    for path in paths:
+        stem = Path(path).stem
+        if stem in ids:
+            raise ValueError(f"{display_name(ids[stem])} and {display_name(str(path))} would share "
+                             f"the id {display_name(stem)}")
+        ids[stem] = str(path)
+    return {str(path): stem for stem, path in ids.items()}
+
+
+def write_submission(predictions: Iterable[Prediction], out: TextIO) -> list[str]:
+    """Kaggle's submission format: id,label rows (id = the file's name without extension),
+    numeric ids in numeric order. Returns the files left out because they could not be read."""
+    rows, unreadable = [], []
+    for p in predictions:
+        if p.error is not None:
+            unreadable.append(p.path)
+        else:
+                    rows.append((Path(p.path).stem, p.label))
+    rows.sort(key=lambda row: (0, int(row[0]), "") if row[0].isdigit() else (1, 0, row[0]))
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["id", "label"])
+    writer.writerows((cell(file_id), cell(label)) for file_id, label in rows)
+    return unreadable

@@ -85,3 +85,33 @@ def test_heatmaps_of_a_model_without_convolutions_are_refused_before_anything_ru
     assert main([str(image_folder / "test" / "cat"), "--tracking-uri", train_config().tracking_uri,
                  "--heatmaps", str(out)]) == 2
     assert "no convolutional layers" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_kaggle_test_folder_gets_a_submission_file_in_id_order(registered_store, tmp_path, capsys):
+    from datagen import make_labels_file_dataset
+    root = make_labels_file_dataset(tmp_path / "kaggle", n_per_class=2, n_unlabelled_test=3)
+    (root / "train" / "1.png").replace(root / "test" / "10.png")
+    (root / "train" / "2.png").replace(root / "test" / "20.png")
+    (root / "test" / "broken.png").write_bytes(b"")
+    out, preds = tmp_path / "submission.csv", tmp_path / "preds.csv"
+    assert main([str(root / "test"), "--tracking-uri", registered_store, "--csv", str(preds),
+                 "--submission", str(out)]) == 0
+    table = rows(out)
+    assert [r["id"] for r in table] == ["1", "2", "3", "10", "20"]
+    assert {r["label"] for r in table} <= {"cat", "dog", "ship"}
+    by_file = {r["file"].rsplit("/", 1)[-1]: r["predicted_class"] for r in rows(preds)}
+    assert all(by_file[f"{r['id']}.png"] == r["label"] for r in table)
+    err = capsys.readouterr().err
+    assert "1 unreadable file(s) have no row" in err and "broken.png" in err
+
+
+def test_two_files_sharing_an_id_are_refused_before_classifying(registered_store, tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / "test"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "7.png")
+    Image.new("RGB", (8, 8)).save(folder / "7.jpg")
+    out = tmp_path / "submission.csv"
+    assert main([str(folder), "--tracking-uri", registered_store, "--submission", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "7.jpg" in err and "7.png" in err and "share the id 7" in err and not out.exists()
