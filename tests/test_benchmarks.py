@@ -155,3 +155,14 @@ def test_shuffled_patches_keep_every_pixel_and_move_them():
     mixed = module.shuffled(images, torch.Generator().manual_seed(0))
     assert mixed.shape == images.shape and not torch.equal(mixed, images)
     assert torch.equal(mixed.flatten(1).sort(1).values, images.flatten(1).sort(1).values)
+
+
+def test_photo_memory_measures_each_run_and_the_slope_per_image(tmp_path):
+    out = tmp_path / "memory.json"
+    assert load("photo_memory").main(["--counts", "20,40", "--side", "32", "--work",
+                                      str(tmp_path / "w"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    runs = report["runs"]["this checkout"]
+    assert all(runs[n]["exit"] == 0 and runs[n]["peak_rss_mb"] > 100 for n in ("20", "40"))
+    assert runs["40"]["peak_anon_mb"] > 0 and "mb_per_image" in report["slope"]["this checkout"]
+    assert len(list((tmp_path / "w" / "photos-40-32" / "test").rglob("*.jpg"))) == 10
