@@ -5,7 +5,8 @@
 
 Generates (once) train/ and test/ class folders of N JPEG photos at SIDE px, then runs
 `python -m training.train --model mlp --epochs 1 --image-size SIDE` on each, as a child process
-with a fresh dataset cache (so the peak includes decoding), from this checkout and, with
+with a fresh dataset cache (so the peak includes decoding) and an evaluation batch of 100
+(--eval-batch-size), from this checkout and, with
 --checkout, from another one (an older commit, for "before"). For each run: the process's
 peak resident memory (ru_maxrss, from wait4) and its peak anonymous memory (RssAnon, polled).
 Then the slope per image of a straight line through the counts, beside the image's own uint8
@@ -60,14 +61,15 @@ def anon_kb(pid: int) -> int:
     return 0
 
 
-def run_child(checkout: Path, photos: Path, side: int, limit_gb: float | None) -> dict:
+def run_child(checkout: Path, photos: Path, side: int, limit_gb: float | None,
+              eval_batch: int = 100) -> dict:
     """One training run; its peak memory in MB, or killed."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "training.train", "--model", "mlp", "--epochs", "1",
                    "--image-size", str(side), "--data-dir", str(photos), "--cache-dir",
                    f"{tmp}/cache", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
                    "--device", "cpu", "--no-register", "--no-progress", "--no-system-metrics",
-                   "--patience", "0"]
+                   "--patience", "0", "--eval-batch-size", str(eval_batch)]
         group = None
         if limit_gb:
             group = CGROUP / f"photo-memory-{os.getpid()}"
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="where the photo folders are made")
     parser.add_argument("--checkout", type=Path, help="another checkout to measure beside this one")
     parser.add_argument("--limit-gb", type=float, help="memory cgroup limit per run")
+    parser.add_argument("--eval-batch-size", type=int, default=100,
+                        help="evaluation batch (default 100): a batch as large as the whole "
+                             "validation or test split grows with the dataset up to this size, "
+                             "which would blur the slope per image")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         photos = make_photos(args.work / f"photos-{n}-{args.side}", n, args.side)
         for name, checkout in checkouts.items():
-            result = run_child(checkout, photos, args.side, args.limit_gb)
+            result = run_child(checkout, photos, args.side, args.limit_gb, args.eval_batch_size)
             report["runs"].setdefault(name, {})[n] = result
             peak = result["peak_rss_mb"] if result["exit"] == 0 else (
                 "killed at the limit" if result["exit"] in (-9, 137) else f"failed: {result['error']}")
