@@ -125,17 +125,13 @@ def test_every_experiment_opens_on_its_runs_in_the_mlflow_ui(evaluated):
 
 
 @pytest.fixture
-def own_photos_model(store, tmp_path):
+def own_photos_model(train_config, tmp_path):
     """A cnn trained and registered on class folders with no split of their own."""
-    from training.engine.config import resolve
     from training.tracking.publish import register_version
     from training.train import train
 
     root = make_class_folders(tmp_path / "photos", n_per_class=10)
-    cfg = resolve(dict(model="cnn", data_dir=str(root), cache_dir=str(tmp_path / "cache"),
-                       tracking_uri=store, epochs=1, batch_size=8, val_fraction=0.2,
-                       progress=False, system_metrics=False, device="cpu"))
-    result = train(cfg, log=lambda *_: None)
+    result = train(train_config(data_dir=str(root), epochs=1, batch_size=8), log=lambda *_: None)
     register_version(result.model_uri, result.registered_name, score=0.0)
     return root, result
 

@@ -43,7 +43,7 @@ from training.engine.data import (
     fingerprint,
     load_dataset,
 )
-from training.engine.layouts import KAGGLE_LABELS, Found, Source, class_dirs, find_layout
+from training.engine.layouts import KAGGLE_LABELS, Found, Source, class_dirs, find_layout, some_names
 from training.tracking import report
 from training.tracking.publish import ensure_experiment, log_dataset
 from training.tracking.run_log import git_commit
@@ -114,11 +114,17 @@ def evaluation_set(data_dir: str | Path, classes: list[str], size: int,
         raise DatasetError(f"{found.root} has class folders the model does not know: {unknown}. "
                            f"The model's classes are: {classes}. Rename or remove those folders.")
     items = [item for split in ("train", "val", "test") for item in found.splits.get(split, [])]
-    scored = "all labelled images"
+    scored, a_test_split = "all labelled images", True
     if found.layout == "split-folders":
         items, scored = found.splits["test"], "the test/ folder"
     elif held_out is not None and held_out.trained_on(found, items):
         items, scored = held_out.test_items(found, items), "the source run's held-out test files"
+    else:
+        a_test_split = False
+    name = found.root.name
+    if found.root.name == "test" and found.layout != "split-folders":
+        name, a_test_split = found.root.parent.name, True
+    name += "-test" if a_test_split else ""
     decoded = decode_files([path for path, _ in items], size, decode_pool(len(items)))
     if not decoded.kept:
         raise DatasetError(f"none of the {len(items)} images in {found.root} could be read; "
@@ -127,11 +133,6 @@ def evaluation_set(data_dir: str | Path, classes: list[str], size: int,
     labels_ = np.array([classes.index(found.classes[items[i][1]]) for i in decoded.kept],
                        dtype=np.int64)
     skipped = [[found.relative(items[i][0]), why] for i, why in decoded.failed]
-    name = found.root.name
-    if found.layout == "split-folders" or found.root.name == "test":
-        name = (found.root.name if found.layout == "split-folders" else found.root.parent.name) + "-test"
-    elif scored.startswith("the source run"):
-        name = f"{found.root.name}-test"
     return EvalSet(name, found.root, torch.from_numpy(images), torch.from_numpy(labels_),
                    fingerprint(classes, images, labels_), found.layout, scored, skipped)
 
@@ -175,11 +176,10 @@ class HeldOut:
         test = self.listed["test"]
         missing = [name for name in test if name not in by_name]
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise DatasetError(f"{len(missing)} of the {len(test)} test files the model was held "
-                               f"out from are gone from {found.root}: {shown}. Restore them to "
-                               "score the model on its own test split, or evaluate on another "
-                               "folder")
+                               f"out from are gone from {found.root}: {some_names(missing)}. "
+                               "Restore them to score the model on its own test split, or "
+                               "evaluate on another folder")
         return [by_name[name] for name in test]
 
 

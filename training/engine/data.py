@@ -32,7 +32,15 @@ from PIL import Image
 
 from shared.files import not_readable
 from shared.preprocess import MAX_IMAGE_SIDE, decode_image
-from training.engine.layouts import CIFAR10_ARCHIVE, CIFAR10_FOLDER, DatasetError, Found, Source, find_layout
+from training.engine.layouts import (
+    CARVED,
+    CIFAR10_ARCHIVE,
+    CIFAR10_FOLDER,
+    DatasetError,
+    Found,
+    Source,
+    find_layout,
+)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarlab"
 SPLITS = ("train", "val", "test")
@@ -74,7 +82,7 @@ class ImageData:
     @property
     def carved(self) -> bool:
         """Whether this project held out the test split (a layout with no test/ of its own)."""
-        return self.layout in ("class-folders", "labels-file")
+        return self.layout in CARVED
 
 
 def load_dataset(data_dir: str | Path, *, image_size: int | None = None,

@@ -120,9 +120,7 @@ def _unknown_message(root: Path) -> str:
     loose = len(_images_in(root))
     found = (f"{loose} image(s) with no class folders" if loose else
              f"{len(entries)} entries ({shown}) but no images in class folders")
-    accepted = "; ".join(f"{name}: {what}" for name, what in LAYOUTS.items())
-    return (f"{root} holds {found}. The layouts read are: {accepted}. Nothing was written into "
-            f"{root}.")
+    return f"{root} holds {found}. {layouts_read()}. Nothing was written into {root}."
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -192,7 +190,7 @@ def _class_folders(root: Path, per_class: dict[str, list[Path]], test_fraction: 
     if len(per_class) < 2:
         only = next(iter(per_class))
         raise DatasetError(f"{root} holds one class folder ({only}/); a classifier needs at "
-                          f"least 2 (one sub-folder of images per class). {_unknown_hint()}")
+                          f"least 2 (one sub-folder of images per class). {layouts_read()}")
     classes = sorted(per_class)
     found = Found("class-folders", root, classes)
     found.splits = hold_out(found, _labelled(per_class, classes), test_fraction)
@@ -201,7 +199,7 @@ def _class_folders(root: Path, per_class: dict[str, list[Path]], test_fraction: 
     return found
 
 
-def _unknown_hint() -> str:
+def layouts_read() -> str:
     return "The layouts read are: " + "; ".join(f"{n}: {w}" for n, w in LAYOUTS.items())
 
 
@@ -220,7 +218,7 @@ def _labels_file(root: Path, train: Path, labels: Path, test_fraction: float) ->
         empty = sorted({label for _, label in rows} - present)
         empty_note = f" Class(es) left with no images: {', '.join(empty)}." if empty else ""
         raise DatasetError(f"{labels} names {len(missing)} file(s) that {train} lacks: "
-                          f"{_some([display_name(m) for m in missing])}.{empty_note} Fix those "
+                          f"{some_names([display_name(m) for m in missing])}.{empty_note} Fix those "
                           "rows (an id is a file name, with or without its extension) or add "
                           "the files")
     classes = sorted({label for _, label in rows})
@@ -267,7 +265,7 @@ def read_labels(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def _some(names: list[str], n: int = 5) -> str:
+def some_names(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
