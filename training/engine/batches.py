@@ -1,8 +1,9 @@
-"""Batches drawn from a dataset held whole, as one uint8 tensor, on the training device.
+"""Batches drawn from a dataset held whole, as one uint8 tensor, on the training device, or
+gathered from the memory-mapped cache and sent there (`HostImages`).
 
 Per-image PIL work and DataLoader worker processes are what make the seed studies' epochs slow;
-here a batch is one index into a device tensor, then crop, flip, normalization and resizing run
-on the whole batch at once on that device.
+here a batch is one index into a uint8 tensor, then crop, flip, normalization and resizing run
+on the whole batch at once on the training device.
 """
 from __future__ import annotations
 
@@ -46,6 +47,46 @@ def alternate_flip(x: torch.Tensor, first: torch.Tensor, epoch: int) -> torch.Te
     flip), where a random flip repeats one view half the time."""
     flip = first ^ bool(epoch % 2)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class HostImages:
+    """uint8 images left where they are (a memory-mapped cache file, in host memory only as
+    far as the page cache holds it): rows `rows` of `source`, in that order, indexed like a
+    tensor on `device`. A batch is gathered from the file, pinned where `device` is a GPU, and
+    sent there; the dataset itself is never copied."""
+
+    def __init__(self, source: torch.Tensor, rows: torch.Tensor | None = None,
+                 device: torch.device | str = "cpu"):
+        self.source = source
+        self.rows = torch.arange(len(source)) if rows is None else rows.cpu()
+        self.device = torch.device(device)
+        self.dtype = source.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.source.shape[1:]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        rows = self.rows[idx.cpu() if isinstance(idx, torch.Tensor) else idx]
+        batch = self.source[rows]
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def split(self, size: int) -> Iterator[torch.Tensor]:
+        """Consecutive batches of `size` images, on the device (as Tensor.split gives them)."""
+        for start in range(0, len(self), size):
+            yield self[start:start + size]
+
+    def select(self, idx: torch.Tensor) -> HostImages:
+        """The images at `idx`, still left where they are."""
+        return HostImages(self.source, self.rows[idx.cpu()], self.device)
+
+
+Images = torch.Tensor | HostImages
 
 
 @dataclass(frozen=True)
@@ -158,7 +199,9 @@ class Batches:
 
 
 class DeviceLoader(Batches):
-    """Iterates (inputs, labels) batches over uint8 images already on `device`.
+    """Iterates (inputs, labels) batches over uint8 images on the device of `labels`, held
+    there whole or gathered batch by batch from the cache (`HostImages`): the same seed
+    draws the same batches either way.
 
     Inputs come out normalized (and resized, for 224-pixel networks) by `transform`, in
     channels_last layout when asked, ready for the network.
@@ -169,7 +212,7 @@ class DeviceLoader(Batches):
     draws are then seeded per process and epoch, so processes do not crop their shares alike.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+    def __init__(self, images: Images, labels: torch.Tensor, batch_size: int,
                  transform: InputTransform, sampling: Sampling = Sampling(), *,
                  channels_last: bool = False, shard: Shard = Shard()):
         super().__init__(labels, batch_size, sampling, shard)

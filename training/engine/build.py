@@ -13,7 +13,7 @@ from shared.messages import brief
 from shared.preprocess import InputTransform, Preprocessing
 from training.engine import distributed
 from training.engine.averaging import Lookahead
-from training.engine.batches import Augmentation, DeviceLoader, Sampling, Shard
+from training.engine.batches import Augmentation, DeviceLoader, HostImages, Sampling, Shard
 from training.engine.config import ConfigError, TrainConfig
 from training.engine.data import (
     DatasetError,
@@ -25,7 +25,7 @@ from training.engine.data import (
     stratified_split,
     train_then_val,
 )
-from training.engine.device import describe_device, resolve_device
+from training.engine.device import data_placement, describe_device, resolve_device
 from training.engine.features import NOT_CACHED, FeatureLoader, feature_loaders, frozen_features
 from training.engine.layouts import Found, Source, find_layout
 from training.engine.loop import autocast_for, warm_up
@@ -80,6 +80,8 @@ class DeviceSplits:
     files: dict[str, list[str]] = field(default_factory=dict)
     image_size_reason: str = ""
     val_source: str = ""
+    on_device: bool = True  # else the images stay in the memory-mapped cache (HostImages)
+    placement_reason: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -102,7 +104,8 @@ class DeviceSplits:
             if n is None or n >= len(pair[1]):
                 return pair
             pick = random_rows(len(pair[1]), n, seed=0).sort().values.to(pair[1].device)
-            return pair[0][pick], pair[1][pick]
+            images = pair[0].select(pick) if isinstance(pair[0], HostImages) else pair[0][pick]
+            return images, pair[1][pick]
         return dataclasses.replace(self, train=draw(self.train, n_train), val=draw(self.val, n_val),
                                    files={})
 
@@ -155,7 +158,12 @@ def prepare(cfg: TrainConfig, log=print) -> DeviceSplits:
     with distributed.machine_first():
         found = find_layout(source)
         size, reason = image_size_for(cfg, spec, found)
-        data = load_found(found, size, cache_dir=cfg.cache_dir, log=log)
+        copies = distributed.world().local_size if device.type != "cuda" else 1
+        on_device, placement = data_placement(cfg.data_on_device, dataset_bytes(found, size),
+                                              device, copies)
+        data = load_found(found, size, cache_dir=cfg.cache_dir, workers=cfg.decode_workers,
+                          log=log, mapped=not on_device)
+    log(f"data on {device.type if on_device else 'disk (memory-mapped cache)'}: {placement}")
     check_skipped(data, cfg.max_skipped, log)
     for line in data.duplicates:
         log(f"warning: {line}")
@@ -166,19 +174,30 @@ def prepare(cfg: TrainConfig, log=print) -> DeviceSplits:
         train, val = (data.train_images, data.train_labels), (data.val_images, data.val_labels)
         val_source = "given (val/ folder)"
     else:
-        train, val, files = carve_val(cfg, data, files)
+        train, val, files = carve_val(cfg, data, files, in_place=on_device)
         each = " of each class's" if data.carved else " of the"
         val_source = f"{cfg.val_fraction:g}{each} training images" if len(val[1]) else "none"
-    stats = channel_stats(train[0])
-    on = [tuple(t.to(device) for t in pair) for pair in (train, val, (data.test_images,
-                                                                       data.test_labels))]
-    return DeviceSplits(data, device, *on, stats, files=files, image_size_reason=reason,
-                        val_source=val_source)
+    pairs = (train, val, (data.test_images, data.test_labels))
+    if on_device:
+        on = [tuple(t.to(device) for t in pair) for pair in pairs]
+    else:
+        on = [(images if isinstance(images, HostImages) else HostImages(images, device=device),
+               labels.to(device)) for images, labels in pairs]
+    return DeviceSplits(data, device, *on, channel_stats(on[0][0]), files=files,
+                        image_size_reason=reason, val_source=val_source, on_device=on_device,
+                        placement_reason=placement)
 
 
-def carve_val(cfg: TrainConfig, data: ImageData, files: dict[str, list[str]]):
-    """The validation split held out of the training images, as views: the rows are moved
-    in place so the training ones come first (no copy of the images)."""
+def dataset_bytes(found: Found, size: int) -> int:
+    """The uint8 images' size once decoded at `size` (CIFAR-10: its 60,000 at 32 px)."""
+    count = 60_000 if found.layout == "torchvision" else sum(map(len, found.splits.values()))
+    return count * 3 * size * size
+
+
+def carve_val(cfg: TrainConfig, data: ImageData, files: dict[str, list[str]], in_place: bool = True):
+    """The validation split held out of the training images: as views, the rows moved in
+    place so the training ones come first (no copy of the images); or, for images left in
+    the memory-mapped cache (`in_place=False`), as the rows of each split (HostImages)."""
     labels = data.train_labels
     if data.carved:
         train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed, data.classes)
@@ -188,6 +207,9 @@ def carve_val(cfg: TrainConfig, data: ImageData, files: dict[str, list[str]]):
         names = files["train"]
         files = {**files, "train": [names[i] for i in train_idx.tolist()],
                  "val": [names[i] for i in val_idx.tolist()]}
+    if not in_place:
+        return ((HostImages(data.train_images, train_idx), labels[train_idx]),
+                (HostImages(data.train_images, val_idx), labels[val_idx]), files)
     n = train_then_val(data.train_images, labels, train_idx, val_idx)
     images = data.train_images
     return (images[:n], labels[:n]), (images[n:], labels[n:]), files

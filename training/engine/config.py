@@ -96,6 +96,12 @@ class TrainConfig:
                        added=True)
     split_seed: int = opt(0, "seed of the train/validation split (fixed across runs)")
     cache_dir: str = opt(str(DEFAULT_CACHE_DIR), "where decoded datasets are cached")
+    data_on_device: str = opt("auto", "hold the whole dataset on the training device (yes), or "
+                                      "leave it in the memory-mapped cache on disk and send each "
+                                      "batch (no); auto: yes when it fits in half the device's "
+                                      "free memory", ("auto", "yes", "no"), added=True)
+    decode_workers: int = opt(0, "processes decoding the images into the cache (0: one per "
+                                 "core, at most 8; fewer need less memory)", min=0, added=True)
     epochs: int = opt(30, "maximum number of epochs", min=1)
     batch_size: int = opt(128, "training batch size; under torchrun the global batch, shared "
                                "by the processes", min=1)

@@ -22,7 +22,10 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,8 +103,10 @@ def load_dataset(data_dir: str | Path, *, image_size: int | None = None,
 
 
 def load_found(found: Found, image_size: int, *, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-               download: bool = True, workers: int = 0, log=print) -> ImageData:
-    """Decode `found` at `image_size`, unless the cache holds it already."""
+               download: bool = True, workers: int = 0, log=print, mapped: bool = False) -> ImageData:
+    """Decode `found` at `image_size`, unless the cache holds it already. `mapped` leaves the
+    images in the cache's files, memory-mapped (read from disk as batches need them), instead
+    of reading them into memory."""
     for note in found.notes:
         log(note)
     if found.layout == "torchvision":
@@ -110,20 +115,39 @@ def load_found(found: Found, image_size: int, *, cache_dir: str | Path | None = 
         name, sources = found.root.name, {split: [(found.relative(p), found.classes[label], p)
                                                   for p, label in items]
                                           for split, items in found.splits.items()}
-    key = _cache_key(found.layout, found.root, sources, image_size)
-    cached = _read_cache(cache_dir, name, key)
-    if cached is not None:
-        return ImageData(name=name, layout=found.layout, root=found.root, **cached)
+    path = (None if cache_dir is None else
+            _cache_path(cache_dir, name, _cache_key(found.layout, found.root, sources, image_size)))
+    cached = _read_cache(path, mapped) if path is not None else None
+    if cached is None:
+        with _new_cache(path, log) as folder:
+            _build_cache(found, name, image_size, workers, folder, log)
+            path = _publish(folder, path, log)
+            cached = _read_cache(path or folder, mapped)
+    if cached is None:
+        raise DatasetError(f"the decoded images of {found.root} could not be read back from "
+                           f"{path}; check the disk has room, or set --cache-dir elsewhere")
+    return ImageData(name=name, layout=found.layout, root=found.root, **cached)
+
+
+def _build_cache(found: Found, name: str, image_size: int, workers: int, folder: Path,
+                 log) -> None:
+    """Decode into `folder`: the image files first (written as they are decoded), then the
+    labels and meta.json."""
     start = time.perf_counter()
     if found.layout == "torchvision":
         arrays = _read_torchvision(found.root)
     else:
-        arrays = _decode_found(found, image_size, workers, log)
+        arrays = _decode_found(found, image_size, workers, log, folder)
     arrays["fingerprint"] = _fingerprint(arrays, carved=found.carved)
     counts = " + ".join(f"{len(arrays[f'{s}_labels'])} {s}" for s in SPLITS if f"{s}_labels" in arrays)
     log(f"decoded {name}: {counts} images in {time.perf_counter() - start:.1f} s")
-    _write_cache(cache_dir, name, key, arrays, log)
-    return ImageData(name=name, layout=found.layout, root=found.root, **_as_tensors(arrays))
+    splits = [s for s in SPLITS if f"{s}_images" in arrays]
+    for s in splits:
+        if not isinstance(arrays[f"{s}_images"], np.memmap):  # torchvision's, in memory
+            np.save(folder / f"{s}_images.npy", arrays[f"{s}_images"])
+        np.save(folder / f"{s}_labels.npy", arrays[f"{s}_labels"])
+    meta = {"splits": splits, **{k: arrays.get(k, _EMPTY.get(k)) for k in _META}}
+    (folder / "meta.json").write_text(json.dumps(meta))
 
 
 def median_side(found: Found, sample: int = 256) -> tuple[int, int]:
@@ -253,7 +277,10 @@ def _missing_cifar_message(root: Path, reason: str) -> str:
             "`tar -xzf cifar10-png.tar.gz -C ~/data/cifar10` then `--data-dir ~/data/cifar10`.")
 
 
-# --- decoding ----------------------------------------------------------------------------
+# --- decoding ---------------------------------------------------------------------------
+
+DECODE_CHUNK = 64  # files per task of a decoding worker
+
 
 def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray, str] | str:
     """(image, hash of the file's bytes), or why the file could not be read."""
@@ -270,6 +297,24 @@ def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray, str] | str:
         return f"{type(exc).__name__}: {exc}"
 
 
+def _decode_rows(args: tuple[list[str], int, str, int]) -> list[tuple[str | None, str | None]]:
+    """Decode `paths` straight into rows `first`... of the .npy file at `target` (memory-mapped
+    here, in the worker): nothing but (hash, None) or (None, why) per file comes back."""
+    paths, size, target, first = args
+    out = np.load(target, mmap_mode="r+")
+    results = []
+    for row, path in enumerate(paths, start=first):
+        result = _decode_one((path, size))
+        if isinstance(result, str):
+            results.append((None, result))
+        else:
+            out[row], digest = result
+            results.append((digest, None))
+    out.flush()
+    del out
+    return results
+
+
 @dataclass
 class Decoded:
     """One list of files decoded: the readable ones' images packed at the front of `images`
@@ -281,20 +326,44 @@ class Decoded:
     failed: list[tuple[int, str]]
 
 
-def decode_files(paths: list[Path], size: int, pool: ProcessPoolExecutor | None = None) -> Decoded:
-    """Decode `paths` at `size` into one uint8 array, straight into place (no stacking
-    copy); unreadable files are left out and said why."""
-    args = [(str(path), size) for path in paths]
-    results = pool.map(_decode_one, args, chunksize=256) if pool else map(_decode_one, args)
-    images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    decoded = Decoded(images, [], [], [])
-    for i, result in enumerate(results):
-        if isinstance(result, str):
-            decoded.failed.append((i, result))
-            continue
-        images[i], digest = result
-        decoded.kept.append(i)
-        decoded.digests.append(digest)
+class DecodeKilled(DatasetError):
+    """A decoding process died (the system killed it, most often for lack of memory)."""
+
+
+def decode_files(paths: list[Path], size: int, pool: ProcessPoolExecutor | None = None,
+                 target: Path | None = None) -> Decoded:
+    """Decode `paths` at `size` into the uint8 .npy file `target`, each worker writing its
+    rows in place through a memory map: the images are never all in memory, and never
+    copied. Unreadable files are left out (the readable ones packed to the front) and said
+    why. With no `target`, the images come back in memory."""
+    if target is None:
+        with tempfile.TemporaryDirectory(prefix="cifarlab-decode-") as folder:
+            decoded = decode_files(paths, size, pool, Path(folder) / "images.npy")
+            decoded.images = np.array(decoded.images)
+            return decoded
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8,
+                                    shape=(len(paths), 3, size, size))
+    del out
+    tasks = [([str(p) for p in paths[i:i + DECODE_CHUNK]], size, str(target), i)
+             for i in range(0, len(paths), DECODE_CHUNK)]
+    decoded = Decoded(np.empty(0, np.uint8), [], [], [])
+    try:
+        results = pool.map(_decode_rows, tasks) if pool else map(_decode_rows, tasks)
+        for first, chunk in zip(range(0, len(paths), DECODE_CHUNK), results):
+            for i, (digest, why) in enumerate(chunk, start=first):
+                if why is None:
+                    decoded.kept.append(i)
+                    decoded.digests.append(digest)
+                else:
+                    decoded.failed.append((i, why))
+    except BrokenProcessPool as exc:
+        raise DecodeKilled(
+            f"a process decoding the images was killed after {len(decoded.kept)} of "
+            f"{len(paths)} were decoded, most likely for lack of memory (nothing in the "
+            "dataset's folder was changed). Run again with --decode-workers 1, or free "
+            "memory; the training itself then reads the images from disk with "
+            "--data-on-device no") from exc
+    images = np.load(target, mmap_mode="r+")
     decoded.images = images[:pack_rows(images, np.array(decoded.kept, dtype=np.int64))]
     return decoded
 
@@ -307,8 +376,9 @@ def decode_pool(n_files: int, workers: int = 0) -> ProcessPoolExecutor | None:
     return None
 
 
-def _decode_found(found: Found, size: int, workers: int, log) -> dict:
-    """Each split into its own uint8 array; unreadable files left out and listed."""
+def _decode_found(found: Found, size: int, workers: int, log, folder: Path) -> dict:
+    """Each split into its own uint8 .npy file in `folder`; unreadable files left out and
+    listed."""
     total = sum(len(items) for items in found.splits.values())
     log(f"decoding {total} images from {found.root} ({found.layout}) at {size}x{size} "
         "(once; later runs use the cache)")
@@ -318,7 +388,8 @@ def _decode_found(found: Found, size: int, workers: int, log) -> dict:
     pool = decode_pool(total, workers)
     try:
         for split, items in found.splits.items():
-            decoded = decode_files([path for path, _ in items], size, pool)
+            decoded = decode_files([path for path, _ in items], size, pool,
+                                   folder / f"{split}_images.npy")
             names = [found.relative(path) for path, _ in items]
             arrays["skipped"] += [[names[i], why] for i, why in decoded.failed]
             if not decoded.kept:
@@ -334,7 +405,7 @@ def _decode_found(found: Found, size: int, workers: int, log) -> dict:
             arrays["files"][split] = [names[i] for i in decoded.kept]
     finally:
         if pool:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
     arrays["duplicates"] = duplicates
     return arrays
 
@@ -400,40 +471,62 @@ def _cache_path(cache_dir, name: str, key: str) -> Path:
     return Path(cache_dir).expanduser() / "datasets" / f"{name}-{key}"
 
 
-def _read_cache(cache_dir, name: str, key: str) -> dict | None:
-    if cache_dir is None:
-        return None
-    path = _cache_path(cache_dir, name, key)
+def _read_cache(path: Path, mapped: bool) -> dict | None:
+    """The cache at `path`, or None where there is none or it is damaged (it is then built
+    again): the images memory-mapped (copy-on-write, so the file never changes) or read."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-        arrays = {f"{s}_{kind}": np.load(path / f"{s}_{kind}.npy") for s in meta["splits"]
-                  for kind in ("images", "labels")}
-    except (OSError, ValueError, KeyError):
+        arrays = {}
+        for s in meta["splits"]:
+            labels = np.load(path / f"{s}_labels.npy")
+            images = np.load(path / f"{s}_images.npy", mmap_mode="c" if mapped else None)
+            if (labels.ndim != 1 or images.ndim != 4 or images.dtype != np.uint8
+                    or images.shape[1] != 3 or len(images) < len(labels)):
+                return None
+            arrays[f"{s}_labels"], arrays[f"{s}_images"] = labels, images[:len(labels)]
+        arrays.update({k: meta[k] for k in _META})
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
-    return _as_tensors({**arrays, **{k: meta[k] for k in _META}})
+    return _as_tensors(arrays)
 
 
-def _write_cache(cache_dir, name: str, key: str, arrays: dict, log) -> None:
-    if cache_dir is None:
-        return
-    path = _cache_path(cache_dir, name, key)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=path.parent))
-        splits = [s for s in SPLITS if f"{s}_images" in arrays]
-        for s in splits:
-            for kind in ("images", "labels"):
-                np.save(tmp / f"{s}_{kind}.npy", arrays[f"{s}_{kind}"])
-        meta = {"splits": splits, **{k: arrays.get(k, _EMPTY.get(k)) for k in _META}}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        os.replace(tmp, path)  # atomic: a reader sees a whole cache or none
-    except OSError as exc:
-        if not (path / "meta.json").exists():  # else another process wrote the same cache first
+@contextmanager
+def _new_cache(path: Path | None, log) -> Iterator[Path]:
+    """A fresh folder to build a cache in: beside `path` (so it can be renamed into place),
+    or a temporary one where there is no cache folder or it cannot be written. Whatever is
+    left of it is removed at the end (mapped files stay readable until closed)."""
+    folder = None
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        except OSError as exc:
             log(f"warning: could not write the dataset cache under {path.parent} ({exc}); "
                 "the next run decodes again. Set --cache-dir to a writable folder.")
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    folder = folder or Path(tempfile.mkdtemp(prefix="cifarlab-decoded-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _publish(folder: Path, path: Path | None, log) -> Path | None:
+    """Rename the built cache `folder` to `path` (atomic: a reader sees a whole cache or
+    none), replacing a damaged one there; None where it stays in `folder`."""
+    if path is None or not folder.is_relative_to(path.parent):
+        return None
+    try:
+        if path.exists():  # damaged (else it was read), or another process's, just written
+            stale = Path(tempfile.mkdtemp(prefix=f".{path.name}-stale-", dir=path.parent))
+            os.replace(path, stale / "cache")
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(folder, path)
+    except OSError as exc:
+        if not (path / "meta.json").exists():
+            log(f"warning: could not write the dataset cache at {path} ({exc}); the next "
+                "run decodes again. Set --cache-dir to a writable folder.")
+        return None
+    return path
 
 
 _EMPTY = {"files": {}, "skipped": [], "duplicates": [], "listed": 0}

@@ -21,7 +21,14 @@ from torch import nn
 
 from shared.preprocess import InputTransform, Preprocessing
 from training.engine import distributed
-from training.engine.batches import Batches, Sampling, Shard, random_crop, random_flip
+from training.engine.batches import (
+    Batches,
+    HostImages,
+    Sampling,
+    Shard,
+    random_crop,
+    random_flip,
+)
 from training.engine.config import TrainConfig
 from training.engine.models import is_convolutional
 
@@ -119,7 +126,8 @@ def digest(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for part in t.split(4096) if isinstance(t, HostImages) else (t,):  # the same bytes
+            h.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
