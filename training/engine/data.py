@@ -91,15 +91,15 @@ class ImageData:
 def load_dataset(data_dir: str | Path, *, image_size: int | None = None,
                  cache_dir: str | Path | None = DEFAULT_CACHE_DIR, download: bool = True,
                  workers: int = 0, log=print, labels: str | Path | None = None,
-                 test_fraction: float = 0.1) -> ImageData:
+                 test_fraction: float = 0.1, mapped: bool = False) -> ImageData:
     """The dataset at `data_dir`, in whichever layout it is, decoded at `image_size` (default:
-    the median shorter side of its images)."""
+    the median shorter side of its images); `mapped` as `load_found` says."""
     root = Path(data_dir).expanduser().resolve()
     found = find_layout(Source(root, Path(labels).expanduser().resolve() if labels else None,
                                test_fraction))
     size = image_size or min(median_side(found)[0], MAX_IMAGE_SIDE)
     return load_found(found, size, cache_dir=cache_dir, download=download, workers=workers,
-                      log=log)
+                      log=log, mapped=mapped)
 
 
 def load_found(found: Found, image_size: int, *, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,

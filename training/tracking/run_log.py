@@ -83,12 +83,15 @@ def run_params(cfg: TrainConfig, splits: DeviceSplits, setup: Setup) -> dict:
 
 def data_params(splits: DeviceSplits) -> dict:
     """How the data was read: its layout, why its images have their size, where validation
-    came from, what was skipped, and how uneven the classes are."""
+    came from, where the images were held and why, what was skipped, and how uneven the
+    classes are."""
     data = splits.data
     train = splits.class_counts()["train"].values()
     return {"data_layout": data.layout, "data_root": str(data.root),
             "image_size_reason": splits.image_size_reason,
-            "val_source": splits.val_source, "skipped_files": len(data.skipped),
+            "val_source": splits.val_source,
+            "data_placement": "device" if splits.on_device else "memory-mapped cache",
+            "data_placement_reason": splits.placement_reason, "skipped_files": len(data.skipped),
             "duplicate_images": len(data.duplicates),
             "class_balance": round(min(train) / max(1, max(train)), 4)}
 

@@ -1,0 +1,125 @@
+"""Datasets left in the memory-mapped cache: the same batches as in memory, the cache
+written in place by the decoding processes, damaged caches rebuilt, killed decoders named."""
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from training.engine.batches import HostImages
+from training.engine.build import make_loaders, prepare, preprocessing
+from training.engine.data import DecodeKilled, decode_files, load_dataset
+from training.engine.device import data_placement
+from training.engine.models import get_spec
+from training.train import train
+
+
+def quiet(*_):
+    pass
+
+
+def cache_folder(cache_dir):
+    (folder,) = (cache_dir / "datasets").glob("tiny-*")
+    return folder
+
+
+def test_a_mapped_load_gives_the_same_arrays_read_from_the_cache_file(image_folder, tmp_path):
+    in_memory = load_dataset(image_folder, cache_dir=tmp_path, log=quiet)
+    mapped = load_dataset(image_folder, cache_dir=tmp_path, log=quiet, mapped=True)
+    assert torch.equal(in_memory.train_images, mapped.train_images)
+    assert torch.equal(in_memory.test_labels, mapped.test_labels)
+    assert in_memory.fingerprint == mapped.fingerprint
+    before = (cache_folder(tmp_path) / "train_images.npy").read_bytes()
+    mapped.train_images[:] = 0  # copy-on-write: the process's own pages, never the file
+    assert (cache_folder(tmp_path) / "train_images.npy").read_bytes() == before
+
+
+def test_a_first_load_can_be_mapped_and_with_no_cache_folder_too(image_folder, tmp_path):
+    reference = load_dataset(image_folder, cache_dir=None, log=quiet)
+    for cache_dir in (tmp_path, None):
+        mapped = load_dataset(image_folder, cache_dir=cache_dir, log=quiet, mapped=True)
+        assert torch.equal(reference.train_images, mapped.train_images)
+        assert reference.fingerprint == mapped.fingerprint
+
+
+def splits_and_loaders(train_config, placement):
+    cfg = train_config(data_on_device=placement, augment=True, crop_padding=4, flip="alternate")
+    splits = prepare(cfg, log=quiet)
+    return splits, make_loaders(cfg, splits, preprocessing(cfg, splits, get_spec(cfg.model)), False)
+
+
+def test_mapped_batches_are_bit_identical_to_in_memory_ones_for_a_seed(train_config):
+    held, held_loaders = splits_and_loaders(train_config, "yes")
+    mapped, mapped_loaders = splits_and_loaders(train_config, "no")
+    assert held.on_device and not mapped.on_device
+    assert isinstance(mapped.train[0], HostImages) and not isinstance(held.train[0], HostImages)
+    assert held.scratch_stats == mapped.scratch_stats
+    assert held.files == mapped.files
+    for name in ("train", "val", "test"):
+        a, b = getattr(held_loaders, name), getattr(mapped_loaders, name)
+        for _ in range(2):  # two epochs: the alternating flip turns every image over
+            pairs = list(zip(a, b, strict=True))
+            assert pairs
+            for (xa, ya), (xb, yb) in pairs:
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_auto_holds_a_small_dataset_on_the_device_and_leaves_a_huge_one_on_disk():
+    cpu = torch.device("cpu")
+    small, why_small = data_placement("auto", 1 << 20, cpu)
+    huge, why_huge = data_placement("auto", 1 << 50, cpu)
+    assert small and "within half" in why_small
+    assert not huge and "memory-mapped cache" in why_huge
+    assert data_placement("yes", 1 << 50, cpu) == (True, "--data-on-device yes")
+    assert data_placement("no", 1, cpu) == (False, "--data-on-device no")
+
+
+def test_a_run_with_its_data_on_disk_trains_and_logs_where_the_data_was(train_config):
+    result = train(train_config(data_on_device="no"), log=quiet)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data_placement"] == "memory-mapped cache"
+    assert run.data.params["data_placement_reason"] == "--data-on-device no"
+    assert run.data.params["data_on_device"] == "no"
+    assert 0 <= run.data.metrics["test_acc"] <= 1
+
+
+@pytest.mark.parametrize("damage", ["empty images file", "meta without classes",
+                                    "fewer image rows than labels"])
+def test_a_damaged_cache_is_decoded_again_and_replaced(damage, image_folder, tmp_path,
+                                                       monkeypatch):
+    first = load_dataset(image_folder, cache_dir=tmp_path, log=quiet)
+    folder = cache_folder(tmp_path)
+    if damage == "empty images file":
+        (folder / "train_images.npy").write_bytes(b"")
+    elif damage == "meta without classes":
+        meta = (folder / "meta.json").read_text().replace('"classes"', '"klasses"')
+        (folder / "meta.json").write_text(meta)
+    else:
+        np.save(folder / "test_images.npy", np.zeros((2, 3, 32, 32), np.uint8))
+    again = load_dataset(image_folder, cache_dir=tmp_path, log=quiet)
+    assert torch.equal(first.train_images, again.train_images)
+    assert first.fingerprint == again.fingerprint and first.classes == again.classes
+    monkeypatch.setattr("training.engine.data._decode_found",
+                        lambda *a, **k: pytest.fail("the rebuilt cache was not kept"))
+    third = load_dataset(image_folder, cache_dir=tmp_path, log=quiet)
+    assert torch.equal(first.test_images, third.test_images)
+    assert len(list((tmp_path / "datasets").iterdir())) == 1  # no stale folder left
+
+
+def test_a_killed_decoding_process_gives_one_line_saying_what_to_do(image_folder, tmp_path):
+    paths = sorted((image_folder / "train").rglob("*.png"))
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=os.abort)  # the worker dies as a killed one does
+    try:
+        with pytest.raises(DecodeKilled) as caught:
+            decode_files(paths, 32, pool, tmp_path / "images.npy")
+    finally:
+        pool.shutdown(cancel_futures=True)
+    message = str(caught.value)
+    assert "\n" not in message and "killed" in message
+    assert "--decode-workers 1" in message and "--data-on-device no" in message
+    assert sorted((image_folder / "train").rglob("*.png")) == paths
