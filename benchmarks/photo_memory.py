@@ -1,7 +1,7 @@
 """Peak memory of preparing and training on a folder of photos, against the images' own size.
 
     python benchmarks/photo_memory.py --counts 2000,4000,8000 --side 224 --work /tmp/photo-mem \
-        [--checkout /tmp/before] [--limit-gb 20] [--out photo_memory.json]
+        [--checkout /tmp/before] [--limit-gb 20] [--data-on-device yes,no] [--out photo_memory.json]
 
 Generates (once) train/ and test/ class folders of N JPEG photos at SIDE px, then runs
 `python -m training.train --model mlp --epochs 1 --image-size SIDE` on each, as a child process
@@ -12,6 +12,8 @@ peak resident memory (ru_maxrss, from wait4) and its peak anonymous memory (RssA
 Then the slope per image of a straight line through the counts, beside the image's own uint8
 size (3 x SIDE x SIDE bytes). --limit-gb runs each child in a memory cgroup (v1) with that
 limit, so a checkout that needs more is stopped (reported as killed) rather than the machine.
+--data-on-device runs each count once per placement given (yes: the images held in memory; no:
+read from the memory-mapped cache), so the two are measured side by side.
 """
 from __future__ import annotations
 
@@ -62,14 +64,14 @@ def anon_kb(pid: int) -> int:
 
 
 def run_child(checkout: Path, photos: Path, side: int, limit_gb: float | None,
-              eval_batch: int = 100) -> dict:
+              eval_batch: int = 100, extra: tuple[str, ...] = ()) -> dict:
     """One training run; its peak memory in MB, or killed."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "training.train", "--model", "mlp", "--epochs", "1",
                    "--image-size", str(side), "--data-dir", str(photos), "--cache-dir",
                    f"{tmp}/cache", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
                    "--device", "cpu", "--no-register", "--no-progress", "--no-system-metrics",
-                   "--patience", "0", "--eval-batch-size", str(eval_batch)]
+                   "--patience", "0", "--eval-batch-size", str(eval_batch), *extra]
         group = None
         if limit_gb:
             group = CGROUP / f"photo-memory-{os.getpid()}"
@@ -126,20 +128,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluation batch (default 100): a batch as large as the whole "
                              "validation or test split grows with the dataset up to this size, "
                              "which would blur the slope per image")
+    parser.add_argument("--data-on-device", default="",
+                        help="placements to measure side by side, e.g. yes,no (default: the "
+                             "checkout's own default, with no flag)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
     here = Path(__file__).resolve().parents[1]
     checkouts = {"this checkout": here} | ({"other checkout": args.checkout.resolve()}
                                            if args.checkout else {})
+    placements = [p for p in args.data_on_device.split(",") if p]
+    runs = {(name if not p else f"{name}, --data-on-device {p}"):
+            (checkout, ("--data-on-device", p) if p else ())
+            for name, checkout in checkouts.items() for p in placements or [""]}
     image_mb = 3 * args.side * args.side / 2**20
     report = {"side": args.side, "counts": counts, "image_mb": round(image_mb, 4), "runs": {}}
     print("| checkout | images | uint8 images MB | peak RSS MB | peak anonymous MB | s |\n"
           "|---|---|---|---|---|---|")
     for n in counts:
         photos = make_photos(args.work / f"photos-{n}-{args.side}", n, args.side)
-        for name, checkout in checkouts.items():
-            result = run_child(checkout, photos, args.side, args.limit_gb, args.eval_batch_size)
+        for name, (checkout, extra) in runs.items():
+            result = run_child(checkout, photos, args.side, args.limit_gb, args.eval_batch_size,
+                               extra)
             report["runs"].setdefault(name, {})[n] = result
             peak = result["peak_rss_mb"] if result["exit"] == 0 else (
                 "killed at the limit" if result["exit"] in (-9, 137) else f"failed: {result['error']}")

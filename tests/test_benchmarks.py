@@ -157,12 +157,25 @@ def test_shuffled_patches_keep_every_pixel_and_move_them():
     assert torch.equal(mixed.flatten(1).sort(1).values, images.flatten(1).sort(1).values)
 
 
-def test_photo_memory_measures_each_run_and_the_slope_per_image(tmp_path):
+def test_photo_memory_measures_each_run_and_the_slope_per_image_for_each_placement(tmp_path):
     out = tmp_path / "memory.json"
     assert load("photo_memory").main(["--counts", "20,40", "--side", "32", "--work",
-                                      str(tmp_path / "w"), "--out", str(out)]) == 0
+                                      str(tmp_path / "w"), "--data-on-device", "yes,no",
+                                      "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    runs = report["runs"]["this checkout"]
-    assert all(runs[n]["exit"] == 0 and runs[n]["peak_rss_mb"] > 100 for n in ("20", "40"))
-    assert runs["40"]["peak_anon_mb"] > 0 and "mb_per_image" in report["slope"]["this checkout"]
+    for name in ("this checkout, --data-on-device yes", "this checkout, --data-on-device no"):
+        runs = report["runs"][name]
+        assert all(runs[n]["exit"] == 0 and runs[n]["peak_rss_mb"] > 100 for n in ("20", "40"))
+        assert runs["40"]["peak_anon_mb"] > 0 and "mb_per_image" in report["slope"][name]
     assert len(list((tmp_path / "w" / "photos-40-32" / "test").rglob("*.jpg"))) == 10
+
+
+def test_data_paths_trains_both_placements_side_by_side(image_folder, tmp_path):
+    out = tmp_path / "paths.json"
+    assert load("data_paths").main(["--data-dir", str(image_folder), "--models", "mlp",
+                                    "--rounds", "2", "--epochs", "2", "--batch-size", "16",
+                                    "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert len(row["held_images_per_s"]) == len(row["mapped_images_per_s"]) == 2
+    assert all(rate > 0 for rate in row["held_images_per_s"] + row["mapped_images_per_s"])
+    assert row["median_ratio"] > 0 and row["images"] == 54

@@ -121,8 +121,9 @@ CACHED_HEAD = {"model": "efficientnet_lite0", "weights": "imagenet", "freeze": "
 
 
 @pytest.mark.parametrize("settings, tolerance", [({"model": "mlp"}, 1e-4), ({"model": "cnn"}, 0.15),
-                                                 (CACHED_HEAD, 1e-4)],
-                         ids=["mlp", "cnn", "head-on-cached-features"])
+                                                 (CACHED_HEAD, 1e-4),
+                                                 ({"model": "mlp", "data_on_device": "no"}, 1e-4)],
+                         ids=["mlp", "cnn", "head-on-cached-features", "mlp-data-in-mapped-cache"])
 def test_two_processes_train_one_run_that_matches_one_process(
         settings, tolerance, image_folder, store, tmp_path, train_config):
     """mlp and a head on cached features: the same steps as one process (the gradient of a
@@ -138,6 +139,8 @@ def test_two_processes_train_one_run_that_matches_one_process(
     assert ddp.info.status == "FINISHED" and "test_acc" in ddp.data.metrics
     params = ddp.data.params
     assert (params["world_size"], params["nodes"], params["backend"]) == ("2", "1", "gloo")
+    mapped = settings.get("data_on_device") == "no"
+    assert params["data_placement"] == ("memory-mapped cache" if mapped else "device")
     assert (params["batch_size"], params["batch_size_per_process"]) == ("16", "8")
     assert [step for step, _ in history(store, ddp.info.run_id, "train_loss")] == [1, 2]
     registry = MlflowClient(store, registry_uri=store)

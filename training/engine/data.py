@@ -44,6 +44,7 @@ from training.engine.layouts import (
     Source,
     find_layout,
 )
+from training.engine.shards import decode_shard, read_manifest
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarlab"
 SPLITS = ("train", "val", "test")
@@ -111,6 +112,9 @@ def load_found(found: Found, image_size: int, *, cache_dir: str | Path | None = 
         log(note)
     if found.layout == "torchvision":
         name, sources = "cifar10", _torchvision_sources(found.root, download, log)
+    elif found.layout == "shards":
+        name, sources = found.root.name, {split: [(path.name, "", path) for path, _ in items]
+                                          for split, items in found.splits.items()}
     else:
         name, sources = found.root.name, {split: [(found.relative(p), found.classes[label], p)
                                                   for p, label in items]
@@ -136,9 +140,11 @@ def _build_cache(found: Found, name: str, image_size: int, workers: int, folder:
     start = time.perf_counter()
     if found.layout == "torchvision":
         arrays = _read_torchvision(found.root)
+    elif found.layout == "shards":
+        arrays = _decode_shards(found, image_size, workers, log, folder)
     else:
         arrays = _decode_found(found, image_size, workers, log, folder)
-    arrays["fingerprint"] = _fingerprint(arrays, carved=found.carved)
+    arrays["fingerprint"] = arrays.get("fingerprint") or _fingerprint(arrays, carved=found.carved)
     counts = " + ".join(f"{len(arrays[f'{s}_labels'])} {s}" for s in SPLITS if f"{s}_labels" in arrays)
     log(f"decoded {name}: {counts} images in {time.perf_counter() - start:.1f} s")
     splits = [s for s in SPLITS if f"{s}_images" in arrays]
@@ -152,9 +158,11 @@ def _build_cache(found: Found, name: str, image_size: int, workers: int, folder:
 
 def median_side(found: Found, sample: int = 256) -> tuple[int, int]:
     """The median shorter side of (an even sample of) the dataset's images, and how many
-    were measured; CIFAR-10 is 32. Only the files' headers are read."""
+    were measured; CIFAR-10 is 32, shards say theirs. Only the files' headers are read."""
     if found.layout == "torchvision":
         return 32, 0
+    if found.layout == "shards":
+        return tuple(read_manifest(found.root)["median_side"])
     files = found.all_files()
     step = max(1, len(files) // sample)
     sides = []
@@ -330,6 +338,14 @@ class DecodeKilled(DatasetError):
     """A decoding process died (the system killed it, most often for lack of memory)."""
 
 
+def killed(done: int, total: int) -> DecodeKilled:
+    return DecodeKilled(
+        f"a process decoding the images was killed after {done} of {total} were decoded, most "
+        "likely for lack of memory (nothing in the dataset's folder was changed). Run again "
+        "with --decode-workers 1, or free memory; the training itself then reads the images "
+        "from disk with --data-on-device no")
+
+
 def decode_files(paths: list[Path], size: int, pool: ProcessPoolExecutor | None = None,
                  target: Path | None = None) -> Decoded:
     """Decode `paths` at `size` into the uint8 .npy file `target`, each worker writing its
@@ -357,12 +373,7 @@ def decode_files(paths: list[Path], size: int, pool: ProcessPoolExecutor | None 
                 else:
                     decoded.failed.append((i, why))
     except BrokenProcessPool as exc:
-        raise DecodeKilled(
-            f"a process decoding the images was killed after {len(decoded.kept)} of "
-            f"{len(paths)} were decoded, most likely for lack of memory (nothing in the "
-            "dataset's folder was changed). Run again with --decode-workers 1, or free "
-            "memory; the training itself then reads the images from disk with "
-            "--data-on-device no") from exc
+        raise killed(len(decoded.kept), len(paths)) from exc
     images = np.load(target, mmap_mode="r+")
     decoded.images = images[:pack_rows(images, np.array(decoded.kept, dtype=np.int64))]
     return decoded
@@ -407,6 +418,51 @@ def _decode_found(found: Found, size: int, workers: int, log, folder: Path) -> d
         if pool:
             pool.shutdown(cancel_futures=True)
     arrays["duplicates"] = duplicates
+    return arrays
+
+
+def _decode_shards(found: Found, size: int, workers: int, log, folder: Path) -> dict:
+    """Each split's shards into its own uint8 .npy file in `folder`, a decoding process per
+    shard; images a damaged shard lost are listed as skipped, by shard and row."""
+    manifest = read_manifest(found.root)
+    total = sum(split["count"] for split in manifest["splits"].values())
+    log(f"decoding {total} images from the shards in {found.root} at {size}x{size} (once; later "
+        "runs use the cache)")
+    arrays = {"classes": found.classes, "files": {}, "skipped": [], "listed": total,
+              "duplicates": []}
+    pool = decode_pool(total, workers)
+    done = 0
+    try:
+        for split, info in manifest["splits"].items():
+            target = folder / f"{split}_images.npy"
+            np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8,
+                                      shape=(info["count"], 3, size, size)).flush()
+            tasks = [(str(found.root / s["name"]), size, str(target), s["first"], s["count"])
+                     for s in info["shards"]]
+            kept = []
+            results = pool.map(decode_shard, tasks) if pool else map(decode_shard, tasks)
+            for shard, (rows, why) in zip(info["shards"], results):
+                kept += rows
+                done += len(rows)
+                seen = {row for row, _, _ in rows}
+                arrays["skipped"] += [[f"{shard['name']}#{row}", why or "missing from the shard"]
+                                      for row in range(shard["first"], shard["first"] + shard["count"])
+                                      if row not in seen]
+            if not kept:
+                raise DatasetError(f"none of the {info['count']} {split} images in the shards "
+                                   f"of {found.root} could be read; write them again")
+            kept.sort()
+            images = np.load(target, mmap_mode="r+")
+            arrays[f"{split}_images"] = images[:pack_rows(images, np.array([r for r, _, _ in kept]))]
+            arrays[f"{split}_labels"] = np.array([label for _, label, _ in kept], dtype=np.int64)
+            arrays["files"][split] = [name for _, _, name in kept]
+    except BrokenProcessPool as exc:
+        raise killed(done, total) from exc
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    if not arrays["skipped"]:  # the manifest's: the same images, labels and classes
+        arrays["fingerprint"] = manifest["fingerprint"]
     return arrays
 
 

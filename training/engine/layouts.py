@@ -40,6 +40,8 @@ LAYOUTS = {
                    "or --labels FILE)",
     "torchvision": f"torchvision's CIFAR-10 ({CIFAR10_FOLDER}/, or an empty folder to download "
                    "it into)",
+    "shards": "WebDataset shards with their manifest.json (python -m training.shards SRC OUT "
+              "writes them)",
 }
 CARVED = ("class-folders", "labels-file")  # the layouts whose test split this project holds out
 
@@ -91,6 +93,9 @@ def find_layout(source: Source) -> Found:
                           "holds the dataset")
     if (root / CIFAR10_FOLDER).is_dir() or (root / CIFAR10_ARCHIVE).is_file():
         return Found("torchvision", root)
+    if (root / "manifest.json").is_file():
+        from training.engine.shards import found_shards  # shards.py builds on this module
+        return found_shards(root)
     labels = source.labels or (root / KAGGLE_LABELS if (root / KAGGLE_LABELS).is_file() else None)
     train = root / "train"
     if train.is_dir() and labels is not None:

@@ -1,0 +1,121 @@
+"""WebDataset shards written from a dataset's folder and trained on: the same images as the
+folder, the manifest's fingerprint, damaged shards named, bad input refused in one line."""
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+
+from training.engine.data import DatasetError, load_dataset
+from training.engine.shards import MANIFEST
+from training.shards import main as shards_main
+from training.train import train
+
+from datagen import make_class_folders
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture
+def shards(image_folder, tmp_path):
+    out = tmp_path / "shards"
+    assert shards_main([str(image_folder), str(out), "--per-shard", "16"]) == 0
+    return out
+
+
+def test_shards_hold_every_image_of_each_split_with_a_manifest(shards):
+    manifest = json.loads((shards / MANIFEST).read_text())
+    assert manifest["splits"]["train"]["count"] == 60 and manifest["splits"]["test"]["count"] == 18
+    assert [s["name"] for s in manifest["splits"]["train"]["shards"]] == [
+        f"train-{i:06d}.tar" for i in range(4)]
+    assert sorted(p.name for p in shards.iterdir()) == sorted(
+        [MANIFEST] + [s["name"] for split in manifest["splits"].values() for s in split["shards"]])
+
+
+def test_shards_decode_to_the_same_images_and_labels_as_their_folder(image_folder, shards, tmp_path):
+    folder = load_dataset(image_folder, cache_dir=tmp_path / "a", log=quiet)
+    sharded = load_dataset(shards, cache_dir=tmp_path / "b", log=quiet, mapped=True)
+    assert sharded.layout == "shards" and sharded.classes == folder.classes
+    for split in ("train", "test"):
+        assert torch.equal(getattr(folder, f"{split}_images"), getattr(sharded, f"{split}_images"))
+        assert torch.equal(getattr(folder, f"{split}_labels"), getattr(sharded, f"{split}_labels"))
+    assert sharded.files["train"] == folder.files["train"]
+    assert sharded.fingerprint == json.loads((shards / MANIFEST).read_text())["fingerprint"]
+
+
+def test_a_run_on_shards_logs_the_manifest_fingerprint_as_the_dataset(shards, train_config):
+    result = train(train_config(data_dir=str(shards)), log=quiet)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["data_layout"] == "shards"
+    fingerprint = json.loads((shards / MANIFEST).read_text())["fingerprint"]
+    assert run.data.tags["dataset_fingerprint"] == fingerprint
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == fingerprint
+
+
+def test_a_truncated_shard_is_named_and_its_images_skipped_or_refused(shards, train_config):
+    victim = shards / "train-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:3000])
+    data = load_dataset(shards, cache_dir=None, log=quiet)
+    assert 0 < len(data.skipped) <= 16 and len(data.train_labels) == 60 - len(data.skipped)
+    assert all(name.startswith("train-000001.tar#") for name, _ in data.skipped)
+    with pytest.raises(DatasetError, match=r"(?s)train-000001\.tar#16 \(the shard is damaged.*--max-skipped"):
+        train(train_config(data_dir=str(shards)), log=quiet)
+    result = train(train_config(data_dir=str(shards), max_skipped=0.5), log=quiet)
+    assert mlflow.get_run(result.run_id).data.params["skipped_files"] == str(len(data.skipped))
+
+
+def test_class_folders_are_split_for_the_shards_as_training_splits_them(tmp_path):
+    root = make_class_folders(tmp_path / "pets", n_per_class=12)
+    out = tmp_path / "shards"
+    assert shards_main([str(root), str(out), "--per-shard", "10"]) == 0
+    folder = load_dataset(root, cache_dir=None, log=quiet)
+    sharded = load_dataset(out, cache_dir=None, log=quiet)
+    assert sharded.files == folder.files
+    assert torch.equal(sharded.test_images, folder.test_images)
+
+
+def test_cifar10_in_torchvision_form_is_written_as_png_shards(cifar_mirror, tmp_path):
+    load_dataset(tmp_path / "cifar", cache_dir=None, log=quiet)  # downloads from the mirror
+    out = tmp_path / "shards"
+    assert shards_main([str(tmp_path / "cifar"), str(out)]) == 0
+    cifar = load_dataset(tmp_path / "cifar", cache_dir=None, log=quiet, download=False)
+    sharded = load_dataset(out, cache_dir=None, log=quiet)
+    assert torch.equal(cifar.train_images, sharded.train_images)
+    assert sharded.classes == cifar.classes
+
+
+def test_a_folder_that_is_not_empty_is_refused_in_one_line(image_folder, tmp_path):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    done = subprocess.run([sys.executable, "-m", "training.shards", str(image_folder), str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and "not empty" in done.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_manifest_naming_a_missing_shard_is_refused_in_one_line(shards, tmp_path):
+    (shards / "test-000000.tar").unlink()
+    with pytest.raises(DatasetError, match=r"test-000000\.tar.*copy them beside the manifest"):
+        load_dataset(shards, cache_dir=None, log=quiet)
+
+
+def test_two_torchrun_processes_on_shards_train_one_run_with_each_epoch_logged_once(
+        shards, store, tmp_path):
+    from test_distributed import history, only_run, run, torchrun, training_args
+
+    run(torchrun("--standalone", "--nproc-per-node", "2")
+        + training_args(shards, store, tmp_path, "--model", "mlp", "--epochs", "2",
+                        "--data-on-device", "no"))
+    ddp = only_run(store)
+    assert ddp.info.status == "FINISHED" and ddp.data.params["world_size"] == "2"
+    assert ddp.data.params["data_layout"] == "shards"
+    assert ddp.data.params["data_placement"] == "memory-mapped cache"
+    assert [step for step, _ in history(store, ddp.info.run_id, "train_loss")] == [1, 2]
+    assert len(list((tmp_path / "cache" / "datasets").iterdir())) == 1  # one cache, built once

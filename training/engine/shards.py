@@ -1,0 +1,183 @@
+"""WebDataset shards: a dataset in any layout written as tar files of encoded images, with a
+manifest, and read back into the decoded cache.
+
+A shard is a plain tar of samples `NNNNNNNN.<ext>` (the image file's own bytes, never
+re-encoded), `NNNNNNNN.cls` (the class index) and `NNNNNNNN.txt` (the file's name in the
+source), NNNNNNNN being the image's row in its split. `manifest.json` beside the shards names
+the classes, each split's shards with their first row and count, and a fingerprint of every
+image's bytes and label: shards can be copied, served or stored anywhere as whole files.
+
+Reading goes through the `webdataset` package, one shard per decoding process, each image
+decoded by `shared.preprocess.decode_image` (as the app and the folders are) straight into its
+row of the memory-mapped cache. A shard that cannot be read is named, and its missing images
+are counted against --max-skipped like unreadable files.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from shared.preprocess import decode_image
+from training.engine.layouts import DatasetError, Found
+
+MANIFEST = "manifest.json"
+FORMAT = "cifarlab-shards"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+
+
+def is_shards(root: Path) -> bool:
+    return (root / MANIFEST).is_file()
+
+
+def read_manifest(root: Path) -> dict:
+    """The manifest of the shards at `root`, checked enough that reading them cannot go wrong
+    later: one line says what is wrong otherwise."""
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        classes, splits = manifest["classes"], manifest["splits"]
+        if manifest.get("format") != FORMAT or "train" not in splits or "test" not in splits:
+            raise ValueError("not this project's shards, or no train and test splits")
+        for split in splits.values():
+            for shard in split["shards"]:
+                if Path(shard["name"]).name != shard["name"]:
+                    raise ValueError(f"shard name {shard['name']!r} is not a file name")
+                int(shard["first"]), int(shard["count"])
+        if not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError("no class names")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{path} is not a readable shards manifest ({exc}); write the shards "
+                           "again with python -m training.shards SRC OUT") from None
+    return manifest
+
+
+def found_shards(root: Path) -> Found:
+    """Shards as a layout: each split's shard files, in order, with the first row of each."""
+    manifest = read_manifest(root)
+    splits = {name: [(root / shard["name"], int(shard["first"])) for shard in split["shards"]]
+              for name, split in manifest["splits"].items()}
+    missing = [path.name for items in splits.values() for path, _ in items if not path.is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} shard(s) named in {root / MANIFEST} are missing "
+                           f"({', '.join(missing[:5])}): copy them beside the manifest")
+    return Found("shards", root, list(manifest["classes"]), splits)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def _samples(found: Found, split: str, arrays: dict | None) -> Iterator[tuple[str, str, bytes, int]]:
+    """(name, extension, encoded bytes, label) of each image of `split`, in order; CIFAR-10's
+    arrays (`arrays`) encoded as PNG."""
+    if arrays is not None:
+        from PIL import Image
+        for i, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"])):
+            out = io.BytesIO()
+            Image.fromarray(image.transpose(1, 2, 0)).save(out, "PNG")
+            yield f"{split}/{i:05d}.png", "png", out.getvalue(), int(label)
+        return
+    for path, label in found.splits[split]:
+        ext = path.suffix.lower().lstrip(".")
+        yield found.relative(path), ext if ext in IMAGE_EXTENSIONS else "img", path.read_bytes(), label
+
+
+def _shorter_side(data: bytes) -> int | None:
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return min(image.size)
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def write_shards(found: Found, out: Path, per_shard: int = 1000, log=print) -> dict:
+    """Write `found` as shards of `per_shard` images each into the new or empty folder `out`;
+    the manifest is written last, so a folder with one holds whole shards. It also keeps the
+    median shorter side of the training images (every 16th), which sets the stored size."""
+    import webdataset as wds
+
+    from training.engine.data import _read_torchvision
+
+    if out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out} is not empty: the shards go into a new or empty folder "
+                           "(nothing in it was changed)")
+    arrays = _read_torchvision(found.root) if found.layout == "torchvision" else None
+    classes = arrays["classes"] if arrays else found.classes
+    splits = ["train", "test"] if arrays else [s for s in ("train", "val", "test") if s in found.splits]
+    out.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(classes).encode())
+    manifest = {"format": FORMAT, "version": 1, "classes": classes, "layout": found.layout,
+                "source": str(found.root), "splits": {}}
+    sides = []
+    try:
+        for split in splits:
+            shards, counts, writer = [], [0] * len(classes), None
+            for row, (name, ext, data, label) in enumerate(_samples(found, split, arrays)):
+                if row % per_shard == 0:
+                    if writer:
+                        writer.close()
+                    shards.append({"name": f"{split}-{len(shards):06d}.tar", "first": row, "count": 0})
+                    writer = wds.TarWriter(str(partial / shards[-1]["name"]))
+                writer.write({"__key__": f"{row:08d}", ext: data, "cls": label, "txt": name})
+                shards[-1]["count"] += 1
+                counts[label] += 1
+                h.update(f"{split}|{label}|".encode() + hashlib.blake2b(data, digest_size=16).digest())
+                if split == "train" and row % 16 == 0:
+                    sides.append(_shorter_side(data))
+            if writer:
+                writer.close()
+            manifest["splits"][split] = {"count": sum(counts), "shards": shards,
+                                         "class_counts": dict(zip(classes, counts))}
+            log(f"shards: {split}, {sum(counts)} images in {len(shards)} shard(s)")
+        sides = sorted(side for side in sides if side)
+        manifest["median_side"] = [sides[(len(sides) - 1) // 2] if sides else 32, len(sides)]
+        manifest["fingerprint"] = h.hexdigest()
+        for shard in sorted(partial.iterdir()):
+            os.replace(shard, out / shard.name)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return manifest
+
+
+# --- reading into the decoded cache ------------------------------------------------------------
+
+def decode_shard(args: tuple[str, int, str, int, int]) -> tuple[list[tuple[int, int, str]], str | None]:
+    """Decode one shard's images into their rows of the .npy file at `target` (memory-mapped
+    here, in the worker): (row, label, name) of each image written, and why the shard ended
+    early, if it did. An image that cannot be decoded is left out, its row absent."""
+    import webdataset as wds
+
+    url, size, target, first, count = args
+    out = np.load(target, mmap_mode="r+")
+    kept, why = [], None
+    # this process reads exactly this shard: no splitting by node or worker
+    samples = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
+                             workersplitter=None)
+    try:
+        for sample in samples:
+            data = next((sample[k] for k in sample if k in IMAGE_EXTENSIONS or k == "img"), None)
+            try:
+                row, label = int(sample["__key__"]), int(sample["cls"])
+                if not first <= row < first + count or data is None:
+                    continue
+                out[row] = decode_image(io.BytesIO(data), size)
+            except (OSError, ValueError, KeyError, SyntaxError) as exc:
+                why = why or f"an image or label that cannot be read ({type(exc).__name__})"
+                continue
+            kept.append((row, label, sample.get("txt", b"").decode(errors="replace")))
+    except (OSError, EOFError, tarfile.TarError) as exc:  # a truncated or foreign tar
+        why = f"the shard is damaged or cut short ({type(exc).__name__})"
+    out.flush()
+    del out
+    return kept, why
