@@ -16,6 +16,7 @@ from training.engine.batches import DeviceLoader, Sampling, Shard
 from training.engine.build import check_world, prepare
 from training.engine.config import ConfigError
 from training.servers import free_port
+from training.tracking import checkpoint
 from training.train import train
 
 from datagen import make_image_folder
@@ -245,6 +246,30 @@ def test_a_killed_process_ends_the_job_and_the_run_resumes(larger_folder, store,
     assert "another process of this training stopped" in failed.data.tags["failure_reason"]
     assert "--resume" in failed.data.tags["failure_reason"]
     resume_and_finish(store, larger_folder, tmp_path, failed.info.run_id, 4)
+
+
+def test_a_process_killed_mid_epoch_resumes_after_its_last_step_with_every_image_seen_once(
+        larger_folder, store, tmp_path):
+    """The interrupted epoch's training loss and accuracy are sums over its images: equal to
+    an uninterrupted run's, each image was trained on once, none twice or never."""
+    args = ("--model", "mlp", "--epochs", "3", "--no-register", "--batch-size", "8",
+            "--checkpoint-steps", "1")
+    other = f"sqlite:///{tmp_path / 'whole.db'}"
+    run(torchrun("--standalone", "--nproc-per-node", "2")
+        + training_args(larger_folder, other, tmp_path, *args))
+    process, _ = start_until_epoch_one(torchrun("--standalone", "--nproc-per-node", "2")
+                                       + training_args(larger_folder, store, tmp_path, *args))
+    time.sleep(0.5)
+    os.kill(workers(process.pid)[1], signal.SIGKILL)
+    process.communicate(timeout=120)
+    failed = only_run(store)
+    saved = torch.load(checkpoint.checkpoint_path(store, failed.info.run_id), weights_only=False)
+    assert saved["loader"].get("within"), "the kill did not land within an epoch"
+    resume_and_finish(store, larger_folder, tmp_path, failed.info.run_id, 3)
+    whole = only_run(other)
+    for key in ("train_loss", "train_acc"):
+        assert [v for _, v in history(store, failed.info.run_id, key)] == pytest.approx(
+            [v for _, v in history(other, whole.info.run_id, key)], abs=1e-5), key
 
 
 def test_a_checkpoint_from_before_sync_bn_existed_still_resumes(train_config, store):

@@ -242,3 +242,20 @@ def test_a_checkpoint_lacking_a_setting_that_is_not_marked_added_is_refused(trai
     checkpoint.save(path, older)
     with pytest.raises(checkpoint.ResumeError, match="lacks some it needs \\(label_smoothing\\)"):
         resume_config(train_config(resume="last"))
+
+
+@pytest.mark.parametrize("options", [{}, LITE0], ids=["cnn-augmented", "cached-features"])
+def test_a_run_stopped_mid_epoch_resumes_after_its_last_step_and_matches_an_uninterrupted_one(
+        options, train_config, store):
+    cfg = train_config(epochs=3, seed=3, checkpoint_steps=1, **options)
+    whole = train(cfg, log=quiet)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, log=quiet, stop_requested=stop_after_steps(4))  # 3 steps an epoch: epoch 2, step 2
+    resumed_cfg, resume = resume_config(train_config(resume="last"))
+    assert resume.checkpoint["epoch"] == 1
+    assert resume.checkpoint["loader"]["within"]["done"] == 2
+    train(resumed_cfg, log=quiet, resume=resume)
+    assert steps(store, resume.run_id, "train_loss") == [1, 2, 3]
+    for key in ("train_loss", "train_acc", "val_loss"):
+        assert values(store, resume.run_id, key) == pytest.approx(values(store, whole.run_id, key),
+                                                                  abs=1e-6), key

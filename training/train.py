@@ -91,11 +91,13 @@ def train(cfg: TrainConfig, log=print, *, splits: DeviceSplits | None = None,
         log(describe(cfg, splits, setup))
         run.start(run_log.run_tags(splits.data), run_log.run_params(cfg, splits, setup), splits)
         recorder = EpochRecorder(run, setup.state, setup.start.history if setup.start else [])
+        steps = cfg.checkpoint_steps if cfg.checkpoint_every else 0
         result = fit(setup.network, setup.state, setup.loss_fn,
                      Validation(setup.loaders.val, splits.num_classes, cfg.tta),
                      epochs=cfg.epochs, precision=setup.precision, start=setup.start,
                      callbacks=Callbacks(recorder, progress_bar(cfg.progress and distributed.world().is_main),
-                                         distributed.agreed(stop_requested)))
+                                         distributed.agreed(stop_requested), on_step=recorder.step,
+                                         checkpoint_steps=steps))
         run.ensure_stored(result.epochs_run)
         outcome = record_fit(run, result, setup, recorder.seconds, log)
         if not options.trial:

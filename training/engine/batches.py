@@ -155,6 +155,8 @@ class Batches:
         self.labels, self.batch_size, self.sampling, self.shard = labels, batch_size, sampling, shard
         self.generator = torch.Generator(device=labels.device).manual_seed(sampling.seed)
         self.epoch = 0  # passes started
+        self.current: dict | None = None  # the pass in progress: its draws and batches done
+        self.resume_at: dict | None = None  # a pass a mid-epoch checkpoint was taken in
 
     @property
     def device(self) -> torch.device:
@@ -181,21 +183,48 @@ class Batches:
             return torch.randperm(n, device=self.device, generator=self.generator)
         return torch.arange(n, device=self.device)
 
-    def shares(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
-        """This process's indices of each batch of `order`; a short last batch can leave a
-        process none, and it is skipped."""
-        for i in range(len(self)):
+    def shares(self, order: torch.Tensor, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """(batch number, this process's indices of it) for each batch of `order` from
+        `start`; a short last batch can leave a process none, and it is skipped."""
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             idx = idx[self.shard.rank::self.shard.world_size]
             if len(idx):
-                yield idx
+                yield i, idx
+
+    def begin_pass(self, draw: Callable[[], dict[str, torch.Tensor]]) -> dict:
+        """A new epoch's draws (`draw()`: its order and whatever else it draws at the start),
+        or, after a mid-epoch checkpoint was restored, the draws of the epoch it was taken
+        in, to go on after its last finished batch."""
+        if self.resume_at is not None:
+            current = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                       for k, v in self.resume_at.items()}
+            self.resume_at = None
+        else:
+            current = {**draw(), "done": 0}
+            self.epoch += 1
+        self.current = current
+        return current
+
+    def batches(self, current: dict) -> Iterator[tuple[int, torch.Tensor]]:
+        """The pass's batches still to go; `done` counts the global batches handed out."""
+        for i, idx in self.shares(current["order"], current["done"]):
+            current["done"] = i + 1
+            yield i, idx
+        self.current = None
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "epoch": self.epoch}
+        """The generator and epoch; within an epoch, also its draws and the batches done."""
+        state = {"generator": self.generator.get_state(), "epoch": self.epoch}
+        if self.current is not None:
+            state["within"] = {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                               for k, v in self.current.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.epoch = state["epoch"]
+        self.resume_at = state.get("within")
 
 
 class DeviceLoader(Batches):
@@ -227,18 +256,19 @@ class DeviceLoader(Batches):
                                           .manual_seed(sampling.seed + 1)) < 0.5
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.order()
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        augment = self.augment_generator(epoch)
-        for idx in self.shares(order):
-            yield self.prepare(self.images[idx], idx, epoch, augment), self.labels[idx]
+        current = self.begin_pass(lambda: {"order": self.order()})
+        epoch = self.epoch - 1
+        for i, idx in self.batches(current):
+            yield (self.prepare(self.images[idx], idx, epoch, self.augment_generator(epoch, i)),
+                   self.labels[idx])
 
-    def augment_generator(self, epoch: int) -> torch.Generator:
-        """One process: the shuffling generator, as always. Several: one of this process and
-        epoch, so a resumed run draws what it would have drawn, without saving every rank's."""
+    def augment_generator(self, epoch: int, batch: int) -> torch.Generator:
+        """One process: the shuffling generator, as always (saved with the state). Several:
+        one of this process, epoch and batch, so a resumed run draws what it would have
+        drawn, within an epoch too, without saving every rank's."""
         if self.shard.world_size == 1:
             return self.generator
-        seed = (self.sampling.seed * 1_000_003 + epoch) * 4099 + self.shard.rank + 1
+        seed = ((self.sampling.seed * 1_000_003 + epoch) * 4099 + self.shard.rank + 1) * 65_537 + batch
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def prepare(self, x: torch.Tensor, idx: torch.Tensor | None = None, epoch: int = 0,

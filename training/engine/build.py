@@ -31,7 +31,14 @@ from training.engine.layouts import Found, Source, find_layout
 from training.engine.loop import autocast_for, warm_up
 from training.engine.models import ModelSpec, build_model, get_spec, is_convolutional
 from training.engine.optim import OptimizerSettings, Schedule, make_optimizer, make_scheduler
-from training.engine.state import EarlyStopping, FitResult, TrainingState, Unfreezer, restore
+from training.engine.state import (
+    EarlyStopping,
+    EpochSums,
+    FitResult,
+    TrainingState,
+    Unfreezer,
+    restore,
+)
 from training.engine.whiten import whiten_first_conv
 
 
@@ -329,7 +336,7 @@ def training_state(cfg: TrainConfig, model: nn.Module, loader: DeviceLoader | Fe
         scheduler=schedule_for(cfg, optimizer, len(loader)),
         scaler=torch.amp.GradScaler(loader.device.type) if precision == "fp16" else None,
         averager=Lookahead(model, cfg.epochs * len(loader)) if cfg.lookahead else None,
-        unfreezer=Unfreezer.of(model, cfg.unfreeze_after))
+        unfreezer=Unfreezer.of(model, cfg.unfreeze_after), sums=EpochSums())
 
 
 def compiled(setup: Setup, log=print) -> Setup:

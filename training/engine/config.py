@@ -176,6 +176,10 @@ class TrainConfig:
                                     "thread, so training never waits on the disk or the server")
     checkpoint_every: int = opt(1, "save a checkpoint every N epochs (0: never); epoch metrics "
                                    "reach MLflow with each checkpoint", min=0)
+    checkpoint_steps: int = opt(0, "also save a checkpoint every N training steps within an "
+                                   "epoch (0: at epoch ends only): a run killed mid-epoch "
+                                   "resumes after its last such step, every image of that epoch "
+                                   "seen once", min=0, added=True)
     resume: str | None = opt(None, "RUN_ID or 'last': continue that run from its checkpoint "
                                    "(its own settings are used)")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, "

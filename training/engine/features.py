@@ -47,12 +47,16 @@ class FeatureLoader(Batches):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         views, n = self.features.shape[:2]
-        order = self.order()
-        view = (torch.randint(0, views, (n,), device=self.device, generator=self.generator)
-                if self.sampling.shuffle else torch.zeros(n, dtype=torch.long, device=self.device))
-        self.epoch += 1
-        for idx in self.shares(order):
-            yield self.features[view[idx], idx].float(), self.labels[idx]
+
+        def draw() -> dict[str, torch.Tensor]:
+            order = self.order()
+            view = (torch.randint(0, views, (n,), device=self.device, generator=self.generator)
+                    if self.sampling.shuffle else torch.zeros(n, dtype=torch.long, device=self.device))
+            return {"order": order, "view": view}
+
+        current = self.begin_pass(draw)
+        for _, idx in self.batches(current):
+            yield self.features[current["view"][idx], idx].float(), self.labels[idx]
 
 
 NOT_CACHED = {"feature_cache": "off", "feature_views": 0}  # the params of a run without the cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -16,7 +17,7 @@ from shared.messages import RunFailed
 from shared.preprocess import tta_logits
 from training.engine import distributed
 from training.engine.batches import DeviceLoader
-from training.engine.state import FitResult, TrainingState
+from training.engine.state import EpochSums, FitResult, TrainingState
 
 Progress = Callable[[Iterable, str], Iterable]
 
@@ -56,31 +57,40 @@ class Callbacks:
     on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None
     progress: Progress = no_progress
     stop_requested: Callable[[], bool] = never
+    on_step: Callable[[int], None] = lambda epoch: None  # every `checkpoint_steps` global batches
+    checkpoint_steps: int = 0
 
 
 def train_epoch(network: nn.Module, state: TrainingState, loss_fn: nn.Module, *,
                 autocast=contextlib.nullcontext, progress: Progress = no_progress,
-                desc: str = "train", stop_requested: Callable[[], bool] = never) -> dict[str, float]:
+                desc: str = "train", stop_requested: Callable[[], bool] = never,
+                checkpoint_steps: int = 0, on_step: Callable[[], None] = lambda: None
+                ) -> dict[str, float]:
     """One pass over the state's loader through `network` (its model, or the compiled form).
-    Sums stay on the device; the host reads them once, at the end, summed over processes."""
+    Sums stay on the device; the host reads them once, at the end, summed over processes.
+    Every `checkpoint_steps` global batches the sums so far are added up over processes and
+    `on_step()` is told: a checkpoint taken then holds the epoch's place and its sums, and a
+    pass restored from one goes on from there."""
     network.train()
-    device = state.loader.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    for x, y in progress(state.loader, desc):
+    loader = state.loader
+    sums = state.sums = state.sums or EpochSums()
+    if loader.resume_at is None or sums.loss is None:
+        sums.reset(loader.device)
+    else:
+        sums.to(loader.device)
+    for x, y in progress(loader, desc):
         with autocast():
             out = network(x)
             loss = loss_fn(out, y)
         state.step(loss)
-        loss_sum += loss.detach().float() * y.shape[0]
-        correct += (out.detach().argmax(1) == y).sum()
-        seen += y.shape[0]
+        sums.add(loss.detach().float() * y.shape[0], (out.detach().argmax(1) == y).sum(), y.shape[0])
+        if checkpoint_steps and loader.current["done"] % checkpoint_steps == 0:
+            sums.carried = distributed.all_sum(sums.stacked())
+            on_step()
         if stop_requested():
             raise StopRequested
-    sums = torch.stack([loss_sum.double(), correct.double(),
-                        torch.tensor(seen, dtype=torch.double, device=device)])
-    loss_sum, correct, seen = distributed.all_sum(sums).tolist()
+    loss_sum, correct, seen = distributed.all_sum(sums.stacked()).tolist()
+    sums.carried = None
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
 
 
@@ -175,9 +185,12 @@ def fit(network: nn.Module, state: TrainingState, loss_fn: nn.Module, validation
         state.begin_epoch(epoch)
         lr = state.optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
+        left = 1 - (state.loader.resume_at or {"done": 0})["done"] / max(1, len(state.loader))
         metrics = train_epoch(network, state, loss_fn, autocast=autocast,
                               progress=callbacks.progress, desc=f"epoch {epoch}/{epochs}",
-                              stop_requested=callbacks.stop_requested)
+                              stop_requested=callbacks.stop_requested,
+                              checkpoint_steps=callbacks.checkpoint_steps,
+                              on_step=functools.partial(callbacks.on_step, epoch))
         train_seconds = time.perf_counter() - started
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"the training loss became {metrics['train_loss']} in epoch "
@@ -189,7 +202,7 @@ def fit(network: nn.Module, state: TrainingState, loss_fn: nn.Module, validation
             metrics.update(val_loss=val["loss"], val_acc=val["acc"])
         seconds = time.perf_counter() - started
         metrics.update(lr=lr, epoch_seconds=seconds,
-                       images_per_second=state.loader.num_images / train_seconds)
+                       images_per_second=state.loader.num_images * left / train_seconds)
         metrics = distributed.from_main(metrics)  # rank 0's figures decide for every process
         result.history.append(metrics)
         result.train_seconds += seconds

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
+from training.engine import distributed
 from training.engine.averaging import Lookahead
 from training.engine.batches import DeviceLoader
 from training.engine.features import FeatureLoader
@@ -100,6 +101,49 @@ class Unfreezer:
         """Nothing to restore: the epoch alone says whether the backbone trains."""
 
 
+class EpochSums:
+    """The training loss, correct answers and images of the epoch in progress (on the
+    device, this process's), and `carried`: all processes' totals as of the last mid-epoch
+    checkpoint, which is what one saves. Restored, the first process starts from the totals
+    and the others from zero, so the epoch's sums still add up to each image once."""
+
+    def __init__(self):
+        self.loss = self.correct = None
+        self.seen = 0
+        self.carried: torch.Tensor | None = None
+
+    def reset(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = 0
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
+        self.loss += loss_sum
+        self.correct += correct
+        self.seen += seen
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack([self.loss.double(), self.correct.double(),
+                            torch.tensor(self.seen, dtype=torch.double, device=self.loss.device)])
+
+    def state_dict(self) -> dict:
+        return {"carried": None if self.carried is None else self.carried.cpu()}
+
+    def to(self, device: torch.device) -> None:
+        self.loss, self.correct = self.loss.to(device), self.correct.to(device)
+
+    def load_state_dict(self, state: dict) -> None:
+        carried = state["carried"]
+        if carried is None:
+            return
+        if distributed.world().rank != 0:
+            carried = torch.zeros_like(carried)
+        loss, correct, seen = carried.tolist()
+        self.loss = torch.tensor(loss, dtype=torch.float32)
+        self.correct = torch.tensor(int(correct), dtype=torch.long)
+        self.seen = int(seen)
+
+
 @dataclass
 class TrainingState:
     """Everything a run changes as it trains. `state_dict()` / `load_state_dict()` follow the
@@ -115,6 +159,7 @@ class TrainingState:
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     averager: Lookahead | None = None
     unfreezer: Unfreezer | None = None
+    sums: EpochSums | None = None  # the epoch in progress (a mid-epoch checkpoint's)
 
     def begin_epoch(self, epoch: int) -> None:
         if self.unfreezer is not None:

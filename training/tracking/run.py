@@ -234,6 +234,10 @@ class TrackedRun:
 
         self.writer.submit(write)
 
+    def save_within(self, epochs_done: int, state: dict) -> None:
+        """A mid-epoch checkpoint, written off the training thread like the others."""
+        self.writer.submit(lambda: self.saver.save(epochs_done, state))
+
     def ensure_stored(self, epochs_run: int) -> None:
         """Every epoch checkpointed and logged, or StoreUnavailable with the way to resume."""
         self.writer.drain()
@@ -352,6 +356,17 @@ class EpochRecorder:
         self.seconds += time.perf_counter() - started
         if self.run.options.epoch_hook is not None:
             self.run.options.epoch_hook(epoch, metrics)
+
+
+    def step(self, epoch: int) -> None:
+        """fit's `on_step` (every --checkpoint-steps batches): a checkpoint of the epochs done
+        and of this one's place in its pass, so a run killed now resumes here."""
+        if not self.run.saver.every:  # checkpoints off, or a process that never writes them
+            return
+        started = time.perf_counter()
+        self.run.save_within(epoch - 1, snapshot(checkpoint_state(self.run.cfg, epoch - 1,
+                                                                  self.history, self.state)))
+        self.seconds += time.perf_counter() - started
 
 
 def progress_bar(enabled: bool) -> Callable:
