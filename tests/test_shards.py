@@ -119,3 +119,15 @@ def test_two_torchrun_processes_on_shards_train_one_run_with_each_epoch_logged_o
     assert ddp.data.params["data_placement"] == "memory-mapped cache"
     assert [step for step, _ in history(store, ddp.info.run_id, "train_loss")] == [1, 2]
     assert len(list((tmp_path / "cache" / "datasets").iterdir())) == 1  # one cache, built once
+
+
+def test_a_model_evaluated_on_shards_scores_their_test_split_as_on_the_folder(
+        registered, registered_store, shards, tmp_path):
+    from test_evaluate import evaluation_runs
+
+    from training.evaluate import main as evaluate_main
+    assert evaluate_main(["--model", "tiny-cnn/1", "--data-dir", str(shards), "--tracking-uri",
+                          registered_store, "--cache-dir", str(tmp_path / "cache")]) == 0
+    (run,) = evaluation_runs(registered_store)
+    assert run.data.metrics["images"] == 18
+    assert run.data.metrics["accuracy"] == pytest.approx(registered[1].test_acc, abs=1e-9)

@@ -44,6 +44,7 @@ from training.engine.data import (
     load_dataset,
 )
 from training.engine.layouts import KAGGLE_LABELS, Found, Source, class_dirs, find_layout, some_names
+from training.engine.shards import is_shards
 from training.tracking import report
 from training.tracking.publish import ensure_experiment, log_dataset
 from training.tracking.run_log import git_commit
@@ -108,6 +109,8 @@ def evaluation_set(data_dir: str | Path, classes: list[str], size: int,
         raise DatasetError(f"{root} is not a folder")
     if (root / CIFAR10_FOLDER).is_dir() or (root / CIFAR10_ARCHIVE).is_file():
         return _cifar_test(root, classes, size, cache_dir)
+    if is_shards(root):
+        return _shards_test(root, classes, size, cache_dir)
     found = _labelled(root, Path(labels).expanduser().resolve() if labels else None)
     unknown = sorted(set(found.classes) - set(classes))
     if unknown:
@@ -208,6 +211,20 @@ def _cifar_test(root: Path, classes: list[str], size: int, cache_dir) -> EvalSet
     return EvalSet(f"{data.name}-test", root, images, data.test_labels,
                    fingerprint(classes, images.numpy(), data.test_labels.numpy()), data.layout,
                    "CIFAR-10's test set")
+
+
+def _shards_test(root: Path, classes: list[str], size: int, cache_dir) -> EvalSet:
+    """The test split of WebDataset shards, decoded at the model's size."""
+    data = load_dataset(root, image_size=size, cache_dir=cache_dir, log=lambda *_: None)
+    unknown = sorted(set(data.classes) - set(classes))
+    if unknown:
+        raise DatasetError(f"the shards in {root} have classes the model does not know: "
+                           f"{unknown}. The model's classes are: {classes}")
+    labels = torch.tensor([classes.index(data.classes[i]) for i in data.test_labels.tolist()])
+    skipped = [item for item in data.skipped if item[0].startswith("test-")]
+    return EvalSet(f"{data.name}-test", root, data.test_images, labels,
+                   fingerprint(classes, data.test_images.numpy(), labels.numpy()), data.layout,
+                   "the shards' test split", skipped)
 
 
 def measure(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
