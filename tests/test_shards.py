@@ -131,3 +131,49 @@ def test_a_model_evaluated_on_shards_scores_their_test_split_as_on_the_folder(
     (run,) = evaluation_runs(registered_store)
     assert run.data.metrics["images"] == 18
     assert run.data.metrics["accuracy"] == pytest.approx(registered[1].test_acc, abs=1e-9)
+
+
+@pytest.fixture
+def served(shards):
+    """The shards' parent folder over HTTP on 127.0.0.1, as object storage serves them."""
+    from training.servers import free_port
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(shards.parent)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+    import urllib.request
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/shards/{MANIFEST}", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/shards"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("how", ["http", "pipe"])
+def test_shards_are_read_from_a_url_or_a_pipe_command_as_from_their_folder(
+        how, served, shards, image_folder, train_config, tmp_path):
+    data_dir = served if how == "http" else f"pipe:cat {shards}/{{}}"
+    result = train(train_config(data_dir=data_dir), log=quiet)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["data_layout"] == "shards"
+    fingerprint = json.loads((shards / MANIFEST).read_text())["fingerprint"]
+    assert run.data.tags["dataset_fingerprint"] == fingerprint
+    local = load_dataset(image_folder, cache_dir=None, log=quiet)
+    remote = load_dataset(data_dir, cache_dir=tmp_path / "other", log=quiet)
+    assert torch.equal(local.train_images, remote.train_images)
+
+
+def test_a_pipe_command_without_a_place_for_the_file_name_is_refused(tmp_path):
+    with pytest.raises(DatasetError, match=r"names each file with \{\}"):
+        load_dataset("pipe:cat shards.tar", cache_dir=tmp_path, log=quiet)
+
+
+def test_a_url_with_no_manifest_is_refused_in_one_line(tmp_path):
+    with pytest.raises(DatasetError, match="cannot read manifest.json at pipe:cat") as caught:
+        load_dataset(f"pipe:cat {tmp_path}/{{}}", cache_dir=tmp_path, log=quiet)
+    assert "\n" not in str(caught.value)

@@ -44,7 +44,7 @@ from training.engine.data import (
     load_dataset,
 )
 from training.engine.layouts import KAGGLE_LABELS, Found, Source, class_dirs, find_layout, some_names
-from training.engine.shards import is_shards
+from training.engine.shards import is_shards, local_root
 from training.tracking import report
 from training.tracking.publish import ensure_experiment, log_dataset
 from training.tracking.run_log import git_commit
@@ -104,7 +104,7 @@ def evaluation_set(data_dir: str | Path, classes: list[str], size: int,
     """The labelled images under `data_dir` (see the module's docstring), decoded at `size`.
     `held_out` is the source run's file lists: on the folder that run trained on, with a test
     split this project held out, exactly its test files are scored."""
-    root = Path(data_dir).expanduser().resolve()
+    root = local_root(str(data_dir), cache_dir)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder")
     if (root / CIFAR10_FOLDER).is_dir() or (root / CIFAR10_ARCHIVE).is_file():

@@ -31,6 +31,7 @@ from training.engine.layouts import Found, Source, find_layout
 from training.engine.loop import autocast_for, warm_up
 from training.engine.models import ModelSpec, build_model, get_spec, is_convolutional
 from training.engine.optim import OptimizerSettings, Schedule, make_optimizer, make_scheduler
+from training.engine.shards import local_root
 from training.engine.state import (
     EarlyStopping,
     EpochSums,
@@ -161,9 +162,9 @@ def prepare(cfg: TrainConfig, log=print) -> DeviceSplits:
     device = distributed.place(resolve_device(cfg.device))
     spec = get_spec(cfg.model)
     labels = Path(cfg.labels).expanduser().resolve() if cfg.labels else None
-    source = Source(Path(cfg.data_dir).expanduser().resolve(), labels, cfg.test_fraction)
     with distributed.machine_first():
-        found = find_layout(source)
+        found = find_layout(Source(local_root(cfg.data_dir, cfg.cache_dir), labels,
+                                   cfg.test_fraction))
         size, reason = image_size_for(cfg, spec, found)
         copies = distributed.world().local_size if device.type != "cuda" else 1
         on_device, placement = data_placement(cfg.data_on_device, dataset_bytes(found, size),

@@ -70,7 +70,9 @@ class TrainConfig:
                             "model (--list-models describes them)")
     data_dir: str = opt("data", "the dataset's folder: train/<class>/ and test/<class>/ (and "
                                 "val/), <class>/ folders with no split, train/ with a labels "
-                                "CSV, or CIFAR-10 (downloaded into an empty or missing folder)")
+                                "CSV, WebDataset shards with their manifest.json (or their "
+                                "URL: https://HOST/DIR, or pipe:CMD with {} for each file "
+                                "name), or CIFAR-10 (downloaded into an empty or missing folder)")
     labels: str | None = opt(None, "a CSV of file id,label for the images in DATA_DIR/train/ "
                                    "(default: DATA_DIR/trainLabels.csv when there is one)",
                              added=True)

@@ -44,7 +44,7 @@ from training.engine.layouts import (
     Source,
     find_layout,
 )
-from training.engine.shards import decode_shard, read_manifest
+from training.engine.shards import MANIFEST, decode_shard, local_root, read_manifest, shard_source
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarlab"
 SPLITS = ("train", "val", "test")
@@ -95,7 +95,7 @@ def load_dataset(data_dir: str | Path, *, image_size: int | None = None,
                  test_fraction: float = 0.1, mapped: bool = False) -> ImageData:
     """The dataset at `data_dir`, in whichever layout it is, decoded at `image_size` (default:
     the median shorter side of its images); `mapped` as `load_found` says."""
-    root = Path(data_dir).expanduser().resolve()
+    root = local_root(str(data_dir), cache_dir)
     found = find_layout(Source(root, Path(labels).expanduser().resolve() if labels else None,
                                test_fraction))
     size = image_size or min(median_side(found)[0], MAX_IMAGE_SIDE)
@@ -112,9 +112,10 @@ def load_found(found: Found, image_size: int, *, cache_dir: str | Path | None = 
         log(note)
     if found.layout == "torchvision":
         name, sources = "cifar10", _torchvision_sources(found.root, download, log)
-    elif found.layout == "shards":
+    elif found.layout == "shards":  # the shards' files, and the manifest (for remote ones)
         name, sources = found.root.name, {split: [(path.name, "", path) for path, _ in items]
                                           for split, items in found.splits.items()}
+        sources["manifest"] = [(MANIFEST, "", found.root / MANIFEST)]
     else:
         name, sources = found.root.name, {split: [(found.relative(p), found.classes[label], p)
                                                   for p, label in items]
@@ -437,7 +438,7 @@ def _decode_shards(found: Found, size: int, workers: int, log, folder: Path) -> 
             target = folder / f"{split}_images.npy"
             np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8,
                                       shape=(info["count"], 3, size, size)).flush()
-            tasks = [(str(found.root / s["name"]), size, str(target), s["first"], s["count"])
+            tasks = [(shard_source(found.root, s["name"]), size, str(target), s["first"], s["count"])
                      for s in info["shards"]]
             kept = []
             results = pool.map(decode_shard, tasks) if pool else map(decode_shard, tasks)

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -34,8 +35,59 @@ FORMAT = "cifarlab-shards"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 
 
+BASE = "base.txt"  # beside a remote manifest's local copy: where its shards are
+
+
 def is_shards(root: Path) -> bool:
     return (root / MANIFEST).is_file()
+
+
+def is_remote(data_dir: str) -> bool:
+    """A URL webdataset opens (http(s)://, gs://, s3 through pipe:, hf://, ...), not a folder."""
+    return data_dir.startswith("pipe:") or (
+        re.match(r"^[a-z][a-z0-9+.-]*://", data_dir) is not None and not data_dir.startswith("file://"))
+
+
+def shard_url(base: str, name: str) -> str:
+    """`name`'s URL under `base`: a pipe: command has {} where the file name goes."""
+    if base.startswith("pipe:"):
+        return base.replace("{}", name)
+    return f"{base.rstrip('/')}/{name}"
+
+
+def local_root(data_dir: str, cache_dir: str | Path | None) -> Path:
+    """The folder `data_dir` names; for remote shards, a local folder holding a copy of their
+    manifest (rewritten only when it changes, so the decoded cache stays valid) and where the
+    shards are."""
+    if not is_remote(data_dir):
+        return Path(data_dir.removeprefix("file://")).expanduser().resolve()
+    if data_dir.startswith("pipe:") and "{}" not in data_dir:
+        raise DatasetError(f"--data-dir {data_dir}: a pipe: command names each file with {{}}, "
+                           "e.g. 'pipe:aws s3 cp s3://bucket/shards/{} -'")
+    import webdataset as wds
+    try:
+        with wds.gopen(shard_url(data_dir, MANIFEST), "rb") as stream:
+            data = stream.read()
+        json.loads(data)
+    except Exception as exc:  # noqa: BLE001 - whatever the scheme raises: say what was asked
+        raise DatasetError(f"cannot read {MANIFEST} at {shard_url(data_dir, MANIFEST)} "
+                           f"({type(exc).__name__}: {exc}); check the URL, or copy the shards "
+                           "and their manifest to a folder") from None
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", data_dir.replace("{}", "").rstrip("/ -").rsplit("/", 1)[-1])
+    digest = hashlib.blake2b(data_dir.encode(), digest_size=6).hexdigest()
+    root = Path(cache_dir or tempfile.gettempdir()).expanduser() / "remote" / f"{tail or 'shards'}-{digest}"
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / MANIFEST).is_file() or (root / MANIFEST).read_bytes() != data:
+        (root / MANIFEST).write_bytes(data)
+    (root / BASE).write_text(data_dir)
+    return root
+
+
+def shard_source(root: Path, name: str) -> str:
+    """Where a shard of the shards at `root` is read from: beside the manifest, or under the
+    URL a remote manifest came from."""
+    base = root / BASE
+    return shard_url(base.read_text(), name) if base.is_file() else str(root / name)
 
 
 def read_manifest(root: Path) -> dict:
@@ -65,7 +117,8 @@ def found_shards(root: Path) -> Found:
     manifest = read_manifest(root)
     splits = {name: [(root / shard["name"], int(shard["first"])) for shard in split["shards"]]
               for name, split in manifest["splits"].items()}
-    missing = [path.name for items in splits.values() for path, _ in items if not path.is_file()]
+    missing = [] if (root / BASE).is_file() else [
+        path.name for items in splits.values() for path, _ in items if not path.is_file()]
     if missing:
         raise DatasetError(f"{len(missing)} shard(s) named in {root / MANIFEST} are missing "
                            f"({', '.join(missing[:5])}): copy them beside the manifest")
