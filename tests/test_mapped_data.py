@@ -2,7 +2,11 @@
 written in place by the decoding processes, damaged caches rebuilt, killed decoders named."""
 import multiprocessing
 import os
+import subprocess
+import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -123,3 +127,30 @@ def test_a_killed_decoding_process_gives_one_line_saying_what_to_do(image_folder
     assert "\n" not in message and "killed" in message
     assert "--decode-workers 1" in message and "--data-on-device no" in message
     assert sorted((image_folder / "train").rglob("*.png")) == paths
+
+
+CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.mark.skipif(not os.access(CGROUP, os.W_OK), reason="needs a writable cgroup v1 memory controller")
+def test_free_memory_on_the_cpu_is_what_the_memory_cgroup_leaves(tmp_path):
+    group = CGROUP / f"cifarlab-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(512 << 20))
+        code = ("import torch; from training.engine.device import data_placement, free_memory; "
+                "print(free_memory(torch.device('cpu'))); "
+                "print(data_placement('auto', 300 << 20, torch.device('cpu')))")
+        done = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs; exec "$0" -c "$1"',
+                               sys.executable, code], capture_output=True, text=True, timeout=120)
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    assert done.returncode == 0, done.stderr[-2000:]
+    room, placement = done.stdout.strip().splitlines()
+    assert "its cgroup" in room and int(room.split(",")[0].strip("(")) < 512 << 20
+    assert "False" in placement and "memory-mapped cache" in placement
