@@ -1,14 +1,17 @@
-"""Training images/s with the dataset held whole on the device against read batch by batch
-from the memory-mapped cache, side by side in one run.
+"""Training images/s with the dataset held whole on the device, read batch by batch from the
+memory-mapped cache, and read from WebDataset shards, side by side in one run.
 
-    python benchmarks/data_paths.py --data-dir ~/data/cifar10 --models cnn,mlp --rounds 3
+    python -m training.shards ~/data/cifar10 /tmp/cifar-shards
+    python benchmarks/data_paths.py --data-dir ~/data/cifar10 --shards /tmp/cifar-shards --rounds 3
     python benchmarks/data_paths.py --data-dir ~/data/cifar10 --train-images 5000 --device cuda
 
-Both placements (`--data-on-device yes` and `no`) train through `training.train.train`, tracking
-on and the registry off, on the same splits of the same decoded cache. Rounds alternate the two
-placements, so both see the same machine load; each run trains --epochs epochs and the figure is
-its last epoch's training images/s (the first warms up the page cache and the allocator). The
-ratio of each round is mapped / held; the table gives the medians over rounds.
+Every path trains through `training.train.train`, tracking on and the registry off: `held`
+(`--data-on-device yes`) and `mapped` (`no`) on the same splits of the same decoded cache,
+`shards` (`no`, with --shards) on the shards' own decoded cache. Rounds alternate the order of
+the paths, so all see the same machine load; each run trains --epochs epochs and the figure is
+its last epoch's training images/s (the first warms up the page cache and the allocator). Each
+round's ratio is a path's images/s over held's; the table gives the medians over rounds, and
+the seconds each path's data took to decode into a fresh cache.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,7 +30,7 @@ from training.engine.config import resolve  # noqa: E402
 from training.engine.models import MODELS  # noqa: E402
 from training.train import train  # noqa: E402
 
-PLACEMENTS = ("yes", "no")  # held on the device, read from the memory-mapped cache
+PATHS = {"held": "yes", "mapped": "no", "shards": "no"}  # path -> --data-on-device
 
 
 def images_per_second(settings: dict, splits: DeviceSplits) -> float:
@@ -43,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run; the last is timed")
     parser.add_argument("--train-images", type=int, default=None, help="train on N images only")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache")
+    parser.add_argument("--shards", default=None, help="the same dataset as shards "
+                        "(python -m training.shards DATA_DIR OUT), a third path")
+    parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: a "
+                        "fresh one, so the first prepare of each path decodes)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -51,36 +58,45 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown models {sorted(set(models) - set(MODELS))}; choose from "
                      f"{', '.join(MODELS)}")
     rows = []
+    sources = {"held": args.data_dir, "mapped": args.data_dir}
+    if args.shards:
+        sources["shards"] = args.shards
     with tempfile.TemporaryDirectory() as tmp:
-        base = {"data_dir": args.data_dir, "device": args.device, "epochs": args.epochs,
+        base = {"device": args.device, "epochs": args.epochs,
                 "progress": False, "system_metrics": False, "patience": 0, "val_fraction": 0.1,
                 "experiment": "data-paths", "tracking_uri": f"sqlite:///{tmp}/mlflow.db",
-                "no_register": True, "augment": True,
-                **({"cache_dir": args.cache_dir} if args.cache_dir else {}),
+                "no_register": True, "augment": True, "cache_dir": args.cache_dir or f"{tmp}/cache",
                 **({"batch_size": args.batch_size} if args.batch_size else {})}
         n = args.train_images
-        splits = {p: prepare(resolve({**base, "model": models[0], "data_on_device": p}),
-                             log=lambda *_: None).subset(n, max(1, n // 9) if n else None)
-                  for p in PLACEMENTS}
+        splits, decode = {}, {}
+        for path, data_dir in sources.items():
+            started = time.perf_counter()
+            settings = {**base, "model": models[0], "data_dir": data_dir,
+                        "data_on_device": PATHS[path]}
+            splits[path] = prepare(resolve(settings), log=lambda *_: None).subset(
+                n, max(1, n // 9) if n else None)
+            decode[path] = time.perf_counter() - started
         for model in models:
-            rates = {p: [] for p in PLACEMENTS}
+            rates = {path: [] for path in sources}
             for round_ in range(args.rounds):
-                for p in PLACEMENTS if round_ % 2 == 0 else PLACEMENTS[::-1]:
-                    rates[p].append(images_per_second({**base, "model": model,
-                                                       "data_on_device": p}, splits[p]))
-            ratios = [m / h for h, m in zip(rates["yes"], rates["no"])]
-            rows.append({"model": model, "images": len(splits["yes"].train[1]),
-                         "held_images_per_s": rates["yes"], "mapped_images_per_s": rates["no"],
-                         "ratios": ratios, "median_ratio": statistics.median(ratios)})
-            print(f"{model}: held {statistics.median(rates['yes']):,.0f} img/s, mapped "
-                  f"{statistics.median(rates['no']):,.0f} img/s, ratio "
-                  f"{statistics.median(ratios):.3f}", flush=True)
-    print("\n| model | training images | held on the device, img/s | memory-mapped cache, "
-          "img/s | mapped / held (median of rounds) | lowest round |\n|---|---|---|---|---|---|")
+                order = list(sources)[round_ % len(sources):] + list(sources)[:round_ % len(sources)]
+                for path in order:
+                    rates[path].append(images_per_second(
+                        {**base, "model": model, "data_dir": sources[path],
+                         "data_on_device": PATHS[path]}, splits[path]))
+            ratios = {path: [r / h for r, h in zip(rates[path], rates["held"])] for path in sources}
+            rows.append({"model": model, "images": len(splits["held"].train[1]), "rates": rates,
+                         "ratios": ratios, "prepare_seconds": decode,
+                         "median_ratio": {p: statistics.median(r) for p, r in ratios.items()}})
+            print(model + ": " + ", ".join(f"{p} {statistics.median(rates[p]):,.0f} img/s"
+                                           for p in sources), flush=True)
+    print("\n| model | path | training images | images/s (median of rounds) | / held (median) | "
+          "lowest round | first prepare, s |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['images']} | {statistics.median(r['held_images_per_s']):,.0f} | "
-              f"{statistics.median(r['mapped_images_per_s']):,.0f} | {r['median_ratio']:.3f} | "
-              f"{min(r['ratios']):.3f} |")
+        for path in sources:
+            print(f"| {r['model']} | {path} | {r['images']} | {statistics.median(r['rates'][path]):,.0f} | "
+                  f"{r['median_ratio'][path]:.3f} | {min(r['ratios'][path]):.3f} | "
+                  f"{r['prepare_seconds'][path]:.1f} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
     return 0

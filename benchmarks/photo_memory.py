@@ -9,8 +9,11 @@ with a fresh dataset cache (so the peak includes decoding) and an evaluation bat
 (--eval-batch-size), from this checkout and, with
 --checkout, from another one (an older commit, for "before"). For each run: the process's
 peak resident memory (ru_maxrss, from wait4) and its peak anonymous memory (RssAnon, polled).
-Then the slope per image of a straight line through the counts, beside the image's own uint8
-size (3 x SIDE x SIDE bytes). --limit-gb runs each child in a memory cgroup (v1) with that
+Then the slope per image of a straight line through the counts, of peak RSS and of peak
+anonymous memory, beside the image's own uint8 size (3 x SIDE x SIDE bytes). With the images
+memory-mapped (--data-on-device no) RSS counts the cache file's pages the process has touched,
+which the kernel reclaims under pressure; anonymous memory is what it cannot.
+--limit-gb runs each child in a memory cgroup (v1) with that
 limit, so a checkout that needs more is stopped (reported as killed) rather than the machine.
 --data-on-device runs each count once per placement given (yes: the images held in memory; no:
 read from the memory-mapped cache), so the two are measured side by side.
@@ -159,11 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         done = [n for n in counts if runs[n]["exit"] == 0]
         if len(done) >= 2:
             per_image, at_zero = slope(done, [runs[n]["peak_rss_mb"] for n in done])
+            anon_per_image, anon_at_zero = slope(done, [runs[n]["peak_anon_mb"] for n in done])
             report.setdefault("slope", {})[name] = {
                 "mb_per_image": round(per_image, 4), "mb_at_zero": round(at_zero),
-                "times_image_size": round(per_image / image_mb, 2)}
+                "times_image_size": round(per_image / image_mb, 2),
+                "anon_mb_per_image": round(anon_per_image, 4),
+                "anon_times_image_size": round(anon_per_image / image_mb, 2)}
             print(f"{name}: {per_image * 1024:.0f} KB per image ({per_image / image_mb:.2f}x its "
-                  f"{image_mb * 1024:.0f} KB of uint8), {at_zero:.0f} MB at zero images")
+                  f"{image_mb * 1024:.0f} KB of uint8), {at_zero:.0f} MB at zero images; "
+                  f"anonymous {anon_per_image * 1024:.0f} KB per image "
+                  f"({anon_per_image / image_mb:.2f}x), {anon_at_zero:.0f} MB at zero")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     return 0

@@ -166,16 +166,18 @@ def test_photo_memory_measures_each_run_and_the_slope_per_image_for_each_placeme
     for name in ("this checkout, --data-on-device yes", "this checkout, --data-on-device no"):
         runs = report["runs"][name]
         assert all(runs[n]["exit"] == 0 and runs[n]["peak_rss_mb"] > 100 for n in ("20", "40"))
-        assert runs["40"]["peak_anon_mb"] > 0 and "mb_per_image" in report["slope"][name]
+        assert runs["40"]["peak_anon_mb"] > 0 and "anon_mb_per_image" in report["slope"][name]
     assert len(list((tmp_path / "w" / "photos-40-32" / "test").rglob("*.jpg"))) == 10
 
 
-def test_data_paths_trains_both_placements_side_by_side(image_folder, tmp_path):
+def test_data_paths_trains_every_path_side_by_side(image_folder, tmp_path):
+    from training.shards import main as shards_main
+    assert shards_main([str(image_folder), str(tmp_path / "shards")]) == 0
     out = tmp_path / "paths.json"
     assert load("data_paths").main(["--data-dir", str(image_folder), "--models", "mlp",
-                                    "--rounds", "2", "--epochs", "2", "--batch-size", "16",
-                                    "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+                                    "--shards", str(tmp_path / "shards"), "--rounds", "2",
+                                    "--epochs", "2", "--batch-size", "16", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())
-    assert len(row["held_images_per_s"]) == len(row["mapped_images_per_s"]) == 2
-    assert all(rate > 0 for rate in row["held_images_per_s"] + row["mapped_images_per_s"])
-    assert row["median_ratio"] > 0 and row["images"] == 54
+    assert set(row["rates"]) == {"held", "mapped", "shards"} and row["images"] == 54
+    assert all(len(rates) == 2 and min(rates) > 0 for rates in row["rates"].values())
+    assert row["median_ratio"]["held"] == 1.0 and row["median_ratio"]["shards"] > 0
