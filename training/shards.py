@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from shared.command import run_command
-from training.engine.data import _torchvision_sources
+from training.engine.data import cifar10_files
 from training.engine.layouts import Source, find_layout
 from training.engine.shards import write_shards
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = Path(args.labels).expanduser().resolve() if args.labels else None
         found = find_layout(Source(root, labels, args.test_fraction))
         if found.layout == "torchvision":
-            _torchvision_sources(root, False, print)
+            cifar10_files(root, False, print)
         manifest = write_shards(found, Path(args.out).expanduser().resolve(), args.per_shard)
         counts = ", ".join(f"{info['count']} {split}" for split, info in manifest["splits"].items())
         print(f"wrote {counts} images of {len(manifest['classes'])} classes to {args.out} "

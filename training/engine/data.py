@@ -111,7 +111,7 @@ def load_found(found: Found, image_size: int, *, cache_dir: str | Path | None = 
     for note in found.notes:
         log(note)
     if found.layout == "torchvision":
-        name, sources = "cifar10", _torchvision_sources(found.root, download, log)
+        name, sources = "cifar10", cifar10_files(found.root, download, log)
     elif found.layout == "shards":  # the shards' files, and the manifest (for remote ones)
         name, sources = found.root.name, {split: [(path.name, "", path) for path, _ in items]
                                           for split, items in found.splits.items()}
@@ -140,7 +140,7 @@ def _build_cache(found: Found, name: str, image_size: int, workers: int, folder:
     labels and meta.json."""
     start = time.perf_counter()
     if found.layout == "torchvision":
-        arrays = _read_torchvision(found.root)
+        arrays = read_torchvision(found.root)
     elif found.layout == "shards":
         arrays = _decode_shards(found, image_size, workers, log, folder)
     else:
@@ -262,7 +262,9 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 # --- torchvision's CIFAR-10 --------------------------------------------------------------
 
-def _torchvision_sources(root: Path, download: bool, log) -> dict[str, list]:
+def cifar10_files(root: Path, download: bool, log) -> dict[str, list]:
+    """torchvision's CIFAR-10 batch files under `root` (downloaded there if asked), as the
+    cache key's sources."""
     folder = root / CIFAR10_FOLDER
     if not folder.is_dir():
         if not download:
@@ -473,7 +475,8 @@ def _duplicate(first: tuple[str, str, str], second: tuple[str, str, str]) -> str
     return f"the same image {where}: {first[0]} and {second[0]}"
 
 
-def _read_torchvision(root: Path) -> dict:
+def read_torchvision(root: Path) -> dict:
+    """torchvision's CIFAR-10 as uint8 (N, 3, 32, 32) arrays and labels."""
     from torchvision.datasets import CIFAR10
     try:
         train, test = (CIFAR10(str(root), train=flag, download=False) for flag in (True, False))

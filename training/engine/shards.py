@@ -157,12 +157,12 @@ def write_shards(found: Found, out: Path, per_shard: int = 1000, log=print) -> d
     median shorter side of the training images (every 16th), which sets the stored size."""
     import webdataset as wds
 
-    from training.engine.data import _read_torchvision
+    from training.engine.data import read_torchvision
 
     if out.exists() and any(out.iterdir()):
         raise DatasetError(f"{out} is not empty: the shards go into a new or empty folder "
                            "(nothing in it was changed)")
-    arrays = _read_torchvision(found.root) if found.layout == "torchvision" else None
+    arrays = read_torchvision(found.root) if found.layout == "torchvision" else None
     classes = arrays["classes"] if arrays else found.classes
     splits = ["train", "test"] if arrays else [s for s in ("train", "val", "test") if s in found.splits]
     out.mkdir(parents=True, exist_ok=True)
