@@ -360,9 +360,7 @@ def decode_files(paths: list[Path], size: int, pool: ProcessPoolExecutor | None 
             decoded = decode_files(paths, size, pool, Path(folder) / "images.npy")
             decoded.images = np.array(decoded.images)
             return decoded
-    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8,
-                                    shape=(len(paths), 3, size, size))
-    del out
+    _empty_images(target, len(paths), size)
     tasks = [([str(p) for p in paths[i:i + DECODE_CHUNK]], size, str(target), i)
              for i in range(0, len(paths), DECODE_CHUNK)]
     decoded = Decoded(np.empty(0, np.uint8), [], [], [])
@@ -377,9 +375,20 @@ def decode_files(paths: list[Path], size: int, pool: ProcessPoolExecutor | None 
                     decoded.failed.append((i, why))
     except BrokenProcessPool as exc:
         raise killed(len(decoded.kept), len(paths)) from exc
-    images = np.load(target, mmap_mode="r+")
-    decoded.images = images[:pack_rows(images, np.array(decoded.kept, dtype=np.int64))]
+    decoded.images = _packed(target, decoded.kept)
     return decoded
+
+
+def _empty_images(target: Path, n: int, size: int) -> None:
+    """A uint8 .npy file of `n` images, to be filled in place by the decoding processes."""
+    np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(n, 3, size, size)).flush()
+
+
+def _packed(target: Path, rows: list[int]) -> np.ndarray:
+    """The .npy file at `target` with its rows `rows` (sorted) moved to the front, in place:
+    a memory-mapped view of them."""
+    images = np.load(target, mmap_mode="r+")
+    return images[:pack_rows(images, np.array(rows, dtype=np.int64))]
 
 
 def decode_pool(n_files: int, workers: int = 0) -> ProcessPoolExecutor | None:
@@ -438,8 +447,7 @@ def _decode_shards(found: Found, size: int, workers: int, log, folder: Path) -> 
     try:
         for split, info in manifest["splits"].items():
             target = folder / f"{split}_images.npy"
-            np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8,
-                                      shape=(info["count"], 3, size, size)).flush()
+            _empty_images(target, info["count"], size)
             tasks = [(shard_source(found.root, s["name"]), size, str(target), s["first"], s["count"])
                      for s in info["shards"]]
             kept = []
@@ -455,8 +463,7 @@ def _decode_shards(found: Found, size: int, workers: int, log, folder: Path) -> 
                 raise DatasetError(f"none of the {info['count']} {split} images in the shards "
                                    f"of {found.root} could be read; write them again")
             kept.sort()
-            images = np.load(target, mmap_mode="r+")
-            arrays[f"{split}_images"] = images[:pack_rows(images, np.array([r for r, _, _ in kept]))]
+            arrays[f"{split}_images"] = _packed(target, [row for row, _, _ in kept])
             arrays[f"{split}_labels"] = np.array([label for _, label, _ in kept], dtype=np.int64)
             arrays["files"][split] = [name for _, _, name in kept]
     except BrokenProcessPool as exc:
