@@ -27,24 +27,51 @@ def shards(image_folder, tmp_path):
     return out
 
 
+def by_name(data, split):
+    """A split's {file name: (image, label)}: shards hold the training images shuffled."""
+    images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+    return {name: (images[i], int(labels[i])) for i, name in enumerate(data.files[split])}
+
+
+def same_split(a, b, split) -> bool:
+    a, b = by_name(a, split), by_name(b, split)
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k][0], b[k][0]) and a[k][1] == b[k][1] for k in a)
+
+
 def test_shards_hold_every_image_of_each_split_with_a_manifest(shards):
     manifest = json.loads((shards / MANIFEST).read_text())
-    assert manifest["splits"]["train"]["count"] == 60 and manifest["splits"]["test"]["count"] == 18
+    counts = {split: info["count"] for split, info in manifest["splits"].items()}
+    assert counts == {"train": 54, "val": 6, "test": 18}  # a tenth of each class's 20 held out
     assert [s["name"] for s in manifest["splits"]["train"]["shards"]] == [
         f"train-{i:06d}.tar" for i in range(4)]
     assert sorted(p.name for p in shards.iterdir()) == sorted(
         [MANIFEST] + [s["name"] for split in manifest["splits"].values() for s in split["shards"]])
 
 
-def test_shards_decode_to_the_same_images_and_labels_as_their_folder(image_folder, shards, tmp_path):
+def test_shards_decode_to_the_same_images_and_labels_as_their_folder(image_folder, tmp_path):
+    shards = tmp_path / "shards"
+    assert shards_main([str(image_folder), str(shards), "--per-shard", "16", "--val-fraction", "0"]) == 0
     folder = load_dataset(image_folder, cache_dir=tmp_path / "a", log=quiet)
     sharded = load_dataset(shards, cache_dir=tmp_path / "b", log=quiet, mapped=True)
     assert sharded.layout == "shards" and sharded.classes == folder.classes
-    for split in ("train", "test"):
-        assert torch.equal(getattr(folder, f"{split}_images"), getattr(sharded, f"{split}_images"))
-        assert torch.equal(getattr(folder, f"{split}_labels"), getattr(sharded, f"{split}_labels"))
-    assert sharded.files["train"] == folder.files["train"]
+    assert same_split(folder, sharded, "train") and same_split(folder, sharded, "test")
+    assert sharded.files["train"] != folder.files["train"]  # in a fixed shuffled order
     assert sharded.fingerprint == json.loads((shards / MANIFEST).read_text())["fingerprint"]
+
+
+def test_shards_hold_out_a_validation_split_by_file_name_and_mix_the_classes(image_folder, shards,
+                                                                           tmp_path):
+    folder = load_dataset(image_folder, cache_dir=None, log=quiet)
+    sharded = load_dataset(shards, cache_dir=None, log=quiet)
+    assert sorted(sharded.files["train"] + sharded.files["val"]) == sorted(folder.files["train"])
+    assert torch.bincount(sharded.val_labels).tolist() == [2, 2, 2]
+    first_shard = sharded.train_labels[:16]
+    assert len(set(first_shard.tolist())) == 3  # the folder's order has one class after another
+    again = tmp_path / "again"
+    assert shards_main([str(image_folder), str(again), "--per-shard", "16"]) == 0
+    assert (again / MANIFEST).read_text().replace(str(again), "") == (
+        (shards / MANIFEST).read_text().replace(str(shards), ""))
 
 
 def test_a_run_on_shards_logs_the_manifest_fingerprint_as_the_dataset(shards, train_config):
@@ -61,7 +88,7 @@ def test_a_truncated_shard_is_named_and_its_images_skipped_or_refused(shards, tr
     victim = shards / "train-000001.tar"
     victim.write_bytes(victim.read_bytes()[:3000])
     data = load_dataset(shards, cache_dir=None, log=quiet)
-    assert 0 < len(data.skipped) <= 16 and len(data.train_labels) == 60 - len(data.skipped)
+    assert 0 < len(data.skipped) <= 16 and len(data.train_labels) == 54 - len(data.skipped)
     assert all(name.startswith("train-000001.tar#") for name, _ in data.skipped)
     with pytest.raises(DatasetError, match=r"(?s)train-000001\.tar#16 \(the shard is damaged.*--max-skipped"):
         train(train_config(data_dir=str(shards)), log=quiet)
@@ -72,10 +99,11 @@ def test_a_truncated_shard_is_named_and_its_images_skipped_or_refused(shards, tr
 def test_class_folders_are_split_for_the_shards_as_training_splits_them(tmp_path):
     root = make_class_folders(tmp_path / "pets", n_per_class=12)
     out = tmp_path / "shards"
-    assert shards_main([str(root), str(out), "--per-shard", "10"]) == 0
+    assert shards_main([str(root), str(out), "--per-shard", "10", "--val-fraction", "0"]) == 0
     folder = load_dataset(root, cache_dir=None, log=quiet)
     sharded = load_dataset(out, cache_dir=None, log=quiet)
-    assert sharded.files == folder.files
+    assert sorted(sharded.files["train"]) == sorted(folder.files["train"])
+    assert sharded.files["test"] == folder.files["test"]
     assert torch.equal(sharded.test_images, folder.test_images)
 
 
@@ -85,7 +113,10 @@ def test_cifar10_in_torchvision_form_is_written_as_png_shards(cifar_mirror, tmp_
     assert shards_main([str(tmp_path / "cifar"), str(out)]) == 0
     cifar = load_dataset(tmp_path / "cifar", cache_dir=None, log=quiet, download=False)
     sharded = load_dataset(out, cache_dir=None, log=quiet)
-    assert torch.equal(cifar.train_images, sharded.train_images)
+    rows = [int(name[len("train/"):-len(".png")]) for name in sharded.files["train"] + sharded.files["val"]]
+    assert sorted(rows) == list(range(len(cifar.train_labels)))
+    assert torch.equal(cifar.train_images[rows], torch.cat([sharded.train_images, sharded.val_images]))
+    assert torch.equal(cifar.train_labels[rows], torch.cat([sharded.train_labels, sharded.val_labels]))
     assert sharded.classes == cifar.classes
 
 
@@ -163,9 +194,9 @@ def test_shards_are_read_from_a_url_or_a_pipe_command_as_from_their_folder(
     assert run.info.status == "FINISHED" and run.data.params["data_layout"] == "shards"
     fingerprint = json.loads((shards / MANIFEST).read_text())["fingerprint"]
     assert run.data.tags["dataset_fingerprint"] == fingerprint
-    local = load_dataset(image_folder, cache_dir=None, log=quiet)
+    local = load_dataset(shards, cache_dir=None, log=quiet)
     remote = load_dataset(data_dir, cache_dir=tmp_path / "other", log=quiet)
-    assert torch.equal(local.train_images, remote.train_images)
+    assert all(same_split(local, remote, split) for split in ("train", "val", "test"))
 
 
 def test_a_pipe_command_without_a_place_for_the_file_name_is_refused(tmp_path):

@@ -31,7 +31,7 @@ from training.engine.layouts import Found, Source, find_layout
 from training.engine.loop import autocast_for, warm_up
 from training.engine.models import ModelSpec, build_model, get_spec, is_convolutional
 from training.engine.optim import OptimizerSettings, Schedule, make_optimizer, make_scheduler
-from training.engine.shards import local_root
+from training.engine.shards import local_root, read_manifest, shard_source
 from training.engine.state import (
     EarlyStopping,
     EpochSums,
@@ -40,6 +40,7 @@ from training.engine.state import (
     Unfreezer,
     restore,
 )
+from training.engine.stream import SAMPLE_IMAGES, StreamLoader, StreamSpec
 from training.engine.whiten import whiten_first_conv
 
 
@@ -90,24 +91,38 @@ class DeviceSplits:
     val_source: str = ""
     on_device: bool = True  # else the images stay in the memory-mapped cache (HostImages)
     placement_reason: str = ""
+    stream: StreamSpec | None = None  # --stream: the training shards; `train` is then a sample
+
+    @property
+    def train_size(self) -> int:
+        return self.stream.total if self.stream else len(self.train[1])
+
+    def train_counts(self) -> torch.Tensor:
+        """Training images per class (of the whole stream, with --stream)."""
+        if self.stream:
+            return torch.tensor(self.stream.class_counts)
+        return torch.bincount(self.train[1].cpu(), minlength=self.num_classes)
 
     @property
     def num_classes(self) -> int:
         return len(self.data.classes)
 
     def sizes(self) -> dict[str, int]:
-        return {"train_size": len(self.train[1]), "val_size": len(self.val[1]),
+        return {"train_size": self.train_size, "val_size": len(self.val[1]),
                 "test_size": len(self.test[1])}
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each split."""
-        return {split: dict(zip(self.data.classes, torch.bincount(
-                    pair[1].cpu(), minlength=self.num_classes).tolist()))
-                for split, pair in (("train", self.train), ("val", self.val), ("test", self.test))}
+        counts = {"train": self.train_counts()}
+        counts |= {split: torch.bincount(pair[1].cpu(), minlength=self.num_classes)
+                   for split, pair in (("val", self.val), ("test", self.test))}
+        return {split: dict(zip(self.data.classes, c.tolist())) for split, c in counts.items()}
 
     def subset(self, n_train: int | None, n_val: int | None = None) -> DeviceSplits:
         """n_train training and n_val validation images (None: all), drawn at random with a
         fixed seed: benchmarks measure on a subset."""
+        if self.stream:
+            raise ConfigError("a streamed training split cannot be subset: leave out --stream")
         def draw(pair, n):
             if n is None or n >= len(pair[1]):
                 return pair
@@ -165,19 +180,25 @@ def prepare(cfg: TrainConfig, log=print) -> DeviceSplits:
     with distributed.machine_first():
         found = find_layout(Source(local_root(cfg.data_dir, cfg.cache_dir), labels,
                                    cfg.test_fraction))
+        whole, found = found, streamed(cfg, found) if cfg.stream else found
         size, reason = image_size_for(cfg, spec, found)
         copies = distributed.world().local_size if device.type != "cuda" else 1
         on_device, placement = data_placement(cfg.data_on_device, dataset_bytes(found, size),
                                               device, copies)
         data = load_found(found, size, cache_dir=cfg.cache_dir, workers=cfg.decode_workers,
                           log=log, mapped=not on_device)
+    stream = stream_spec(cfg, whole, size) if cfg.stream else None
+    if stream:
+        log(f"training images streamed from {len(stream.urls)} shard(s), {cfg.stream_workers} "
+            f"worker process(es), a shuffle buffer of {cfg.shuffle_buffer}; validation, test and "
+            f"a sample of {len(data.train_labels)} training images decoded")
     log(f"data on {device.type if on_device else 'disk (memory-mapped cache)'}: {placement}")
     check_skipped(data, cfg.max_skipped, log)
     for line in data.duplicates:
         log(f"warning: {line}")
     if int(data.train_labels.max()) >= len(data.classes):
         raise DatasetError(f"{data.root}: labels exceed the {len(data.classes)} classes found")
-    files = dict(data.files)
+    files = {split: names for split, names in data.files.items() if not (stream and split == "train")}
     if data.val_images is not None:
         train, val = (data.train_images, data.train_labels), (data.val_images, data.val_labels)
         val_source = "given (val/ folder)"
@@ -193,7 +214,36 @@ def prepare(cfg: TrainConfig, log=print) -> DeviceSplits:
                labels.to(device)) for images, labels in pairs]
     return DeviceSplits(data, device, *on, channel_stats(on[0][0]), files=files,
                         image_size_reason=reason, val_source=val_source, on_device=on_device,
-                        placement_reason=placement)
+                        placement_reason=placement, stream=stream)
+
+
+def streamed(cfg: TrainConfig, found: Found) -> Found:
+    """--stream: what is decoded into the cache, of shards: validation, test, and the first
+    training shards (at least SAMPLE_IMAGES images) as a sample for statistics and warm-up."""
+    if found.layout != "shards":
+        raise ConfigError(f"--stream reads WebDataset shards, and {found.root} holds "
+                          f"{found.layout}: write them with python -m training.shards "
+                          f"{found.root} OUT, then train with --data-dir OUT --stream")
+    if "val" not in found.splits and cfg.val_fraction > 0:
+        raise ConfigError(f"the shards in {found.root} have no validation split, which a "
+                          "streamed training validates on: write them again with python -m "
+                          "training.shards SRC OUT --val-fraction 0.1, or train with "
+                          "--val-fraction 0 (no validation, no early stopping)")
+    sample, count = [], 0
+    for shard, info in zip(found.splits["train"], read_manifest(found.root)["splits"]["train"]["shards"]):
+        if count >= SAMPLE_IMAGES:
+            break
+        sample.append(shard)
+        count += info["count"]
+    return dataclasses.replace(found, splits={**found.splits, "train": sample})
+
+
+def stream_spec(cfg: TrainConfig, found: Found, size: int) -> StreamSpec:
+    train = read_manifest(found.root)["splits"]["train"]
+    return StreamSpec(tuple(shard_source(found.root, s["name"]) for s in train["shards"]),
+                      tuple(s["count"] for s in train["shards"]),
+                      tuple(train["class_counts"][c] for c in found.classes), size,
+                      cfg.shuffle_buffer, cfg.stream_workers)
 
 
 def dataset_bytes(found: Found, size: int) -> int:
@@ -267,7 +317,7 @@ def loss_for(cfg: TrainConfig, splits: DeviceSplits) -> nn.Module:
     balanced (a class with no training image weighs 0)."""
     weight = None
     if cfg.class_weights == "balanced":
-        counts = torch.bincount(splits.train[1], minlength=splits.num_classes).double()
+        counts = splits.train_counts().double()
         weight = torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp_min(1)), 0.0)
         weight = weight.float().to(splits.device)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
@@ -287,8 +337,8 @@ def check_world(cfg: TrainConfig, splits: DeviceSplits) -> None:
         raise ConfigError("--unfreeze-after changes which parameters train midway, which "
                           "DistributedDataParallel does not allow: under torchrun train all "
                           "layers from the start (--freeze none, with --backbone-lr-scale)")
-    if len(splits.train[1]) < size:
-        raise ConfigError(f"{len(splits.train[1])} training image(s) for {size} processes: "
+    if splits.train_size < size:
+        raise ConfigError(f"{splits.train_size} training image(s) for {size} processes: "
                           "every process needs at least one")
 
 
@@ -305,10 +355,14 @@ def make_loaders(cfg: TrainConfig, splits: DeviceSplits, prep: Preprocessing,
     world = distributed.world()
     shard, transform = Shard(world.rank, world.size), InputTransform(prep)
     sampling = Sampling(shuffle=True, seed=cfg.seed, augmentation=augmentation_for(cfg),
-                        drop_last=len(splits.train[1]) > cfg.batch_size,
+                        drop_last=splits.train_size > cfg.batch_size or splits.stream is not None,
                         balanced=cfg.sampler == "balanced")
-    train = DeviceLoader(*splits.train, cfg.batch_size, transform, sampling,
-                         channels_last=channels_last, shard=shard)
+    if splits.stream:
+        train = StreamLoader(splits.stream, *splits.train, cfg.batch_size, transform, sampling,
+                             channels_last=channels_last, shard=shard)
+    else:
+        train = DeviceLoader(*splits.train, cfg.batch_size, transform, sampling,
+                             channels_last=channels_last, shard=shard)
     eval_batch = cfg.eval_batch_size * world.size
     return Loaders(train, *(DeviceLoader(*split, eval_batch, transform, channels_last=channels_last,
                                          shard=shard) for split in (splits.val, splits.test)))

@@ -102,6 +102,16 @@ class TrainConfig:
                                       "leave it in the memory-mapped cache on disk and send each "
                                       "batch (no); auto: yes when it fits in half the device's "
                                       "free memory", ("auto", "yes", "no"), added=True)
+    stream: bool = opt(False, "WebDataset shards: stream the training images from their "
+                              "shards each epoch (worker processes decoding, a shuffle buffer, "
+                              "each process its own shards) instead of decoding them into the "
+                              "cache; validation and test are decoded from their own shards",
+                       switch=True, added=True)
+    shuffle_buffer: int = opt(2000, "--stream: images each stream worker shuffles among", min=1,
+                              added=True)
+    stream_workers: int = opt(2, "--stream: DataLoader worker processes decoding the shards, "
+                                 "per training process (0: decode in the training process)",
+                              min=0, added=True)
     decode_workers: int = opt(0, "processes decoding the images into the cache (0: one per "
                                  "core, at most 8; fewer need less memory)", min=0, added=True)
     epochs: int = opt(30, "maximum number of epochs", min=1)
@@ -223,6 +233,14 @@ class TrainConfig:
         if self.unfreeze_after >= self.epochs:
             raise ConfigError(f"--unfreeze-after {self.unfreeze_after} leaves no epoch of the "
                               f"{self.epochs} to train all layers: make it less than --epochs")
+        if self.stream and self.uses_feature_cache:
+            raise ConfigError("--stream reads the training images anew each epoch, and the "
+                              "feature cache needs them all at once: add --no-feature-cache, "
+                              "or leave out --stream")
+        if self.stream and self.sampler == "balanced":
+            raise ConfigError("--sampler balanced draws images by index, which a stream has "
+                              "not: use --class-weights balanced with --stream, or leave out "
+                              "--stream")
         if self.register is not None and not REGISTERED_NAME.fullmatch(self.register):
             raise ConfigError(f"register name {self.register!r}: use letters, digits, '_', '.' "
                               "and '-' (up to 100, starting with a letter or digit); the name "

@@ -437,7 +437,10 @@ def _decode_shards(found: Found, size: int, workers: int, log, folder: Path) -> 
     """Each split's shards into its own uint8 .npy file in `folder`, a decoding process per
     shard; images a damaged shard lost are listed as skipped, by shard and row."""
     manifest = read_manifest(found.root)
-    total = sum(split["count"] for split in manifest["splits"].values())
+    chosen = {split: [s for s in manifest["splits"][split]["shards"]
+                      if s["name"] in {path.name for path, _ in items}]
+              for split, items in found.splits.items()}  # every shard, or a sample's
+    total = sum(s["count"] for shards in chosen.values() for s in shards)
     log(f"decoding {total} images from the shards in {found.root} at {size}x{size} (once; later "
         "runs use the cache)")
     arrays = {"classes": found.classes, "files": {}, "skipped": [], "listed": total,
@@ -445,14 +448,15 @@ def _decode_shards(found: Found, size: int, workers: int, log, folder: Path) -> 
     pool = decode_pool(total, workers)
     done = 0
     try:
-        for split, info in manifest["splits"].items():
+        for split, shards in chosen.items():
             target = folder / f"{split}_images.npy"
-            _empty_images(target, info["count"], size)
+            count = max(s["first"] + s["count"] for s in shards)
+            _empty_images(target, count, size)
             tasks = [(shard_source(found.root, s["name"]), size, str(target), s["first"], s["count"])
-                     for s in info["shards"]]
+                     for s in shards]
             kept = []
             results = pool.map(decode_shard, tasks) if pool else map(decode_shard, tasks)
-            for shard, (rows, why) in zip(info["shards"], results):
+            for shard, (rows, why) in zip(shards, results):
                 kept += rows
                 done += len(rows)
                 seen = {row for row, _, _ in rows}
@@ -460,7 +464,7 @@ def _decode_shards(found: Found, size: int, workers: int, log, folder: Path) -> 
                                       for row in range(shard["first"], shard["first"] + shard["count"])
                                       if row not in seen]
             if not kept:
-                raise DatasetError(f"none of the {info['count']} {split} images in the shards "
+                raise DatasetError(f"none of the {count} {split} images in the shards "
                                    f"of {found.root} could be read; write them again")
             kept.sort()
             arrays[f"{split}_images"] = _packed(target, [row for row, _, _ in kept])

@@ -280,23 +280,31 @@ def hold_out(found: Found, items: list[tuple[Path, int]],
              test_fraction: float) -> dict[str, list[tuple[Path, int]]]:
     """Train and test splits of labelled files: per class, the round(n x fraction) files (at
     least one) whose names hash first are held out for testing."""
-    by_class: dict[int, list[tuple[Path, int]]] = {}
-    for item in items:
-        by_class.setdefault(item[1], []).append(item)
-    test_paths, small = set(), []
-    for label, members in by_class.items():
-        n_test = max(1, round(len(members) * test_fraction))
-        if len(members) - n_test < 1:
-            small.append(f"{found.classes[label]} ({len(members)})")
+    held = held_out([(found.relative(path), label) for path, label in items], test_fraction,
+                    found.classes, "test")
+    return {"train": [i for i in items if found.relative(i[0]) not in held],
+            "test": [i for i in items if found.relative(i[0]) in held]}
+
+
+def held_out(items: list[tuple[str, int]], fraction: float, classes: list[str],
+             split: str) -> set[str]:
+    """The names of (name, label) items held out for `split`: per class, the round(n x
+    fraction) names (at least one) whose hash comes first; a class left with none refused."""
+    by_class: dict[int, list[str]] = {}
+    for name, label in items:
+        by_class.setdefault(label, []).append(name)
+    held, small = set(), []
+    for label, names in by_class.items():
+        n_held = max(1, round(len(names) * fraction))
+        if len(names) - n_held < 1:
+            small.append(f"{classes[label]} ({len(names)})")
             continue
-        ranked = sorted(members, key=lambda item: _rank(found.relative(item[0])))
-        test_paths.update(path for path, _ in ranked[:n_test])
+        held.update(sorted(names, key=_rank)[:n_held])
     if small:
         raise DatasetError(f"class(es) with too few images to appear in both the training and "
-                          f"the test split: {', '.join(small)}. Add images (at least 2 per "
+                          f"the {split} split: {', '.join(small)}. Add images (at least 2 per "
                           "class, 3 with a validation split) or remove those folders")
-    return {"train": [i for i in items if i[0] not in test_paths],
-            "test": [i for i in items if i[0] in test_paths]}
+    return held
 
 
 def _rank(name: str) -> bytes:

@@ -18,23 +18,26 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from shared.preprocess import decode_image
-from training.engine.layouts import DatasetError, Found
+from training.engine.layouts import DatasetError, Found, held_out
 
 MANIFEST = "manifest.json"
 FORMAT = "cifarlab-shards"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 
 
+SHUFFLE_SEED = 0  # the training images' order in the shards: fixed, so shards are reproducible
 BASE = "base.txt"  # beside a remote manifest's local copy: where its shards are
 
 
@@ -127,19 +130,46 @@ def found_shards(root: Path) -> Found:
 
 # --- writing ---------------------------------------------------------------------------------
 
-def _samples(found: Found, split: str, arrays: dict | None) -> Iterator[tuple[str, str, bytes, int]]:
-    """(name, extension, encoded bytes, label) of each image of `split`, in order; CIFAR-10's
-    arrays (`arrays`) encoded as PNG."""
+Sample = tuple[str, str, Callable[[], bytes], int]  # name, extension, its bytes, label
+
+
+def _samples(found: Found, split: str, arrays: dict | None) -> list[Sample]:
+    """(name, extension, a reader of its encoded bytes, label) of each image of `split`, in
+    order; CIFAR-10's arrays (`arrays`) encoded as PNG when read."""
     if arrays is not None:
-        from PIL import Image
-        for i, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"])):
-            out = io.BytesIO()
-            Image.fromarray(image.transpose(1, 2, 0)).save(out, "PNG")
-            yield f"{split}/{i:05d}.png", "png", out.getvalue(), int(label)
-        return
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        return [(f"{split}/{i:05d}.png", "png", partial(_png, images[i]), int(label))
+                for i, label in enumerate(labels)]
+    samples = []
     for path, label in found.splits[split]:
         ext = path.suffix.lower().lstrip(".")
-        yield found.relative(path), ext if ext in IMAGE_EXTENSIONS else "img", path.read_bytes(), label
+        samples.append((found.relative(path), ext if ext in IMAGE_EXTENSIONS else "img",
+                        path.read_bytes, label))
+    return samples
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+    out = io.BytesIO()
+    Image.fromarray(image.transpose(1, 2, 0)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _splits(found: Found, arrays: dict | None, classes: list[str],
+            val_fraction: float) -> dict[str, list[Sample]]:
+    """Each split's samples as they are written: a validation split held out of the training
+    images by file name (as the test split of class folders is) where the source has none,
+    and the training images in a fixed shuffled order, so that a shard, or a stream's
+    shuffle buffer, holds every class, never one class after another."""
+    names = ["train", "test"] if arrays else [s for s in ("train", "val", "test") if s in found.splits]
+    splits = {split: _samples(found, split, arrays) for split in names}
+    if "val" not in splits and val_fraction > 0:
+        held = held_out([(name, label) for name, _, _, label in splits["train"]], val_fraction,
+                        classes, "validation")
+        splits["val"] = [sample for sample in splits["train"] if sample[0] in held]
+        splits["train"] = [sample for sample in splits["train"] if sample[0] not in held]
+    random.Random(SHUFFLE_SEED).shuffle(splits["train"])
+    return {split: splits[split] for split in ("train", "val", "test") if split in splits}
 
 
 def _shorter_side(data: bytes) -> int | None:
@@ -151,10 +181,12 @@ def _shorter_side(data: bytes) -> int | None:
         return None
 
 
-def write_shards(found: Found, out: Path, per_shard: int = 1000, log=print) -> dict:
-    """Write `found` as shards of `per_shard` images each into the new or empty folder `out`;
-    the manifest is written last, so a folder with one holds whole shards. It also keeps the
-    median shorter side of the training images (every 16th), which sets the stored size."""
+def write_shards(found: Found, out: Path, per_shard: int = 1000, val_fraction: float = 0.1,
+                 log=print) -> dict:
+    """Write `found` as shards of `per_shard` images each into the new or empty folder `out`,
+    its splits as `_splits` makes them; the manifest is written last, so a folder with one
+    holds whole shards. It also keeps the median shorter side of the training images (every
+    16th), which sets the stored size."""
     import webdataset as wds
 
     from training.engine.data import read_torchvision
@@ -164,7 +196,7 @@ def write_shards(found: Found, out: Path, per_shard: int = 1000, log=print) -> d
                            "(nothing in it was changed)")
     arrays = read_torchvision(found.root) if found.layout == "torchvision" else None
     classes = arrays["classes"] if arrays else found.classes
-    splits = ["train", "test"] if arrays else [s for s in ("train", "val", "test") if s in found.splits]
+    splits = _splits(found, arrays, classes, val_fraction)
     out.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     h = hashlib.blake2b(digest_size=16)
@@ -173,9 +205,10 @@ def write_shards(found: Found, out: Path, per_shard: int = 1000, log=print) -> d
                 "source": str(found.root), "splits": {}}
     sides = []
     try:
-        for split in splits:
+        for split, samples in splits.items():
             shards, counts, writer = [], [0] * len(classes), None
-            for row, (name, ext, data, label) in enumerate(_samples(found, split, arrays)):
+            for row, (name, ext, read, label) in enumerate(samples):
+                data = read()
                 if row % per_shard == 0:
                     if writer:
                         writer.close()

@@ -90,7 +90,8 @@ def data_params(splits: DeviceSplits) -> dict:
     return {"data_layout": data.layout, "data_root": str(data.root),
             "image_size_reason": splits.image_size_reason,
             "val_source": splits.val_source,
-            "data_placement": "device" if splits.on_device else "memory-mapped cache",
+            "data_placement": ("streamed from shards" if splits.stream else
+                               "device" if splits.on_device else "memory-mapped cache"),
             "data_placement_reason": splits.placement_reason, "skipped_files": len(data.skipped),
             "duplicate_images": len(data.duplicates),
             "class_balance": round(min(train) / max(1, max(train)), 4)}
