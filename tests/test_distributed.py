@@ -248,12 +248,19 @@ def test_a_killed_process_ends_the_job_and_the_run_resumes(larger_folder, store,
     resume_and_finish(store, larger_folder, tmp_path, failed.info.run_id, 4)
 
 
+@pytest.mark.parametrize("data", ["folder", "stream"])
 def test_a_process_killed_mid_epoch_resumes_after_its_last_step_with_every_image_seen_once(
-        larger_folder, store, tmp_path):
+        data, larger_folder, store, tmp_path):
     """The interrupted epoch's training loss and accuracy are sums over its images: equal to
-    an uninterrupted run's, each image was trained on once, none twice or never."""
+    an uninterrupted run's, each image was trained on once, none twice or never. Streamed
+    from shards, each process reads its own and goes on past the batches it trained."""
     args = ("--model", "mlp", "--epochs", "3", "--no-register", "--batch-size", "8",
             "--checkpoint-steps", "1")
+    if data == "stream":
+        from training.shards import main as shards_main
+        assert shards_main([str(larger_folder), str(tmp_path / "shards"), "--per-shard", "30"]) == 0
+        larger_folder = tmp_path / "shards"
+        args += ("--stream", "--stream-workers", "1")
     other = f"sqlite:///{tmp_path / 'whole.db'}"
     run(torchrun("--standalone", "--nproc-per-node", "2")
         + training_args(larger_folder, other, tmp_path, *args))
@@ -267,6 +274,8 @@ def test_a_process_killed_mid_epoch_resumes_after_its_last_step_with_every_image
     assert saved["loader"].get("within"), "the kill did not land within an epoch"
     resume_and_finish(store, larger_folder, tmp_path, failed.info.run_id, 3)
     whole = only_run(other)
+    if data == "stream":
+        assert whole.data.params["data_placement"] == "streamed from shards"
     for key in ("train_loss", "train_acc"):
         assert [v for _, v in history(store, failed.info.run_id, key)] == pytest.approx(
             [v for _, v in history(other, whole.info.run_id, key)], abs=1e-5), key
