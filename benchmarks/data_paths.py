@@ -1,5 +1,6 @@
 """Training images/s with the dataset held whole on the device, read batch by batch from the
-memory-mapped cache, and read from WebDataset shards, side by side in one run.
+memory-mapped cache, read from WebDataset shards, and streamed from them, side by side in one
+run.
 
     python -m training.shards ~/data/cifar10 /tmp/cifar-shards
     python benchmarks/data_paths.py --data-dir ~/data/cifar10 --shards /tmp/cifar-shards --rounds 3
@@ -7,7 +8,9 @@ memory-mapped cache, and read from WebDataset shards, side by side in one run.
 
 Every path trains through `training.train.train`, tracking on and the registry off: `held`
 (`--data-on-device yes`) and `mapped` (`no`) on the same splits of the same decoded cache,
-`shards` (`no`, with --shards) on the shards' own decoded cache. Rounds alternate the order of
+`shards` (`no`, with --shards) on the shards' own decoded cache, and `stream` (`--stream`,
+with --shards: DataLoader workers decode the training shards each epoch; it always trains on
+all of them, --train-images or not). Rounds alternate the order of
 the paths, so all see the same machine load; each run trains --epochs epochs and the figure is
 its last epoch's training images/s (the first warms up the page cache and the allocator). Each
 round's ratio is a path's images/s over held's; the table gives the medians over rounds, and
@@ -30,7 +33,8 @@ from training.engine.config import resolve  # noqa: E402
 from training.engine.models import MODELS  # noqa: E402
 from training.train import train  # noqa: E402
 
-PATHS = {"held": "yes", "mapped": "no", "shards": "no"}  # path -> --data-on-device
+PATHS = {"held": {"data_on_device": "yes"}, "mapped": {"data_on_device": "no"},
+         "shards": {"data_on_device": "no"}, "stream": {"data_on_device": "no", "stream": True}}
 
 
 def images_per_second(settings: dict, splits: DeviceSplits) -> float:
@@ -48,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=None, help="train on N images only")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--shards", default=None, help="the same dataset as shards "
-                        "(python -m training.shards DATA_DIR OUT), a third path")
+                        "(python -m training.shards DATA_DIR OUT): the shards and stream paths")
+    parser.add_argument("--stream-workers", type=int, default=2, help="as for training.train")
     parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: a "
                         "fresh one, so the first prepare of each path decodes)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
@@ -60,20 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     sources = {"held": args.data_dir, "mapped": args.data_dir}
     if args.shards:
-        sources["shards"] = args.shards
+        sources["shards"] = sources["stream"] = args.shards
     with tempfile.TemporaryDirectory() as tmp:
         base = {"device": args.device, "epochs": args.epochs,
                 "progress": False, "system_metrics": False, "patience": 0, "val_fraction": 0.1,
                 "experiment": "data-paths", "tracking_uri": f"sqlite:///{tmp}/mlflow.db",
                 "no_register": True, "augment": True, "cache_dir": args.cache_dir or f"{tmp}/cache",
+                "stream_workers": args.stream_workers,
                 **({"batch_size": args.batch_size} if args.batch_size else {})}
         n = args.train_images
         splits, decode = {}, {}
         for path, data_dir in sources.items():
             started = time.perf_counter()
-            settings = {**base, "model": models[0], "data_dir": data_dir,
-                        "data_on_device": PATHS[path]}
-            splits[path] = prepare(resolve(settings), log=lambda *_: None).subset(
+            settings = {**base, "model": models[0], "data_dir": data_dir, **PATHS[path]}
+            prepared = prepare(resolve(settings), log=lambda *_: None)
+            splits[path] = prepared if path == "stream" else prepared.subset(
                 n, max(1, n // 9) if n else None)
             decode[path] = time.perf_counter() - started
         for model in models:
@@ -82,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 order = list(sources)[round_ % len(sources):] + list(sources)[:round_ % len(sources)]
                 for path in order:
                     rates[path].append(images_per_second(
-                        {**base, "model": model, "data_dir": sources[path],
-                         "data_on_device": PATHS[path]}, splits[path]))
+                        {**base, "model": model, "data_dir": sources[path], **PATHS[path]},
+                        splits[path]))
             ratios = {path: [r / h for r, h in zip(rates[path], rates["held"])] for path in sources}
             rows.append({"model": model, "images": len(splits["held"].train[1]), "rates": rates,
                          "ratios": ratios, "prepare_seconds": decode,

@@ -172,12 +172,12 @@ def test_photo_memory_measures_each_run_and_the_slope_per_image_for_each_placeme
 
 def test_data_paths_trains_every_path_side_by_side(image_folder, tmp_path):
     from training.shards import main as shards_main
-    assert shards_main([str(image_folder), str(tmp_path / "shards")]) == 0
+    assert shards_main([str(image_folder), str(tmp_path / "shards"), "--per-shard", "16"]) == 0
     out = tmp_path / "paths.json"
     assert load("data_paths").main(["--data-dir", str(image_folder), "--models", "mlp",
                                     "--shards", str(tmp_path / "shards"), "--rounds", "2",
                                     "--epochs", "2", "--batch-size", "16", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())
-    assert set(row["rates"]) == {"held", "mapped", "shards"} and row["images"] == 54
+    assert set(row["rates"]) == {"held", "mapped", "shards", "stream"} and row["images"] == 54
     assert all(len(rates) == 2 and min(rates) > 0 for rates in row["rates"].values())
-    assert row["median_ratio"]["held"] == 1.0 and row["median_ratio"]["shards"] > 0
+    assert row["median_ratio"]["held"] == 1.0 and row["median_ratio"]["stream"] > 0

@@ -1,5 +1,6 @@
 """Datasets left in the memory-mapped cache: the same batches as in memory, the cache
-written in place by the decoding processes, damaged caches rebuilt, killed decoders named."""
+written in place by the decoding processes, damaged caches rebuilt, killed decoders named and
+what they decoded kept."""
 import multiprocessing
 import os
 import subprocess
@@ -13,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from training.engine import data as data_module
 from training.engine.batches import HostImages
 from training.engine.build import make_loaders, prepare, preprocessing
 from training.engine.data import DecodeKilled, decode_files, load_dataset
 from training.engine.device import data_placement
 from training.engine.models import get_spec
 from training.train import train
+
+from datagen import make_image_folder
 
 
 def quiet(*_):
@@ -127,6 +131,46 @@ def test_a_killed_decoding_process_gives_one_line_saying_what_to_do(image_folder
     assert "\n" not in message and "killed" in message
     assert "--decode-workers 1" in message and "--data-on-device no" in message
     assert sorted((image_folder / "train").rglob("*.png")) == paths
+
+
+def die_after(images: int) -> None:
+    """A decoding worker's initializer: the process dies, as a killed one does, when it
+    starts on image `images` + 1."""
+    real, calls = data_module.decode_image, []
+
+    def decode(*args):
+        calls.append(1)
+        if len(calls) > images:
+            os.abort()
+        return real(*args)
+    data_module.decode_image = decode
+
+
+def test_a_decoding_killed_midway_keeps_what_it_decoded_and_the_next_run_goes_on_from_it(
+        tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "many", n_train=50, n_test=2)  # 150 + 6 images
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=die_after, initargs=(100,))
+    monkeypatch.setattr(data_module, "decode_pool", lambda *_: pool)
+    try:
+        with pytest.raises(DecodeKilled, match="the images decoded are kept"):
+            load_dataset(root, cache_dir=tmp_path / "cache", log=quiet)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    (partial,) = (tmp_path / "cache" / "datasets").glob(".*.partial")
+    monkeypatch.setattr(data_module, "decode_pool", lambda *_: None)
+    real, calls = data_module.decode_image, []
+    monkeypatch.setattr(data_module, "decode_image", lambda *args: calls.append(1) or real(*args))
+    said = []
+    resumed = load_dataset(root, cache_dir=tmp_path / "cache", log=said.append)
+    assert any("going on from the images an interrupted decoding left" in line for line in said)
+    assert len(calls) == 150 + 6 - 64  # the first task's 64 images were kept
+    fresh = load_dataset(root, cache_dir=None, log=quiet)
+    for split in ("train", "test"):
+        assert torch.equal(getattr(resumed, f"{split}_images"), getattr(fresh, f"{split}_images"))
+        assert torch.equal(getattr(resumed, f"{split}_labels"), getattr(fresh, f"{split}_labels"))
+    assert resumed.fingerprint == fresh.fingerprint and not partial.exists()
+    assert not list((tmp_path / "cache").rglob("*.journal"))
 
 
 CGROUP = Path("/sys/fs/cgroup/memory")

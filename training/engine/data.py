@@ -155,6 +155,8 @@ def _build_cache(found: Found, name: str, image_size: int, workers: int, folder:
         np.save(folder / f"{s}_labels.npy", arrays[f"{s}_labels"])
     meta = {"splits": splits, **{k: arrays.get(k, _EMPTY.get(k)) for k in _META}}
     (folder / "meta.json").write_text(json.dumps(meta))
+    for journal in folder.glob("*.journal"):  # the cache is whole
+        journal.unlink()
 
 
 def median_side(found: Found, sample: int = 256) -> tuple[int, int]:
@@ -344,9 +346,48 @@ class DecodeKilled(DatasetError):
 def killed(done: int, total: int) -> DecodeKilled:
     return DecodeKilled(
         f"a process decoding the images was killed after {done} of {total} were decoded, most "
-        "likely for lack of memory (nothing in the dataset's folder was changed). Run again "
-        "with --decode-workers 1, or free memory; the training itself then reads the images "
-        "from disk with --data-on-device no")
+        "likely for lack of memory (nothing in the dataset's folder was changed; the images "
+        "decoded are kept, and the next run goes on from them). Run again with "
+        "--decode-workers 1, or free memory; the training itself then reads the images from "
+        "disk with --data-on-device no")
+
+
+class Journal:
+    """The results of a decoding's finished tasks, one JSON line each, appended as they
+    finish (after their rows are flushed to the images file): a decoding killed midway goes
+    on from them. The first line names what is decoded; "packing" then "packed" mark the rows
+    being moved to the front, after which the file is whole. A journal of something else, or
+    one cut while packing, is started afresh."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.done, self.packed = path, {}, False
+        entries = []
+        try:
+            lines = path.read_text().splitlines()
+            if lines and json.loads(lines[0]) == header:
+                for line in lines[1:]:
+                    entries.append(json.loads(line))
+        except (OSError, ValueError):  # none, or its last line cut short by the kill
+            pass
+        marks = [key for key, _ in entries if key in ("packing", "packed")]
+        if marks == ["packing", "packed"]:
+            self.packed = True
+        if not marks or self.packed:
+            self.done = {key: result for key, result in entries if key not in ("packing", "packed")}
+        with open(path, "w") as out:
+            out.write(json.dumps(header) + "\n")
+            out.writelines(json.dumps([key, result]) + "\n" for key, result in self.done.items())
+            if self.packed:
+                out.write('["packing", null]\n["packed", null]\n')
+        self.file = open(path, "a")
+
+    def record(self, key, result) -> None:
+        self.file.write(json.dumps([key, result]) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def decode_files(paths: list[Path], size: int, pool: ProcessPoolExecutor | None = None,
@@ -360,23 +401,56 @@ def decode_files(paths: list[Path], size: int, pool: ProcessPoolExecutor | None 
             decoded = decode_files(paths, size, pool, Path(folder) / "images.npy")
             decoded.images = np.array(decoded.images)
             return decoded
-    _empty_images(target, len(paths), size)
+    names = hashlib.blake2b("\n".join(map(str, paths)).encode("utf-8", "surrogateescape"),
+                            digest_size=16).hexdigest()
+    journal = resumed_journal(target, {"files": names, "count": len(paths), "size": size})
+    starts = range(0, len(paths), DECODE_CHUNK)
     tasks = [([str(p) for p in paths[i:i + DECODE_CHUNK]], size, str(target), i)
-             for i in range(0, len(paths), DECODE_CHUNK)]
-    decoded = Decoded(np.empty(0, np.uint8), [], [], [])
+             for i in starts if i not in journal.done]
     try:
         results = pool.map(_decode_rows, tasks) if pool else map(_decode_rows, tasks)
-        for first, chunk in zip(range(0, len(paths), DECODE_CHUNK), results):
-            for i, (digest, why) in enumerate(chunk, start=first):
-                if why is None:
-                    decoded.kept.append(i)
-                    decoded.digests.append(digest)
-                else:
-                    decoded.failed.append((i, why))
+        for (_, _, _, first), chunk in zip(tasks, results):
+            journal.record(first, chunk)
+            journal.done[first] = chunk
     except BrokenProcessPool as exc:
-        raise killed(len(decoded.kept), len(paths)) from exc
-    decoded.images = _packed(target, decoded.kept)
+        raise killed(sum(len(chunk) for chunk in journal.done.values()), len(paths)) from exc
+    finally:
+        journal.close()
+    decoded = Decoded(np.empty(0, np.uint8), [], [], [])
+    for first in starts:
+        for i, (digest, why) in enumerate(journal.done[first], start=first):
+            if why is None:
+                decoded.kept.append(i)
+                decoded.digests.append(digest)
+            else:
+                decoded.failed.append((i, why))
+    decoded.images = packed_once(journal, target, decoded.kept)
     return decoded
+
+
+def resumed_journal(target: Path, header: dict) -> Journal:
+    """The journal of decoding into `target`: what an interrupted decoding left, where it
+    left its images file too; else a new one, with a new, empty images file."""
+    path = target.with_name(target.name + ".journal")
+    if not target.is_file():
+        path.unlink(missing_ok=True)
+    journal = Journal(path, header)
+    if not journal.done:
+        _empty_images(target, header["count"], header["size"])
+    return journal
+
+
+def packed_once(journal: Journal, target: Path, rows: list[int]) -> np.ndarray:
+    """`_packed`, marked in the journal before and after: a run killed while packing decodes
+    again, one that packed reads the packed file."""
+    if journal.packed:
+        return np.load(target, mmap_mode="r+")[:len(rows)]
+    with open(journal.path, "a") as out:
+        out.write('["packing", null]\n')
+    images = _packed(target, rows)
+    with open(journal.path, "a") as out:
+        out.write('["packed", null]\n')
+    return images
 
 
 def _empty_images(target: Path, n: int, size: int) -> None:
@@ -451,14 +525,23 @@ def _decode_shards(found: Found, size: int, workers: int, log, folder: Path) -> 
         for split, shards in chosen.items():
             target = folder / f"{split}_images.npy"
             count = max(s["first"] + s["count"] for s in shards)
-            _empty_images(target, count, size)
+            journal = resumed_journal(target, {"shards": [s["name"] for s in shards],
+                                               "count": count, "size": size})
+            todo = [s for s in shards if s["name"] not in journal.done]
             tasks = [(shard_source(found.root, s["name"]), size, str(target), s["first"], s["count"])
-                     for s in shards]
+                     for s in todo]
+            try:
+                results = pool.map(decode_shard, tasks) if pool else map(decode_shard, tasks)
+                for shard, result in zip(todo, results):
+                    journal.record(shard["name"], result)
+                    journal.done[shard["name"]] = result
+                    done += len(result[0])
+            finally:
+                journal.close()
             kept = []
-            results = pool.map(decode_shard, tasks) if pool else map(decode_shard, tasks)
-            for shard, (rows, why) in zip(shards, results):
+            for shard in shards:
+                rows, why = journal.done[shard["name"]]
                 kept += rows
-                done += len(rows)
                 seen = {row for row, _, _ in rows}
                 arrays["skipped"] += [[f"{shard['name']}#{row}", why or "missing from the shard"]
                                       for row in range(shard["first"], shard["first"] + shard["count"])
@@ -467,7 +550,7 @@ def _decode_shards(found: Found, size: int, workers: int, log, folder: Path) -> 
                 raise DatasetError(f"none of the {count} {split} images in the shards "
                                    f"of {found.root} could be read; write them again")
             kept.sort()
-            arrays[f"{split}_images"] = _packed(target, [row for row, _, _ in kept])
+            arrays[f"{split}_images"] = packed_once(journal, target, [row for row, _, _ in kept])
             arrays[f"{split}_labels"] = np.array([label for _, label, _ in kept], dtype=np.int64)
             arrays["files"][split] = [name for _, _, name in kept]
     except BrokenProcessPool as exc:
@@ -563,22 +646,50 @@ def _read_cache(path: Path, mapped: bool) -> dict | None:
 
 @contextmanager
 def _new_cache(path: Path | None, log) -> Iterator[Path]:
-    """A fresh folder to build a cache in: beside `path` (so it can be renamed into place),
-    or a temporary one where there is no cache folder or it cannot be written. Whatever is
-    left of it is removed at the end (mapped files stay readable until closed)."""
-    folder = None
+    """The folder to build a cache in: beside `path` (so it can be renamed into place), the
+    one an interrupted decoding left there if any (its journals say what it decoded), or a
+    temporary one where there is no cache folder, it cannot be written, or another process
+    is building it. What is left of it is removed at the end, except after a killed or
+    interrupted decoding (mapped files stay readable until closed)."""
+    folder, lock = None, None
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+            folder, lock = _partial_folder(path, log)
         except OSError as exc:
             log(f"warning: could not write the dataset cache under {path.parent} ({exc}); "
                 "the next run decodes again. Set --cache-dir to a writable folder.")
     folder = folder or Path(tempfile.mkdtemp(prefix="cifarlab-decoded-"))
+    keep = False
     try:
         yield folder
+    except (DecodeKilled, KeyboardInterrupt):
+        keep = lock is not None
+        raise
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+
+
+def _partial_folder(path: Path, log):
+    """`path`'s partial folder and the open, locked folder that makes it this process's;
+    (None, None) while another process holds it."""
+    import fcntl
+
+    folder = path.parent / f".{path.name}.partial"
+    resumed = folder.is_dir() and any(folder.glob("*.journal"))
+    folder.mkdir(exist_ok=True)
+    lock = os.open(folder, os.O_RDONLY)  # held open, and locked, until the cache is built
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return None, None
+    if resumed:
+        log(f"going on from the images an interrupted decoding left in {folder}")
+    return folder, lock
 
 
 def _publish(folder: Path, path: Path | None, log) -> Path | None:
