@@ -23,6 +23,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -204,6 +205,7 @@ def write_shards(found: Found, out: Path, per_shard: int = 1000, val_fraction: f
     manifest = {"format": FORMAT, "version": 1, "classes": classes, "layout": found.layout,
                 "source": str(found.root), "splits": {}}
     sides = []
+    written = int(time.time())  # whole seconds: a float adds a pax header to every member
     try:
         for split, samples in splits.items():
             shards, counts, writer = [], [0] * len(classes), None
@@ -213,7 +215,7 @@ def write_shards(found: Found, out: Path, per_shard: int = 1000, val_fraction: f
                     if writer:
                         writer.close()
                     shards.append({"name": f"{split}-{len(shards):06d}.tar", "first": row, "count": 0})
-                    writer = wds.TarWriter(str(partial / shards[-1]["name"]))
+                    writer = wds.TarWriter(str(partial / shards[-1]["name"]), mtime=written)
                 writer.write({"__key__": f"{row:08d}", ext: data, "cls": label, "txt": name})
                 shards[-1]["count"] += 1
                 counts[label] += 1
