@@ -16,7 +16,9 @@ which the kernel reclaims under pressure; anonymous memory is what it cannot.
 --limit-gb runs each child in a memory cgroup (v1) with that
 limit, so a checkout that needs more is stopped (reported as killed) rather than the machine.
 --data-on-device runs each count once per placement given (yes: the images held in memory; no:
-read from the memory-mapped cache), so the two are measured side by side.
+read from the memory-mapped cache; stream: the photos written once as WebDataset shards, then
+trained with --stream, the training images decoded each epoch and never cached), so they are
+measured side by side.
 """
 from __future__ import annotations
 
@@ -54,6 +56,16 @@ def make_photos(root: Path, n: int, side: int) -> Path:
         Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
     (root / "done").write_text("")
     return root
+
+
+def make_shards(photos: Path, checkout: Path) -> Path:
+    """The photos as WebDataset shards beside them (once), for --stream."""
+    out = photos.with_name(photos.name + "-shards")
+    if not (out / "manifest.json").exists():
+        subprocess.run([sys.executable, "-m", "training.shards", str(photos), str(out)],
+                       cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
+                       check=True, stdout=subprocess.DEVNULL)
+    return out
 
 
 def anon_kb(pid: int) -> int:
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-on-device", default="",
                         help="placements to measure side by side, e.g. yes,no (default: the "
                              "checkout's own default, with no flag)")
+    parser.add_argument("--batch-size", type=int, help="default: the mlp recipe's")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
@@ -141,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     checkouts = {"this checkout": here} | ({"other checkout": args.checkout.resolve()}
                                            if args.checkout else {})
     placements = [p for p in args.data_on_device.split(",") if p]
+    flags = {"": (), "stream": ("--data-on-device", "no", "--stream")}
+    batch = ("--batch-size", str(args.batch_size)) if args.batch_size else ()
     runs = {(name if not p else f"{name}, --data-on-device {p}"):
-            (checkout, ("--data-on-device", p) if p else ())
+            (checkout, flags.get(p, ("--data-on-device", p)) + batch)
             for name, checkout in checkouts.items() for p in placements or [""]}
     image_mb = 3 * args.side * args.side / 2**20
     report = {"side": args.side, "counts": counts, "image_mb": round(image_mb, 4), "runs": {}}
@@ -151,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         photos = make_photos(args.work / f"photos-{n}-{args.side}", n, args.side)
         for name, (checkout, extra) in runs.items():
-            result = run_child(checkout, photos, args.side, args.limit_gb, args.eval_batch_size,
+            data = make_shards(photos, checkout) if "--stream" in extra else photos
+            result = run_child(checkout, data, args.side, args.limit_gb, args.eval_batch_size,
                                extra)
             report["runs"].setdefault(name, {})[n] = result
             peak = result["peak_rss_mb"] if result["exit"] == 0 else (

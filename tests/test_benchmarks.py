@@ -159,14 +159,16 @@ def test_shuffled_patches_keep_every_pixel_and_move_them():
 
 def test_photo_memory_measures_each_run_and_the_slope_per_image_for_each_placement(tmp_path):
     out = tmp_path / "memory.json"
-    assert load("photo_memory").main(["--counts", "20,40", "--side", "32", "--work",
-                                      str(tmp_path / "w"), "--data-on-device", "yes,no",
+    assert load("photo_memory").main(["--counts", "40,60", "--side", "32", "--work",
+                                      str(tmp_path / "w"), "--data-on-device", "yes,no,stream",
+                                      "--batch-size", "8",
                                       "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    for name in ("this checkout, --data-on-device yes", "this checkout, --data-on-device no"):
+    for name in ("this checkout, --data-on-device yes", "this checkout, --data-on-device no",
+                 "this checkout, --data-on-device stream"):
         runs = report["runs"][name]
-        assert all(runs[n]["exit"] == 0 and runs[n]["peak_rss_mb"] > 100 for n in ("20", "40"))
-        assert runs["40"]["peak_anon_mb"] > 0 and "anon_mb_per_image" in report["slope"][name]
+        assert all(runs[n]["exit"] == 0 and runs[n]["peak_rss_mb"] > 100 for n in ("40", "60"))
+        assert runs["60"]["peak_anon_mb"] > 0 and "anon_mb_per_image" in report["slope"][name]
     assert len(list((tmp_path / "w" / "photos-40-32" / "test").rglob("*.jpg"))) == 10
 
 

@@ -128,3 +128,18 @@ def test_a_stream_over_a_damaged_shard_ends_in_one_line_naming_it(shards, train_
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     (line,) = [line for line in done.stderr.splitlines() if "ran out" in line]
     assert "train-00000" in line and "without --stream" in line
+
+
+def test_an_image_that_cannot_be_decoded_is_left_out_of_the_stream_and_named(
+        image_folder, train_config, tmp_path):
+    import shutil
+    source = tmp_path / "photos"
+    shutil.copytree(image_folder, source)
+    (source / "train" / "cat" / "0003.png").write_bytes(b"not an image at all")
+    assert shards_main([str(source), str(tmp_path / "shards"), "--per-shard", "8"]) == 0
+    said = []
+    result = train(stream_config(train_config, tmp_path / "shards", max_skipped=0.5, epochs=3),
+                   log=said.append)
+    assert mlflow.get_run(result.run_id).info.status == "FINISHED"
+    (line,) = [line for line in said if "streamed image(s) could not be decoded" in line]
+    assert line.startswith("warning: 1 streamed image(s)") and ".tar#" in line

@@ -99,6 +99,10 @@ def train(cfg: TrainConfig, log=print, *, splits: DeviceSplits | None = None,
                                          distributed.agreed(stop_requested), on_step=recorder.step,
                                          checkpoint_steps=steps))
         run.ensure_stored(result.epochs_run)
+        skipped = sorted(getattr(setup.loaders.train, "skipped", ()))
+        if skipped:
+            log(f"warning: {len(skipped)} streamed image(s) could not be decoded and were left "
+                f"out of their batches: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
         outcome = record_fit(run, result, setup, recorder.seconds, log)
         if not options.trial:
             with run.storing_results(result.epochs_run):

@@ -189,7 +189,7 @@ def prepare(cfg: TrainConfig, log=print) -> DeviceSplits:
                           log=log, mapped=not on_device)
     stream = stream_spec(cfg, whole, size) if cfg.stream else None
     if stream:
-        log(f"training images streamed from {len(stream.urls)} shard(s), {cfg.stream_workers} "
+        log(f"training images streamed from {len(stream.urls)} shard(s), {stream.workers} "
             f"worker process(es), a shuffle buffer of {cfg.shuffle_buffer}; validation, test and "
             f"a sample of {len(data.train_labels)} training images decoded")
     log(f"data on {device.type if on_device else 'disk (memory-mapped cache)'}: {placement}")
@@ -239,11 +239,14 @@ def streamed(cfg: TrainConfig, found: Found) -> Found:
 
 
 def stream_spec(cfg: TrainConfig, found: Found, size: int) -> StreamSpec:
+    """The training shards to stream; --stream-workers, but no more per process than it has
+    shards (a worker with none would give no batch)."""
     train = read_manifest(found.root)["splits"]["train"]
+    per_process = max(1, len(train["shards"]) // distributed.world().size)
     return StreamSpec(tuple(shard_source(found.root, s["name"]) for s in train["shards"]),
                       tuple(s["count"] for s in train["shards"]),
                       tuple(train["class_counts"][c] for c in found.classes), size,
-                      cfg.shuffle_buffer, cfg.stream_workers)
+                      cfg.shuffle_buffer, min(cfg.stream_workers, per_process))
 
 
 def dataset_bytes(found: Found, size: int) -> int:

@@ -187,7 +187,7 @@ class StreamLoader(DeviceLoader):
             self.first_flips = torch.rand(spec.total, device=self.device,
                                           generator=torch.Generator(device=self.device)
                                           .manual_seed(sampling.seed + 1)) < 0.5
-        self.skipped: list[str] = []  # images of the last epoch that could not be decoded
+        self.skipped: set[str] = set()  # shard#key of the images that could not be decoded
 
     def __len__(self) -> int:
         return self.batches_per_slot * self.spec.slots_per_process
@@ -199,15 +199,13 @@ class StreamLoader(DeviceLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         current = self.begin_pass(lambda: {})
         epoch, done = self.epoch - 1, current["done"]
-        if current["done"] == 0:
-            self.skipped = []
         plan = EpochPlan(self.spec, self.sampling.seed, epoch, self.shard.rank,
                          self.shard.world_size, self.per_process, self.batches_per_slot, done)
         cuda = self.device.type == "cuda"
         loader = DataLoader(SlotStream(plan), batch_size=None, num_workers=self.spec.workers,
                             pin_memory=cuda, prefetch_factor=4 if self.spec.workers else None)
         for i, (x, y, rows, bad) in enumerate(loader, start=done):
-            self.skipped += bad
+            self.skipped.update(bad)
             if isinstance(x, str):
                 raise DatasetError(f"the streamed shards ran out in epoch {epoch + 1}: {x} "
                                    f"({', '.join(bad[:5]) or 'the shard is damaged or cut short'}); "
