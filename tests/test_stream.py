@@ -71,7 +71,7 @@ def test_an_epoch_gives_each_image_at_most_once_across_processes_and_workers(sha
         batches = spec.batches_per_slot(4, 2)
         plan = EpochPlan(spec, seed=0, epoch=0, rank=rank, world=2, per_process=4,
                          batches=batches, done=0)
-        for _, _, batch_rows, _ in DataLoader(SlotStream(plan), batch_size=None, num_workers=2):
+        for _, _, batch_rows, _, _ in DataLoader(SlotStream(plan), batch_size=None, num_workers=2):
             rows += batch_rows.tolist()
     assert len(rows) == len(set(rows)) == 2 * 2 * batches * 4
     assert set(rows) <= set(range(spec.total))
@@ -90,7 +90,7 @@ def test_a_stream_resumed_mid_epoch_gives_the_batches_the_whole_epoch_gives(
     assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_inputs(stopped), first))
     epoch_inputs(stopped, 3)  # epoch 2, stopped after its third batch
     state = stopped.state_dict()
-    assert state["within"] == {"done": 3}
+    assert state["within"]["done"] == 3
     resumed = build(cfg, splits, log=quiet).loaders.train
     resumed.load_state_dict(state)
     rest = epoch_inputs(resumed)
@@ -130,16 +130,37 @@ def test_a_stream_over_a_damaged_shard_ends_in_one_line_naming_it(shards, train_
     assert "train-00000" in line and "without --stream" in line
 
 
-def test_an_image_that_cannot_be_decoded_is_left_out_of_the_stream_and_named(
-        image_folder, train_config, tmp_path):
+@pytest.fixture
+def one_bad_image(image_folder, tmp_path):
+    """Shards of the tiny folder with one training image that cannot be decoded."""
     import shutil
     source = tmp_path / "photos"
     shutil.copytree(image_folder, source)
     (source / "train" / "cat" / "0003.png").write_bytes(b"not an image at all")
-    assert shards_main([str(source), str(tmp_path / "shards"), "--per-shard", "8"]) == 0
+    assert shards_main([str(source), str(tmp_path / "bad-shards"), "--per-shard", "8"]) == 0
+    return tmp_path / "bad-shards"
+
+
+def test_an_image_that_cannot_be_decoded_is_left_out_of_the_stream_and_named(
+        one_bad_image, train_config):
     said = []
-    result = train(stream_config(train_config, tmp_path / "shards", max_skipped=0.5, epochs=3),
+    result = train(stream_config(train_config, one_bad_image, max_skipped=0.5, epochs=3),
                    log=said.append)
     assert mlflow.get_run(result.run_id).info.status == "FINISHED"
     (line,) = [line for line in said if "streamed image(s) could not be decoded" in line]
     assert line.startswith("warning: 1 streamed image(s)") and ".tar#" in line
+
+
+def test_a_stream_resumed_past_an_undecodable_image_still_gives_the_whole_epochs_batches(
+        one_bad_image, train_config):
+    cfg = stream_config(train_config, one_bad_image, max_skipped=0.5, stream_workers=0)
+    splits = prepare(cfg, log=quiet)
+    whole = epoch_inputs(build(cfg, splits, log=quiet).loaders.train)
+    stopped = build(cfg, splits, log=quiet).loaders.train
+    epoch_inputs(stopped, len(whole) - 1)
+    state = stopped.state_dict()
+    assert state["within"]["consumed"][0] > state["within"]["done"] * 8  # the bad one was read
+    resumed = build(cfg, splits, log=quiet).loaders.train
+    resumed.load_state_dict(state)
+    (last,) = epoch_inputs(resumed)
+    assert torch.equal(last[0], whole[-1][0]) and torch.equal(last[1], whole[-1][1])

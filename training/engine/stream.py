@@ -85,11 +85,17 @@ class EpochPlan:
     per_process: int  # images in this process's share of a batch
     batches: int  # batches each slot gives in a whole epoch
     done: int  # the epoch's batches already trained (a resumed run skips them)
+    consumed: tuple[tuple[int, int], ...] = ()  # (slot, samples read) for those batches
 
     def skipped(self, slot: int) -> int:
         """Of the `done` batches, those slot `slot` gave: batch i came from slot i % slots."""
         slots = self.spec.slots_per_process
         return max(0, (self.done - slot + slots - 1) // slots)
+
+    def samples_read(self, slot: int) -> int:
+        """The samples slot `slot` read for its batches already trained: as many as they
+        hold, plus any that could not be decoded."""
+        return dict(self.consumed).get(slot, self.skipped(slot) * self.per_process)
 
     def urls(self, slot: int) -> list[str]:
         positions = self.spec.shards_of(self.rank, slot, self.world)
@@ -130,7 +136,7 @@ class SlotStream(IterableDataset):
 
         plan, info = self.plan, get_worker_info()
         slot = ((info.id if info else 0) + plan.done) % plan.spec.slots_per_process
-        skip, size = plan.skipped(slot), plan.spec.image_size
+        skip, size, read = plan.skipped(slot), plan.spec.image_size, plan.samples_read(slot)
         samples = wds.shuffle(plan.spec.buffer, plan.spec.buffer,
                               seed=stream_seed(plan.seed, plan.epoch, plan.rank, slot))(
                                   _encoded(plan.urls(slot)))
@@ -139,7 +145,7 @@ class SlotStream(IterableDataset):
         for i, (name, data, label, row) in enumerate(samples):
             if given == plan.batches:
                 return
-            if i < skip * plan.per_process:
+            if i < read:
                 continue
             try:
                 if data is None:
@@ -151,11 +157,12 @@ class SlotStream(IterableDataset):
             labels.append(label)
             rows.append(row)
             if len(images) == plan.per_process:
-                yield torch.stack(images), torch.tensor(labels), torch.tensor(rows), bad
+                yield torch.stack(images), torch.tensor(labels), torch.tensor(rows), bad, (slot, i + 1)
                 images, labels, rows, bad = [], [], [], []
                 given += 1
         if given < plan.batches:
-            yield f"{plan.urls(slot)}: {len(bad)} image(s) could not be read", None, None, bad
+            names = ", ".join(url.rsplit("/", 1)[-1] for url in plan.urls(slot))
+            yield f"{names}: {len(bad)} image(s) could not be read", None, None, bad, (slot, 0)
 
 
 class StreamLoader(DeviceLoader):
@@ -199,12 +206,14 @@ class StreamLoader(DeviceLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         current = self.begin_pass(lambda: {})
         epoch, done = self.epoch - 1, current["done"]
+        consumed = current.setdefault("consumed", {})
         plan = EpochPlan(self.spec, self.sampling.seed, epoch, self.shard.rank,
-                         self.shard.world_size, self.per_process, self.batches_per_slot, done)
+                         self.shard.world_size, self.per_process, self.batches_per_slot, done,
+                         tuple(consumed.items()))
         cuda = self.device.type == "cuda"
         loader = DataLoader(SlotStream(plan), batch_size=None, num_workers=self.spec.workers,
                             pin_memory=cuda, prefetch_factor=4 if self.spec.workers else None)
-        for i, (x, y, rows, bad) in enumerate(loader, start=done):
+        for i, (x, y, rows, bad, (slot, read)) in enumerate(loader, start=done):
             self.skipped.update(bad)
             if isinstance(x, str):
                 raise DatasetError(f"the streamed shards ran out in epoch {epoch + 1}: {x} "
@@ -212,6 +221,7 @@ class StreamLoader(DeviceLoader):
                                    "write the shards again, or train without --stream, which "
                                    "skips unreadable images (--max-skipped)")
             current["done"] = i + 1
+            consumed[slot] = read
             x, rows = x.to(self.device, non_blocking=cuda), rows.to(self.device)
             yield (self.prepare(x, rows, epoch, self.augment_generator(epoch, i)),
                    y.to(self.device, non_blocking=cuda))
