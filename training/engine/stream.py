@@ -32,6 +32,7 @@ from training.engine.layouts import DatasetError
 from training.engine.shards import IMAGE_EXTENSIONS
 
 SAMPLE_IMAGES = 2048  # training images decoded for the statistics and whitening, at least
+IN_FLIGHT_BYTES = 128 << 20  # batches decoded ahead, in shared memory, across the workers
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ class StreamLoader(DeviceLoader):
                          tuple(consumed.items()))
         cuda = self.device.type == "cuda"
         loader = DataLoader(SlotStream(plan), batch_size=None, num_workers=self.spec.workers,
-                            pin_memory=cuda, prefetch_factor=4 if self.spec.workers else None)
+                            pin_memory=cuda, prefetch_factor=self.prefetch())
         for i, (x, y, rows, bad, (slot, read)) in enumerate(loader, start=done):
             self.skipped.update(bad)
             if isinstance(x, str):
@@ -226,6 +227,15 @@ class StreamLoader(DeviceLoader):
             yield (self.prepare(x, rows, epoch, self.augment_generator(epoch, i)),
                    y.to(self.device, non_blocking=cuda))
         self.current = None
+
+    def prefetch(self) -> int | None:
+        """Batches each worker decodes ahead: up to 4, fewer where batches are large. They
+        wait in shared memory, which a memory limit counts: 8 batches of 512 images at 160
+        px are 315 MB."""
+        if not self.spec.workers:
+            return None
+        batch = self.per_process * 3 * self.spec.image_size ** 2
+        return max(1, min(4, IN_FLIGHT_BYTES // (batch * self.spec.workers)))
 
     def augment_generator(self, epoch: int, batch: int) -> torch.Generator:
         seed = ((self.sampling.seed * 1_000_003 + epoch) * 4099 + self.shard.rank + 1) * 65_537 + batch
