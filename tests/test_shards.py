@@ -208,3 +208,11 @@ def test_a_url_with_no_manifest_is_refused_in_one_line(tmp_path):
     with pytest.raises(DatasetError, match="cannot read manifest.json at pipe:cat") as caught:
         load_dataset(f"pipe:cat {tmp_path}/{{}}", cache_dir=tmp_path, log=quiet)
     assert "\n" not in str(caught.value)
+
+
+def test_a_brace_pattern_of_shard_names_reads_the_shards_of_its_folder(shards, tmp_path):
+    pattern = f"{shards}/train-{{000000..000003}}.tar"
+    assert load_dataset(pattern, cache_dir=None, log=quiet).fingerprint == json.loads(
+        (shards / MANIFEST).read_text())["fingerprint"]
+    with pytest.raises(DatasetError, match=r"names 1 shard\(s\) that its manifest does not \(train-000004"):
+        load_dataset(f"{shards}/train-{{000003..000004}}.tar", cache_dir=None, log=quiet)

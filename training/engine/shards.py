@@ -59,10 +59,20 @@ def shard_url(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
 
 
+BRACES = re.compile(r"\{\d+\.\.\d+\}")
+
+
 def local_root(data_dir: str, cache_dir: str | Path | None) -> Path:
     """The folder `data_dir` names; for remote shards, a local folder holding a copy of their
     manifest (rewritten only when it changes, so the decoded cache stays valid) and where the
-    shards are."""
+    shards are. A brace pattern of shard names, as webdataset takes them
+    (`.../train-{000000..000044}.tar`), names the folder they are in, with their manifest:
+    the shards it names must be the manifest's."""
+    head, _, tail = data_dir.rstrip("/").rpartition("/")
+    if head and BRACES.search(tail):
+        root = local_root(head, cache_dir)
+        _check_pattern(root, tail, data_dir)
+        return root
     if not is_remote(data_dir):
         return Path(data_dir.removeprefix("file://")).expanduser().resolve()
     if data_dir.startswith("pipe:") and "{}" not in data_dir:
@@ -85,6 +95,18 @@ def local_root(data_dir: str, cache_dir: str | Path | None) -> Path:
         (root / MANIFEST).write_bytes(data)
     (root / BASE).write_text(data_dir)
     return root
+
+
+def _check_pattern(root: Path, pattern: str, data_dir: str) -> None:
+    from braceexpand import braceexpand
+
+    named = {shard["name"] for split in read_manifest(root)["splits"].values()
+             for shard in split["shards"]}
+    unknown = [name for name in braceexpand(pattern) if name not in named]
+    if unknown:
+        raise DatasetError(f"--data-dir {data_dir} names {len(unknown)} shard(s) that its "
+                           f"manifest does not ({', '.join(unknown[:3])}): every split's shards "
+                           "are read from the manifest, so give their folder or URL alone")
 
 
 def shard_source(root: Path, name: str) -> str:
