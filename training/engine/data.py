@@ -511,9 +511,9 @@ def _decode_shards(found: Found, size: int, workers: int, log, folder: Path) -> 
     """Each split's shards into its own uint8 .npy file in `folder`, a decoding process per
     shard; images a damaged shard lost are listed as skipped, by shard and row."""
     manifest = read_manifest(found.root)
-    chosen = {split: [s for s in manifest["splits"][split]["shards"]
-                      if s["name"] in {path.name for path, _ in items}]
-              for split, items in found.splits.items()}  # every shard, or a sample's
+    names = {split: {path.name for path, _ in items} for split, items in found.splits.items()}
+    chosen = {split: [s for s in manifest["splits"][split]["shards"] if s["name"] in names[split]]
+              for split in found.splits}  # every shard, or a sample's
     total = sum(s["count"] for shards in chosen.values() for s in shards)
     log(f"decoding {total} images from the shards in {found.root} at {size}x{size} (once; later "
         "runs use the cache)")

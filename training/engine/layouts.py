@@ -280,10 +280,11 @@ def hold_out(found: Found, items: list[tuple[Path, int]],
              test_fraction: float) -> dict[str, list[tuple[Path, int]]]:
     """Train and test splits of labelled files: per class, the round(n x fraction) files (at
     least one) whose names hash first are held out for testing."""
-    held = held_out([(found.relative(path), label) for path, label in items], test_fraction,
+    names = [found.relative(path) for path, _ in items]
+    held = held_out([(name, label) for name, (_, label) in zip(names, items)], test_fraction,
                     found.classes, "test")
-    return {"train": [i for i in items if found.relative(i[0]) not in held],
-            "test": [i for i in items if found.relative(i[0]) in held]}
+    return {"train": [i for i, name in zip(items, names) if name not in held],
+            "test": [i for i, name in zip(items, names) if name in held]}
 
 
 def held_out(items: list[tuple[str, int]], fraction: float, classes: list[str],

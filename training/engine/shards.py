@@ -24,7 +24,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -262,21 +262,26 @@ def write_shards(found: Found, out: Path, per_shard: int = 1000, val_fraction: f
 
 # --- reading into the decoded cache ------------------------------------------------------------
 
+def read_shard(url: str) -> Iterator[tuple[dict, bytes | None]]:
+    """One shard's samples in order, each with its image's bytes (None if it has none). The
+    caller reads exactly this shard: no splitting by node or worker here."""
+    import webdataset as wds
+
+    samples = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
+                             workersplitter=None)
+    for sample in samples:
+        yield sample, next((sample[k] for k in sample if k in IMAGE_EXTENSIONS or k == "img"), None)
+
+
 def decode_shard(args: tuple[str, int, str, int, int]) -> tuple[list[tuple[int, int, str]], str | None]:
     """Decode one shard's images into their rows of the .npy file at `target` (memory-mapped
     here, in the worker): (row, label, name) of each image written, and why the shard ended
     early, if it did. An image that cannot be decoded is left out, its row absent."""
-    import webdataset as wds
-
     url, size, target, first, count = args
     out = np.load(target, mmap_mode="r+")
     kept, why = [], None
-    # this process reads exactly this shard: no splitting by node or worker
-    samples = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
-                             workersplitter=None)
     try:
-        for sample in samples:
-            data = next((sample[k] for k in sample if k in IMAGE_EXTENSIONS or k == "img"), None)
+        for sample, data in read_shard(url):
             try:
                 row, label = int(sample["__key__"]), int(sample["cls"])
                 if not first <= row < first + count or data is None:

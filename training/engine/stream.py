@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shared.preprocess import InputTransform, decode_image
 from training.engine.batches import DeviceLoader, Sampling, Shard
 from training.engine.layouts import DatasetError
-from training.engine.shards import IMAGE_EXTENSIONS
+from training.engine.shards import read_shard
 
 SAMPLE_IMAGES = 2048  # training images decoded for the statistics and whitening, at least
 IN_FLIGHT_BYTES = 128 << 20  # batches decoded ahead, in shared memory, across the workers
@@ -107,15 +107,10 @@ class EpochPlan:
 def _encoded(urls: list[str]) -> Iterator[tuple[str, bytes | None, int, int]]:
     """(name, image bytes, label, row) of each sample of `urls`, shard after shard; a shard
     that breaks off ends early, and the next one is read."""
-    import webdataset as wds
-
     for url in urls:
         name = url.rsplit("/", 1)[-1]
-        samples = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
-                                 workersplitter=None)
         try:
-            for sample in samples:
-                data = next((sample[k] for k in sample if k in IMAGE_EXTENSIONS or k == "img"), None)
+            for sample, data in read_shard(url):
                 try:
                     yield f"{name}#{sample['__key__']}", data, int(sample["cls"]), int(sample["__key__"])
                 except (KeyError, ValueError):
