@@ -1,7 +1,7 @@
 """Classify a folder without a window, with the app's inference code:
 
     python -m gui.classify FOLDER [--model NAME@ALIAS | NAME/VERSION | NAME] [--csv FILE]
-                                  [--heatmaps DIR] [--submission FILE]
+                                  [--heatmaps DIR] [--submission FILE] [--runtime RUNTIME]
 
 One CSV row per file found: the predicted class, confidence and whether it is unsure (under
 the model's threshold: maybe none of its classes), or why the file could not be read. With
@@ -26,6 +26,7 @@ from shared.files import display_name, image_files
 from shared.heatmap import Explainer, NoHeatmap, photo_with_heatmap
 from shared.inference import LoadedClassifier, Prediction, classify_files, load_classifier
 from shared.messages import BadInput
+from shared.onnx_model import RUNTIMES
 from shared.registry import resolve_model_uri
 from shared.store import tracking_uri, use_store
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="folder of images (not searched recursively)")
     parser.add_argument("--model", help="NAME@ALIAS, NAME/VERSION or NAME (its champion); "
                                         "default: the champion of the newest registered model")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="pt2",
+                        help="what runs the network: pt2 (PyTorch), or the version's checked onnx "
+                             "or onnx-int8 export (python -m training.export); default pt2")
     parser.add_argument("--csv", type=Path, help="write the CSV here instead of to standard output")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, "
                                                "else ./mlruns)")
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise BadInput(f"--submission needs one id per file, and {exc}; keep one of "
                                "them") from None
         use_store(uri)
-        clf = load_classifier(resolve_model_uri(args.model, uri))
+        clf = load_classifier(resolve_model_uri(args.model, uri), args.runtime)
         try:
             explainer = Explainer(clf.module) if args.heatmaps else None
         except NoHeatmap as exc:

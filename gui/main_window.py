@@ -32,12 +32,13 @@ from shared.registry import find_version, newest_champion
 THUMBNAIL = 128
 UNSURE_TEXT = "unsure — maybe none of these classes"
 FACTS = ["model", "training", "weights", "dataset", "device", "epochs run", "test accuracy",
-         "registered"]
+         "registered", "runtime"]
+RUNTIME_NAMES = {"pt2": "PyTorch (pt2)", "onnx": "ONNX", "onnx-int8": "ONNX int8"}
 
 
 class MainWindow(QMainWindow):
     request_models = Signal()
-    request_load = Signal(str)
+    request_load = Signal(str, str)  # version URI, runtime
     # file paths travel as Python objects: Qt would re-encode names that are not UTF-8
     request_classify = Signal(int, object)
     request_heatmap = Signal(object, int)  # path, side
@@ -50,6 +51,7 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
         self.versions = []
         self.model_uri: str | None = None
+        self.runtime = settings.value("runtime", "pt2")  # kept where the next version has it
         self.wanted_model = model or settings.value("model", "")  # else the newest champion
         self.loading = False
         self.no_heatmap = "no model loaded"  # why the loaded model has no heatmap ("": it has)
@@ -73,6 +75,8 @@ class MainWindow(QMainWindow):
         self.model_box = QComboBox()
         self.model_box.setMinimumContentsLength(28)
         self.model_box.currentIndexChanged.connect(self._model_chosen)
+        self.runtime_box = QComboBox()
+        self.runtime_box.currentIndexChanged.connect(self._runtime_chosen)
 
         self.grid = QListView()
         self.grid.setViewMode(QListView.ViewMode.IconMode)
@@ -89,6 +93,7 @@ class MainWindow(QMainWindow):
         form = QFormLayout(facts_box)
         for name, label in self.facts.items():
             label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            label.setWordWrap(name == "runtime")
             form.addRow(name, label)
 
         self.preview = QLabel("Select an image")
@@ -150,6 +155,8 @@ class MainWindow(QMainWindow):
         self.addToolBar(toolbar)
         toolbar.addWidget(QLabel(" Model: "))
         toolbar.addWidget(self.model_box)
+        toolbar.addWidget(QLabel(" Runtime: "))
+        toolbar.addWidget(self.runtime_box)
         for action in (self.refresh_action, None, self.open_action, self.add_action, None,
                        self.classify_action, self.cancel_action, self.export_action):
             toolbar.addSeparator() if action is None else toolbar.addAction(action)
@@ -163,6 +170,7 @@ class MainWindow(QMainWindow):
         self.cancel_action.setEnabled(self.running)
         self.export_action.setEnabled(bool(self.images.predictions()) and not self.running)
         self.model_box.setEnabled(not self.loading)
+        self.runtime_box.setEnabled(not self.loading and self.runtime_box.count() > 1)
         self.refresh_action.setEnabled(not self.loading)
         self.heatmap_box.setEnabled(ready and not self.no_heatmap)
         self.heatmap_box.setToolTip(self.no_heatmap or "Grad-CAM: red where the evidence for the "
@@ -203,6 +211,7 @@ class MainWindow(QMainWindow):
             self.settings.setValue("folder", str(self.folder))
         if self.model_uri:
             self.settings.setValue("model", self.model_uri)
+            self.settings.setValue("runtime", self.runtime)
         self.worker.cancel()
         self.thumbnails.clear()
         self.thumbnails.waitForDone(2000)
@@ -252,29 +261,51 @@ class MainWindow(QMainWindow):
         version = self.versions[index]
         for name, label in self.facts.items():
             label.setText(version.facts.get(name, "—"))
-        self.model_uri, self.loading = version.uri, True
+        self.runtime_box.blockSignals(True)
+        self.runtime_box.clear()
+        for runtime in version.runtimes:
+            self.runtime_box.addItem(RUNTIME_NAMES[runtime], runtime)
+            checks = version.exports.get(runtime, "the logged network itself")
+            self.runtime_box.setItemData(self.runtime_box.count() - 1, checks,
+                                         Qt.ItemDataRole.ToolTipRole)
+        wanted = self.runtime_box.findData(self.runtime)
+        self.runtime_box.setCurrentIndex(max(wanted, 0))
+        self.runtime_box.blockSignals(False)
+        self._load(self.runtime_box.currentData())
+
+    @Slot(int)
+    def _runtime_chosen(self, index: int) -> None:
+        if index >= 0 and 0 <= self.model_box.currentIndex() < len(self.versions):
+            self._load(self.runtime_box.itemData(index))
+
+    def _load(self, runtime: str) -> None:
+        """Load the chosen version, run by `runtime`; its checked figures shown beside it."""
+        version = self.versions[self.model_box.currentIndex()]
+        self.model_uri, self.runtime, self.loading = version.uri, runtime, True
+        checks = version.exports.get(runtime)
+        self.facts["runtime"].setText(RUNTIME_NAMES[runtime] + (f": {checks}" if checks else ""))
         self.no_heatmap = "the model is loading"
         self.cancel()
         self.images.clear_predictions()
-        self.message.setText(f"Loading {version.label}…")
+        self.message.setText(f"Loading {version.label} ({RUNTIME_NAMES[runtime]})…")
         self.progress.setRange(0, 0)  # busy indicator
         self.progress.show()
         self._update_actions()
-        self.request_load.emit(version.uri)
+        self.request_load.emit(version.uri, runtime)
 
-    @Slot(str, list, str)
-    def _loaded(self, uri: str, classes: list, no_heatmap: str) -> None:
-        if uri != self.model_uri:
+    @Slot(str, str, list, str)
+    def _loaded(self, uri: str, runtime: str, classes: list, no_heatmap: str) -> None:
+        if (uri, runtime) != (self.model_uri, self.runtime):
             return
         self.loading, self.no_heatmap = False, no_heatmap
         self.progress.hide()
-        self.message.setText(f"Ready: {uri} ({len(classes)} classes)")
+        self.message.setText(f"Ready: {uri} ({len(classes)} classes, {RUNTIME_NAMES[runtime]})")
         self._update_actions()
         self.classify()
 
-    @Slot(str, str)
-    def _load_failed(self, uri: str, message: str) -> None:
-        if uri != self.model_uri:
+    @Slot(str, str, str)
+    def _load_failed(self, uri: str, runtime: str, message: str) -> None:
+        if (uri, runtime) != (self.model_uri, self.runtime):
             return
         self.loading, self.model_uri, self.no_heatmap = False, None, "no model loaded"
         self.progress.hide()

@@ -19,8 +19,8 @@ from shared.store import StoreBroken, use_store
 class InferenceWorker(QObject):
     models_listed = Signal(list)  # [ModelVersionInfo]
     models_failed = Signal(str)
-    loaded = Signal(str, list, str)  # uri, class names, why it has no heatmap ("" if it has)
-    load_failed = Signal(str, str)  # uri, message
+    loaded = Signal(str, str, list, str)  # uri, runtime, class names, why no heatmap ("": it has)
+    load_failed = Signal(str, str, str)  # uri, runtime, message
     progress = Signal(int, int, int)  # job, done, total
     results = Signal(int, object)  # job, [Prediction]
     finished = Signal(int, bool)  # job, cancelled
@@ -50,25 +50,27 @@ class InferenceWorker(QObject):
             self.models_failed.emit(f"{exc}. Point the app at your store with "
                                     "MLFLOW_TRACKING_URI (or --tracking-uri).")
 
-    @Slot(str)
-    def load(self, uri: str) -> None:
+    @Slot(str, str)
+    def load(self, uri: str, runtime: str) -> None:
+        """The version `uri`, run by `runtime`: pt2, or its checked onnx or onnx-int8 export."""
         # torch and MLflow are imported here, on this thread, so the window shows at once
         from shared.heatmap import Explainer, NoHeatmap
-        from shared.inference import ModelLoadError, load_classifier
+        from shared.inference import load_classifier
+        from shared.messages import BadInput
 
         self.classifier = self.explainer = None
         try:
             use_store(self.tracking_uri)
-            self.classifier = load_classifier(uri)
+            self.classifier = load_classifier(uri, runtime)
         except Exception as exc:  # noqa: BLE001 - any failure must reach the window, not hang it
-            self.load_failed.emit(uri, str(exc) if isinstance(exc, ModelLoadError)
+            self.load_failed.emit(uri, runtime, str(exc) if isinstance(exc, BadInput)
                                   else f"cannot load {uri}: {type(exc).__name__}: {exc}")
             return
         try:
             self.explainer, no_heatmap = Explainer(self.classifier.module), ""
         except NoHeatmap as exc:
             no_heatmap = str(exc)
-        self.loaded.emit(uri, self.classifier.classes, no_heatmap)
+        self.loaded.emit(uri, runtime, self.classifier.classes, no_heatmap)
 
     @Slot(object, int)
     def heatmap(self, path: str, side: int) -> None:

@@ -65,6 +65,8 @@ class Explainer:
     """Grad-CAM heatmaps for an exported classifier that takes float images in [0, 1]."""
 
     def __init__(self, module: fx.GraphModule):
+        if not isinstance(module, fx.GraphModule):
+            raise NoHeatmap("heatmaps need the pt2 runtime (Grad-CAM follows PyTorch's graph)")
         self.module = module
         self.node = feature_map_node(module.graph)
 

@@ -15,9 +15,10 @@ from PIL import Image, UnidentifiedImageError
 from shared.calibration import Calibration
 from shared.files import not_readable
 from shared.messages import BadInput
+from shared.onnx_model import ONNX_ARCHIVE, OnnxModule, UnsafeOnnx, check_onnx, open_session
 from shared.preprocess import Preprocessing, decode_image
+from shared.registry import runtime_uri
 from shared.safe_model import (
-    ARCHIVE,
     UnsafeModel,
     check_archive,
     check_calibration,
@@ -54,10 +55,11 @@ class Prediction:
 @dataclass
 class LoadedClassifier:
     uri: str
-    module: torch.nn.Module  # an exported (torch.export) module, fixed in eval mode
+    module: torch.nn.Module | OnnxModule  # an exported (torch.export) module, or an ONNX graph
     classes: list[str]
     prep: Preprocessing
     calibration: Calibration = Calibration()
+    runtime: str = "pt2"  # what runs the network: pt2 (PyTorch), onnx or onnx-int8
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -84,17 +86,24 @@ class LoadedClassifier:
         return torch.from_numpy(np.stack([decode_image(p, size) for p in paths]))
 
 
-def load_classifier(model_uri: str) -> LoadedClassifier:
-    """Load `models:/name@alias`, `models:/name/version` or `runs:/id/model`. The files are
-    checked before anything in them is deserialised (shared/safe_model.py): a model that is
-    not what this project's training logs is refused, and nothing of it runs."""
+def load_classifier(model_uri: str, runtime: str = "pt2") -> LoadedClassifier:
+    """Load `models:/name@alias`, `models:/name/version` or `runs:/id/model`, run by `runtime`:
+    pt2 (PyTorch), or the version's checked `onnx` or `onnx-int8` export. The files are
+    checked before anything in them is deserialised (shared/safe_model.py,
+    shared/onnx_model.py): a model that is not what this project logs is refused, and nothing
+    of it runs."""
+    source = runtime_uri(model_uri, runtime)
     with tempfile.TemporaryDirectory(prefix="cifarlab-model-") as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
         except Exception as exc:  # noqa: BLE001 - missing artifacts, bad URIs, store errors
-            raise ModelLoadError(f"cannot read the model {model_uri}: it does not exist, or its "
+            raise ModelLoadError(f"cannot read the model {source}: it does not exist, or its "
                                  f"artifacts are missing or unreachable ({exc})") from exc
-        return open_model_dir(local, model_uri)
+        clf = open_model_dir(local, model_uri if runtime == "pt2" else f"{model_uri} ({runtime})")
+    if clf.runtime != runtime:
+        raise ModelLoadError(f"refused to load {model_uri} ({runtime}): the export its tag links "
+                             f"to is a {clf.runtime} model. Export it again with training.export")
+    return clf
 
 
 def open_model_dir(local: Path, model_uri: str) -> LoadedClassifier:
@@ -102,25 +111,29 @@ def open_model_dir(local: Path, model_uri: str) -> LoadedClassifier:
     if not (local / "MLmodel").is_file():
         raise ModelLoadError(f"cannot read the model {model_uri}: its artifacts are missing "
                              "(no MLmodel file where the registry points)")
+    onnx = False
     try:
-        metadata = check_model_dir(local)
+        metadata, archive = check_model_dir(local)
         classes, prep = check_metadata(metadata)
         calibration = check_calibration(metadata)
-        check_archive(local / ARCHIVE)
-    except UnsafeModel as exc:
+        onnx = archive == ONNX_ARCHIVE
+        check_onnx(local / archive) if onnx else check_archive(local / archive)
+    except (UnsafeModel, UnsafeOnnx) as exc:
+        remedy = "export it again with training.export" if onnx else "retrain it with training.train"
         raise ModelLoadError(f"refused to load {model_uri}: {exc}. Nothing of it was run; "
-                             "retrain it with training.train, or ask who changed its "
-                             "artifacts.") from None
+                             f"{remedy}, or ask who changed its artifacts.") from None
     try:
-        module = open_archive(local / ARCHIVE)
+        module = OnnxModule(open_session(local / archive)) if onnx else open_archive(local / archive)
     except Exception as exc:  # noqa: BLE001 - broken files, incompatible torch versions
+        made_by = "ONNX Runtime" if onnx else "PyTorch"
         raise ModelLoadError(f"cannot load the model {model_uri} (damaged, or made by an "
-                             f"incompatible PyTorch): {exc}") from exc
+                             f"incompatible {made_by}): {exc}") from exc
     try:
         check_outputs(module, classes, prep)
     except UnsafeModel as exc:
         raise ModelLoadError(f"cannot use the model {model_uri}: {exc}") from None
-    return LoadedClassifier(model_uri, module, classes, prep, calibration)
+    return LoadedClassifier(model_uri, module, classes, prep, calibration,
+                            metadata["runtime"] if onnx else "pt2")
 
 
 def describe_error(exc: BaseException) -> str:

@@ -5,7 +5,11 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from shared.messages import BadInput, mask_secrets
+from shared.onnx_model import EXPORTS, RUNTIMES
 from shared.store import CHAMPION, DriverMissing, check_driver
+
+EXPORT_TAG = "export.{}"  # a version's checked export in a runtime: the export's model URI
+CHECKS_TAG = "export.{}.checks"  # its checked figures, in words
 
 
 class RegistryError(BadInput):
@@ -20,6 +24,12 @@ class ModelVersionInfo:
     run_id: str | None
     created_ms: int = 0
     facts: dict[str, str] = field(default_factory=dict)
+    exports: dict[str, str] = field(default_factory=dict)  # runtime: its checked figures
+
+    @property
+    def runtimes(self) -> list[str]:
+        """pt2, then each runtime a checked export of this version exists for."""
+        return ["pt2", *(r for r in EXPORTS if r in self.exports)]
 
     @property
     def uri(self) -> str:
@@ -81,7 +91,8 @@ def list_versions(tracking_uri: str) -> list[ModelVersionInfo]:
         infos.append(ModelVersionInfo(v.name, str(v.version),
                                       sorted(aliases.get((v.name, str(v.version)), [])), v.run_id,
                                       v.creation_timestamp or 0,
-                                      _facts(client, v.run_id, v.creation_timestamp)))
+                                      _facts(client, v.run_id, v.creation_timestamp),
+                                      exports_of(v.tags or {})))
     infos.sort(key=lambda i: (i.name, CHAMPION not in i.aliases, -int(i.version)))
     return infos
 
@@ -115,3 +126,46 @@ def newest_champion(versions: list[ModelVersionInfo]) -> ModelVersionInfo:
     """The most recently registered champion (or version, if none is champion)."""
     champions = [v for v in versions if CHAMPION in v.aliases] or versions
     return max(champions, key=lambda v: v.created_ms)
+
+
+def exports_of(tags: dict[str, str]) -> dict[str, str]:
+    """A version's checked exports, from its tags: runtime -> its figures in words."""
+    return {r: tags.get(CHECKS_TAG.format(r), "checked") for r in EXPORTS
+            if tags.get(EXPORT_TAG.format(r))}
+
+
+def registered_version(model_uri: str, client):
+    """The registry's version that `models:/NAME/VERSION` or `models:/NAME@ALIAS` names."""
+    spec = model_uri.removeprefix("models:/")
+    name, at, alias = spec.partition("@")
+    try:
+        if at:
+            return client.get_model_version_by_alias(name, alias)
+        name, _, number = spec.partition("/")
+        return client.get_model_version(name, number)
+    except Exception as exc:  # noqa: BLE001 - unknown names, aliases, versions
+        raise RegistryError(f"no registered model version {spec!r} in this store "
+                            f"({mask_secrets(str(exc)).splitlines()[0]}); see the registered "
+                            "versions in the MLflow UI's Models page") from None
+
+
+def runtime_uri(model_uri: str, runtime: str) -> str:
+    """The model to load for `model_uri` in `runtime`: the version itself for pt2, else the
+    checked export its tags link to. RegistryError says how to make a missing one."""
+    if runtime not in RUNTIMES:
+        raise RegistryError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if runtime == "pt2":
+        return model_uri
+    if not model_uri.startswith("models:/") or model_uri.startswith("models:/m-"):
+        raise RegistryError(f"--runtime {runtime} needs a registered version (NAME@ALIAS or "
+                            f"NAME/VERSION), not {model_uri}")
+    from mlflow.tracking import MlflowClient
+
+    version = registered_version(model_uri, MlflowClient())
+    linked = (version.tags or {}).get(EXPORT_TAG.format(runtime))
+    if not linked:
+        raise RegistryError(f"{version.name} version {version.version} has no checked {runtime} "
+                            f"export: make one with python -m training.export --model "
+                            f"{version.name}/{version.version} --format {runtime}, or use "
+                            "--runtime pt2")
+    return linked

@@ -26,6 +26,7 @@ import yaml
 from torch.export.pt2_archive import constants as pt2
 
 from shared.calibration import Calibration
+from shared.onnx_model import EXPORTS, ONNX_ARCHIVE
 from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES, Preprocessing
 
 ARCHIVE = Path("data") / "model.pt2"
@@ -46,25 +47,28 @@ class UnsafeModel(Exception):
     """The artifact is not what this project writes; loading it could run code."""
 
 
-def check_model_dir(folder: Path) -> dict:
-    """The model's metadata, once the folder holds only what this project's training logs:
-    an MLmodel with the pytorch flavor pointing at `data/`, no code, no pickle, and `data/`
-    holding the pt2 archive alone. Raises UnsafeModel naming what is wrong."""
+def check_model_dir(folder: Path) -> tuple[dict, Path]:
+    """The model's metadata and its archive (relative to `folder`), once the folder holds only
+    what this project logs: an MLmodel with the pytorch flavor pointing at `data/` and
+    `data/` holding the pt2 archive alone, or (an export of `training.export`) the image
+    server's python_function flavor alone and `data/` holding the ONNX file alone; no code,
+    no pickle. Raises UnsafeModel naming what is wrong."""
     for path in folder.rglob("*"):
         if path.is_symlink():
             raise UnsafeModel(f"it holds a symbolic link ({path.relative_to(folder)})")
     mlmodel = _read_mlmodel(folder / "MLmodel")
-    _check_flavors(mlmodel.get("flavors"))
+    metadata = mlmodel.get("metadata") or {}
+    archive = _check_flavors(mlmodel.get("flavors"), metadata)
     if (folder / "code").exists():
         raise UnsafeModel("it has a code/ folder: this project logs no code with a model")
     data = sorted(p.relative_to(folder) for p in (folder / "data").rglob("*"))
-    if data != [ARCHIVE]:
+    if data != [archive]:
         found = ", ".join(str(p) for p in data) or "nothing"
-        raise UnsafeModel(f"its data/ folder must hold {ARCHIVE.name} alone (found {found}); "
+        raise UnsafeModel(f"its data/ folder must hold {archive.name} alone (found {found}); "
                           "another file there could be loaded by pickle")
-    if not (folder / ARCHIVE).is_file():
-        raise UnsafeModel(f"{ARCHIVE} is not a regular file")
-    return mlmodel.get("metadata") or {}
+    if not (folder / archive).is_file():
+        raise UnsafeModel(f"{archive} is not a regular file")
+    return metadata, archive
 
 
 def _read_mlmodel(path: Path) -> dict:
@@ -79,8 +83,13 @@ def _read_mlmodel(path: Path) -> dict:
     return mlmodel
 
 
-def _check_flavors(flavors: object) -> None:
-    if not isinstance(flavors, dict) or "pytorch" not in flavors:
+def _check_flavors(flavors: object, metadata: dict) -> Path:
+    """The archive the flavors point at: the pt2 network, or an export's ONNX graph."""
+    export = isinstance(flavors, dict) and set(flavors) == {"python_function"}
+    if export and metadata.get("runtime") not in EXPORTS:
+        raise UnsafeModel(f"its MLmodel has no pytorch flavor, and its metadata names no export "
+                          f"runtime ({', '.join(EXPORTS)})")
+    if not isinstance(flavors, dict) or not (export or "pytorch" in flavors):
         raise UnsafeModel("its MLmodel has no pytorch flavor")
     for name, conf in flavors.items():
         if name not in FLAVOR_FIELDS:
@@ -94,15 +103,17 @@ def _check_flavors(flavors: object) -> None:
         if conf.get("code") is not None:
             raise UnsafeModel(f"its MLmodel's {name} flavor names a code folder "
                               f"({conf['code']!r}); loading would import it")
-    if flavors["pytorch"].get("model_data") != "data":
+    if not export and flavors["pytorch"].get("model_data") != "data":
         raise UnsafeModel(f"its pytorch flavor's model_data is "
                           f"{flavors['pytorch'].get('model_data')!r}, not the artifact's 'data' "
                           "folder")
     pyfunc = flavors.get("python_function", {})
-    if pyfunc and (pyfunc.get("loader_module") not in PYFUNC_LOADERS or pyfunc.get("data") != "data"
+    loaders = PYFUNC_LOADERS[:1] if export else PYFUNC_LOADERS
+    if pyfunc and (pyfunc.get("loader_module") not in loaders or pyfunc.get("data") != "data"
                    or pyfunc.get("pickle_module_name") not in (None, "mlflow.pytorch.pickle_module")):
         raise UnsafeModel("its python_function flavor names another loader, data folder or "
                           "pickle module than this project's server or MLflow's pytorch flavor")
+    return ONNX_ARCHIVE if export else ARCHIVE
 
 
 def check_archive(path: Path) -> None:
@@ -203,10 +214,15 @@ def _tensors_only_unpickling():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
+def open_program(path: Path) -> torch.export.ExportedProgram:
+    """The exported program of a checked archive (call `check_archive` first)."""
+    with _tensors_only_unpickling():
+        return torch.export.load(str(path))
+
+
 def open_archive(path: Path) -> torch.nn.Module:
     """The exported module of a checked archive (call `check_archive` first)."""
-    with _tensors_only_unpickling():
-        return torch.export.load(str(path)).module()
+    return open_program(path).module()
 
 
 def check_metadata(metadata: dict) -> tuple[list[str], Preprocessing]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -37,19 +38,28 @@ SIGNATURE = ModelSignature(
 EXAMPLES = ("input_example.json", "serving_input_example.json")
 
 
-def save_model(pytorch_model, path, mlflow_model, **kwargs) -> None:
-    """The flavor function `mlflow.models.Model.log(flavor=shared.serving, ...)` calls:
-    MLflow's pytorch flavor saves the pt2 network (its export needs the float input example
-    and tensor signature), then the python_function flavor is pointed at this module and the
-    signature set to what the server takes: one image file per row."""
+def save_model(path, mlflow_model, pytorch_model=None, onnx_file: Path | None = None,
+               **kwargs) -> None:
+    """The flavor function `mlflow.models.Model.log(flavor=shared.serving, ...)` calls. A
+    trained network: MLflow's pytorch flavor saves it as pt2 (its export needs the float input
+    example and tensor signature). An export (`onnx_file`, from training.export): the file
+    alone as `data/model.onnx`. Then the python_function flavor is pointed at this module and
+    the signature set to what the server takes: one image file per row."""
+    from shared.onnx_model import ONNX_ARCHIVE
+
     kwargs.pop("validate_serving_input", None)
-    mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, **kwargs)
+    envs = {}
+    if onnx_file is not None:
+        (Path(path) / ONNX_ARCHIVE).parent.mkdir(parents=True)
+        shutil.copyfile(onnx_file, Path(path) / ONNX_ARCHIVE)
+    else:
+        mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, **kwargs)
+        envs = {"conda_env": "conda.yaml", "python_env": "python_env.yaml"}
     for name in EXAMPLES:  # a float tensor example: not what the server takes
         (Path(path) / name).unlink(missing_ok=True)
     mlflow_model.saved_input_example_info = None
     mlflow_model.signature = SIGNATURE
-    mlflow.pyfunc.add_to_model(mlflow_model, loader_module=LOADER, data="data",
-                               conda_env="conda.yaml", python_env="python_env.yaml")
+    mlflow.pyfunc.add_to_model(mlflow_model, loader_module=LOADER, data="data", **envs)
     mlflow_model.save(str(Path(path) / "MLmodel"))
 
 

@@ -1,5 +1,6 @@
 """Frozen features computed once and cached; the head trained on them; the whole network logged."""
 import dataclasses
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from shared.inference import load_classifier
 from tests.test_finetune import fake_imagenet_checkpoint
+from training.engine.backbone import torch_backbone
 from training.engine.batches import Sampling
 from training.engine.build import prepare, preprocessing
 from training.engine.config import ConfigError
@@ -113,11 +115,10 @@ def test_views_are_the_image_its_mirror_and_random_crops(train_config):
     from shared.preprocess import InputTransform
     images = splits.train[0][:4]
     views = Views(batch_size=2, seed=0, crop_padding=4, crop_fill="zeros")
-    plain, mirror, crop = (head_inputs(model, "classifier", InputTransform(transform), images, v, views)
-                           for v in (0, 1, 2))
+    net = torch_backbone(model, "classifier", InputTransform(transform))
+    plain, mirror, crop = (head_inputs(net, images, v, views) for v in (0, 1, 2))
     assert plain.shape == (4, 1280)
-    assert torch.equal(mirror, head_inputs(model, "classifier", InputTransform(transform),
-                                           images.flip(3), 0, views))
+    assert torch.equal(mirror, head_inputs(net, images.flip(3), 0, views))
     assert not torch.equal(crop, plain)
 
 
@@ -135,3 +136,35 @@ def test_a_feature_loader_draws_one_view_per_image_each_epoch_and_resumes_exactl
 def test_the_cache_with_test_time_augmentation_is_refused(train_config):
     with pytest.raises(ConfigError, match="--tta flip.*--no-feature-cache"):
         frozen(train_config, tta="flip")
+
+
+def test_an_int8_backbone_is_checked_kept_and_then_chosen_by_auto(train_config, capsys):
+    asked = train(frozen(train_config, feature_runtime="onnx-int8", epochs=1), **QUIET)
+    again = train(frozen(train_config, epochs=1), **QUIET)  # auto
+    plain = train(frozen(train_config, feature_runtime="pt2", epochs=1), **QUIET)
+    params = [mlflow.get_run(r.run_id).data.params for r in (asked, again, plain)]
+    assert [p["feature_backbone_runtime"] for p in params] == ["onnx-int8", "onnx-int8", "pt2"]
+    assert [p["feature_cache"] for p in params] == ["built", "hit", "built"]
+    assert params[1]["feature_runtime_reason"].startswith("auto: the fastest checked export")
+    assert float(params[0]["feature_check_agreement"]) >= 0.98
+    folder = next((Path(frozen(train_config).cache_dir) / "backbones").iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == ["onnx-int8.json", "onnx-int8.onnx"]
+    assert asked.test_acc == plain.test_acc  # validation and test features are PyTorch's
+
+
+def test_a_backbone_export_that_fails_its_check_leaves_the_features_to_pytorch(train_config,
+                                                                               monkeypatch):
+    monkeypatch.setattr("training.engine.backbone.MIN_AGREEMENT", 1.01)
+    result = train(frozen(train_config, feature_runtime="onnx", epochs=1), **QUIET)
+    params = mlflow.get_run(result.run_id).data.params
+    assert params["feature_backbone_runtime"] == "pt2"
+    assert params["feature_runtime_reason"].startswith("the onnx export of this backbone failed its check")
+    auto = train(frozen(train_config, epochs=1), **QUIET)
+    assert mlflow.get_run(auto.run_id).data.params["feature_backbone_runtime"] == "pt2"  # never a failed one
+
+
+def test_without_a_checked_export_auto_runs_pytorch_and_says_why(train_config):
+    result = train(frozen(train_config, epochs=1), **QUIET)
+    params = mlflow.get_run(result.run_id).data.params
+    assert params["feature_backbone_runtime"] == "pt2"
+    assert "no checked ONNX export of this backbone yet" in params["feature_runtime_reason"]

@@ -211,7 +211,7 @@ def test_the_window_remembers_its_folder_and_model(open_window, qtbot, registere
 
 def test_an_unexpected_error_while_loading_is_shown_not_left_on_loading(
         open_window, qtbot, registered_store, image_folder, messages, monkeypatch):
-    def broken(uri):
+    def broken(uri, runtime="pt2"):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(shared.inference, "load_classifier", broken)

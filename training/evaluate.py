@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from shared.calibration import expected_calibration_error, reliability
 from shared.command import run_command
 from shared.inference import LoadedClassifier, load_classifier
+from shared.onnx_model import RUNTIMES
 from shared.preprocess import resize_batch
 from shared.registry import RegistryError, resolve_model_uri
 from shared.store import tracking_uri, ui_command, ui_page, use_store
@@ -288,11 +289,12 @@ def log_evaluation(data: EvalSet, clf: LoadedClassifier, result: dict, mistakes:
 def evaluate(spec: str | None, data_dir: str | Path, uri: str, *, worst: int = 24,
              experiment: str = EXPERIMENT, batch_size: int = 256,
              cache_dir: str | Path | None = DEFAULT_CACHE_DIR, labels: str | Path | None = None,
-             log=print) -> tuple[str, dict]:
-    """Evaluate the registered version `spec` on `data_dir`; (run id, metrics)."""
+             runtime: str = "pt2", log=print) -> tuple[str, dict]:
+    """Evaluate the registered version `spec` on `data_dir`, run by `runtime` (pt2, or its
+    checked onnx or onnx-int8 export); (run id, metrics)."""
     use_store(uri)
     ref = find_version(spec, uri)
-    clf = load_classifier(ref.uri)
+    clf = load_classifier(ref.uri, runtime)
     data = evaluation_set(data_dir, clf.classes, clf.prep.image_size, cache_dir, labels=labels,
                           held_out=held_out_files(ref.run_id) if ref.run_id else None)
     log(f"scoring {len(data.labels)} images of {data.source}: {data.scored}")
@@ -303,13 +305,14 @@ def evaluate(spec: str | None, data_dir: str | Path, uri: str, *, worst: int = 2
     mistakes = worst_mistakes(result["probs"], data.labels, clf.classes, worst)
     source_params = mlflow.get_run(ref.run_id).data.params if ref.run_id else {}
     with mlflow.start_run(experiment_id=ensure_experiment(experiment, uri),
-                          run_name=f"eval-{ref.name}-v{ref.version}-{data.name}") as run:
+                          run_name=f"eval-{ref.name}-v{ref.version}-{data.name}"
+                                   + ("" if runtime == "pt2" else f"-{runtime}")) as run:
         mlflow.set_tags({"registered_model": ref.name, "model_version": ref.version,
                          "source_run": ref.run_id, "dataset": data.name,
                          "dataset_fingerprint": data.digest, "git_commit": git_commit(),
                          "kind": "evaluation"})
         mlflow.log_params({"model": source_params.get("model", ref.name),
-                           "model_uri": ref.uri, "dataset": data.name,
+                           "model_uri": ref.uri, "runtime": runtime, "dataset": data.name,
                            "data_dir": str(data.source), "images": len(data.labels),
                            "image_size": clf.prep.image_size, "tta": clf.prep.tta,
                            "temperature": clf.calibration.temperature, "worst_shown": worst,
@@ -320,7 +323,7 @@ def evaluate(spec: str | None, data_dir: str | Path, uri: str, *, worst: int = 2
         log_evaluation(data, clf, result, mistakes)
     m = result["metrics"]
     MlflowClient(uri).set_model_version_tag(
-        ref.name, ref.version, f"eval.{data.name}",
+        ref.name, ref.version, f"eval.{data.name}" + ("" if runtime == "pt2" else f".{runtime}"),
         f"accuracy {m['accuracy']:.4f}, ece {m['ece']:.4f}, {m['images']} images, run {run.info.run_id}")
     return run.info.run_id, m
 
@@ -335,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                         "test files are used), or any folder of <class>/ sub-folders")
     parser.add_argument("--labels", help="a CSV of file id,label for DATA_DIR/train/ "
                                          "(default: DATA_DIR/trainLabels.csv when there is one)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="pt2",
+                        help="what runs the network: pt2 (PyTorch), or the version's checked onnx "
+                             "or onnx-int8 export (python -m training.export); default pt2")
     parser.add_argument("--worst", type=int, default=24, help="mistakes shown in the gallery")
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         run_id, m = evaluate(args.model, args.data_dir, uri, worst=args.worst,
                              experiment=args.experiment, batch_size=args.batch_size,
-                             cache_dir=args.cache_dir, labels=args.labels)
+                             cache_dir=args.cache_dir, labels=args.labels, runtime=args.runtime)
         print(f"evaluation run {run_id}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, "
               f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} (before temperature "
               f"{m['ece_before_temperature']:.4f}) on {m['images']} images")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from shared.messages import BadInput, mask_secrets
+from shared.onnx_model import RUNTIMES
 from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES
 from training.engine.batches import FLIPS
 from training.engine.data import DEFAULT_CACHE_DIR
@@ -159,6 +160,11 @@ class TrainConfig:
                                     "on them", added=True)
     feature_views: int = opt(2, "feature cache: views of each training image (1: as is, 2: and "
                                 "mirrored, more: random crops and flips)", min=1, max=16, added=True)
+    feature_runtime: str = opt("auto", "feature cache: what runs the frozen backbone for the "
+                                       "training images: pt2 (PyTorch), onnx or onnx-int8 (an "
+                                       "ONNX export of the backbone, made and checked once, then "
+                                       "kept), or auto (the fastest such export that passed its "
+                                       "check, else pt2)", ("auto", *RUNTIMES), added=True)
     unfreeze_after: int = opt(0, "with --freeze backbone: train all layers after this many "
                                  "head-only epochs (0: never)", min=0, added=True)
     backbone_lr_scale: float = opt(1.0, "fine-tuning: the backbone's learning rate as a multiple "

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from shared.preprocess import InputTransform, Preprocessing
-from training.engine import distributed
+from training.engine import backbone, distributed
+from training.engine.backbone import Backbone, torch_backbone
 from training.engine.batches import (
     Batches,
     HostImages,
@@ -70,15 +71,13 @@ class Features:
     status: str  # "hit": read from the cache; "built": computed now (and cached)
     seconds: float  # computing or reading them
     path: Path
+    runner: dict  # what ran the backbone for the training images (Runner.params)
 
     def params(self) -> dict:
         """What a run logs of them."""
         return {"feature_cache": self.status, "feature_views": self.train.shape[0],
-                "feature_seconds": round(self.seconds, 2), "feature_width": self.train.shape[-1]}
-
-
-class _Captured(Exception):
-    """Raised from the head's pre-hook: the head's input is all that is needed."""
+                "feature_seconds": round(self.seconds, 2), "feature_width": self.train.shape[-1],
+                **self.runner}
 
 
 @dataclass(frozen=True)
@@ -91,38 +90,21 @@ class Views:
     seed: int = 0
     crop_padding: int = 4
     crop_fill: str = "zeros"
-    channels_last: bool = False
 
 
 @torch.no_grad()
-def head_inputs(model: nn.Module, head: str, transform: InputTransform, images: torch.Tensor,
-                view: int, views: Views) -> torch.Tensor:
-    """What `model`'s `head` layer receives for each uint8 image, seen as view `view`."""
-    outputs = []
-
-    def grab(module: nn.Module, args: tuple) -> None:
-        outputs.append(args[0].detach().flatten(1).half())
-        raise _Captured
-
+def head_inputs(backbone: Backbone, images: torch.Tensor, view: int, views: Views) -> torch.Tensor:
+    """What the head receives for each uint8 image, seen as view `view`, as `backbone` (float
+    images in [0, 1] in) computes it; float16."""
     generator = torch.Generator(device=images.device).manual_seed(views.seed * 1009 + view)
-    hook = model.get_submodule(head).register_forward_pre_hook(grab)
-    model.eval()
-    try:
-        for batch in images.split(views.batch_size):
-            if view == 1:
-                batch = batch.flip(3)
-            elif view >= 2:
-                batch = random_flip(random_crop(batch, views.crop_padding, generator,
-                                                views.crop_fill), generator)
-            x = transform(batch.float() / 255)
-            if views.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            try:
-                model(x)
-            except _Captured:
-                pass
-    finally:
-        hook.remove()
+    outputs = []
+    for batch in images.split(views.batch_size):
+        if view == 1:
+            batch = batch.flip(3)
+        elif view >= 2:
+            batch = random_flip(random_crop(batch, views.crop_padding, generator,
+                                            views.crop_fill), generator)
+        outputs.append(backbone(batch.float() / 255).flatten(1).half())
     return torch.cat(outputs)
 
 
@@ -149,10 +131,11 @@ def crop_padding(cfg: TrainConfig) -> int:
 
 
 def cache_key(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing,
-              splits) -> str:
+              splits, runtime: str = "pt2") -> str:
     """Everything the cached outputs depend on: the images of each split, the backbone's
-    weights, the preprocessing (input size, normalization) and the views."""
-    views = {"views": cfg.feature_views}
+    weights, the preprocessing (input size, normalization), the views and what ran the
+    backbone for the training images."""
+    views = {"views": cfg.feature_views, **({} if runtime == "pt2" else {"runtime": runtime})}
     if cfg.feature_views > 2:  # random crops: their padding, fill and seed matter too
         views.update(crop_padding=crop_padding(cfg), crop_fill=cfg.crop_fill, seed=cfg.seed)
     parts = {"version": CACHE_VERSION, "model": cfg.model, "head": head,
@@ -180,40 +163,64 @@ def write_cached(path: Path, saved: dict) -> None:
 def frozen_features(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing,
                     splits, log=print) -> Features:
     """The head's inputs for every image of the splits: from the cache when it has them, else
-    computed (the first process of each machine computes, the others read) and cached."""
+    computed (the first process of each machine computes, the others read) and cached. The
+    training images' go through the backbone `--feature-runtime` chooses (backbone.py);
+    validation's and test's through PyTorch, as the logged model computes them."""
     start = time.perf_counter()
-    key = cache_key(cfg, model, head, prep, splits)
+    pt2 = torch_backbone(model, head, InputTransform(prep).to(splits.device),
+                         cfg.channels_last and is_convolutional(model))
     name = cfg.model.replace("/", "_")
-    path = Path(cfg.cache_dir).expanduser() / "features" / f"{name}-{key[:24]}.pt"
     with distributed.machine_first():
+        folder = backbone.backbone_folder(cfg.cache_dir, cfg.model, backbone_digest(model, head),
+                                          head, prep)
+        run = backbone.runner(cfg.feature_runtime, model, head, prep, pt2,
+                              lambda: samples(splits, cfg.seed), folder, log)
+        key = cache_key(cfg, model, head, prep, splits, run.runtime)
+        path = Path(cfg.cache_dir).expanduser() / "features" / f"{name}-{key[:24]}.pt"
         saved = read_cached(path, key, splits.device)
         status = "hit" if saved is not None else "built"
         if saved is None:
-            saved = compute(cfg, model, head, prep, splits, key, log)
+            saved = compute(cfg, run.backbone, pt2, splits, key, log)
             write_cached(path, saved)
     seconds = time.perf_counter() - start
-    log(f"features: {status} {path} ({seconds:.1f} s)")
-    return Features(saved["train"], saved["val"], saved["test"], status, seconds, path)
+    log(f"features: {status} {path} ({seconds:.1f} s; training images by {run.runtime})")
+    rate = {"feature_train_images_per_s": round(saved["train_images_per_s"], 1)} if status == "built" else {}
+    return Features(saved["train"], saved["val"], saved["test"], status, seconds, path,
+                    {**run.params(), **rate})
 
 
-def compute(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing, splits,
-            key: str, log=print) -> dict:
-    transform = InputTransform(prep).to(splits.device)
-    seen = Views(cfg.eval_batch_size, cfg.seed, crop_padding(cfg), cfg.crop_fill,
-                 cfg.channels_last and is_convolutional(model))
+def samples(splits, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Images a backbone export is calibrated on (a seeded sample of the training images) and
+    checked on (validation's, or the training images' where there are none)."""
+    train_images, train_labels = splits.train
+    generator = torch.Generator().manual_seed(seed)
+    count = min(backbone.CALIBRATION_IMAGES, len(train_labels))
+    rows = torch.randperm(len(train_labels), generator=generator)[:count].sort().values
+    checked = splits.val if len(splits.val[1]) else splits.train
+    n = min(backbone.CHECK_IMAGES, len(checked[1]))
+    rows = rows.to(train_labels.device)
+    return {"calibration": (train_images[rows], train_labels[rows]),
+            "check": (checked[0][:n], checked[1][:n])}
 
-    def outputs(images: torch.Tensor, views: int, split: str) -> torch.Tensor:
+
+def compute(cfg: TrainConfig, train_backbone: Backbone, pt2: Backbone, splits, key: str,
+            log=print) -> dict:
+    seen = Views(cfg.eval_batch_size, cfg.seed, crop_padding(cfg), cfg.crop_fill)
+    rates = {}
+
+    def outputs(images: torch.Tensor, views: int, split: str, net: Backbone) -> torch.Tensor:
         if not len(images):  # no validation split
             return torch.empty((views, 0, 1), dtype=torch.half, device=images.device)
         started = time.perf_counter()
-        out = torch.stack([head_inputs(model, head, transform, images, v, seen)
-                           for v in range(views)])
-        rate = views * len(images) / max(time.perf_counter() - started, 1e-9)
-        log(f"features: {split}, {len(images)} images x {views} view(s), {rate:,.0f} img/s")
+        out = torch.stack([head_inputs(net, images, v, seen) for v in range(views)])
+        rates[split] = views * len(images) / max(time.perf_counter() - started, 1e-9)
+        log(f"features: {split}, {len(images)} images x {views} view(s), {rates[split]:,.0f} img/s")
         return out
 
-    return {"key": key, "train": outputs(splits.train[0], cfg.feature_views, "train"),
-            "val": outputs(splits.val[0], 1, "validation"), "test": outputs(splits.test[0], 1, "test")}
+    saved = {"key": key, "train": outputs(splits.train[0], cfg.feature_views, "train", train_backbone),
+             "val": outputs(splits.val[0], 1, "validation", pt2),
+             "test": outputs(splits.test[0], 1, "test", pt2)}
+    return {**saved, "train_images_per_s": rates["train"]}
 
 
 def feature_loaders(cfg: TrainConfig, features: Features, splits) -> tuple[FeatureLoader, ...]:
