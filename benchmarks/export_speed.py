@@ -1,9 +1,10 @@
 """Exports against the original, side by side in one run: pt2 against its checked int8 ONNX
 export for the `cnn` and EfficientNet-Lite0 (images/s at batch 64, latency at batch 1,
-accuracy and agreement on the test images), and frozen feature extraction with PyTorch
-against the checked int8 backbone (images/s of the training features, and the fine-tuned
-test accuracy each gives). Every figure comes from the commands a user runs
-(`training.train`, `training.export`), read back from their MLflow runs.
+accuracy and agreement on the test images; every layer int8, and with --float-edges), and
+frozen feature extraction with PyTorch against the checked int8 backbone (images/s of the
+training features, and the fine-tuned test accuracy each gives). Every figure comes from
+the commands a user runs (`training.train`, `training.export`), read back from their MLflow
+runs.
 
     python benchmarks/export_speed.py --data-dir ~/data/cifar10 --work /tmp/export-bench
 
@@ -59,18 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     (args.work / "mlruns").mkdir(exist_ok=True)
     store = f"sqlite:///{(args.work / 'mlruns' / 'mlflow.db').resolve()}"
     common = ["--tracking-uri", store, "--cache-dir", str(args.work / "cache")]
-    client = MlflowClient(store)
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     results = {}
     models = args.models.split(",")
     if "cnn" in models:
         run("training.train", "--model", "cnn", "--data-dir", str(args.data_dir), "--epochs",
             str(args.cnn_epochs), "--no-progress", *common)
         version = newest_version(client, f"{args.data_dir.name}-cnn")
-        run("training.export", "--model", f"{version.name}/{version.version}", "--format",
-            "onnx-int8", *common)
-        results["cnn"] = export_figures(client, version)
+        results["cnn"] = exports(client, version, common)
     if "efficientnet_lite0" in models:
-        photos = subset(args.data_dir, args.work / f"cifar10-{args.per_class}", args.per_class)
+        photos = subset(args.data_dir, args.work / f"{args.data_dir.name}-{args.per_class}",
+                        args.per_class)
         runs = {}
         for runtime in ("pt2", "onnx-int8"):
             run("training.train", "--model", "efficientnet_lite0", "--weights", "imagenet",
@@ -78,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--feature-runtime", runtime, "--no-progress", *common)
             version = newest_version(client, f"{photos.name}-efficientnet_lite0")
             runs[runtime] = (version, client.get_run(version.run_id).data)
-        version = runs["pt2"][0]
-        run("training.export", "--model", f"{version.name}/{version.version}", "--format",
-            "onnx-int8", *common)
-        results["efficientnet_lite0"] = export_figures(client, version)
+        results["efficientnet_lite0"] = exports(client, runs["pt2"][0], common)
         results["features"] = {
             runtime: {"train_images_per_s": float(data.params["feature_train_images_per_s"]),
                       "test_acc": data.metrics["test_acc"],
@@ -95,11 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exports(client, version, common: list[str]) -> dict:
+    """The version exported to int8 twice, every layer int8 and with --float-edges: each
+    export's figures, read from its export run."""
+    figures = {}
+    for name, extra in (("int8", []), ("int8 float edges", ["--float-edges"])):
+        run("training.export", "--model", f"{version.name}/{version.version}", "--format",
+            "onnx-int8", *extra, *common)
+        figures[name] = export_figures(client, version)
+    return figures
+
+
 def export_figures(client, version) -> dict:
     """The int8 export's figures, from its export run's metrics."""
     version = client.get_model_version(version.name, version.version)
-    run_id = client.get_logged_model(version.tags["export.onnx-int8"].removeprefix("models:/")).source_run_id
-    metrics = client.get_run(run_id).data.metrics
+    model_id = version.tags["export.onnx-int8"].removeprefix("models:/")
+    metrics = client.get_run(client.get_logged_model(model_id).source_run_id).data.metrics
     keys = ("images_per_s", "images_per_s_pt2", "speedup", "latency_p50_ms", "latency_p50_ms_pt2",
             "accuracy", "accuracy_pt2", "accuracy_drop_points", "agreement", "ece", "ece_pt2", "images")
     return {key: metrics[key] for key in keys}

@@ -129,6 +129,9 @@ def open_session(path: Path, threads: int | None = None):
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
+    # no busy-waiting between calls: spinning threads would take the cores from PyTorch (a pt2
+    # model timed beside an export, the rest of a training run)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

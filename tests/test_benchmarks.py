@@ -183,3 +183,20 @@ def test_data_paths_trains_every_path_side_by_side(image_folder, tmp_path):
     assert set(row["rates"]) == {"held", "mapped", "shards", "stream"} and row["images"] == 54
     assert all(len(rates) == 2 and min(rates) > 0 for rates in row["rates"].values())
     assert row["median_ratio"]["held"] == 1.0 and row["median_ratio"]["stream"] > 0
+
+
+def test_export_speed_measures_each_int8_export_and_the_int8_backbone(image_folder, tmp_path):
+    out = tmp_path / "exports.json"
+    code = load("export_speed").main([
+        "--data-dir", str(image_folder), "--work", str(tmp_path / "work"), "--cnn-epochs", "1",
+        "--lite0-epochs", "1", "--per-class", "6", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    for model in ("cnn", "efficientnet_lite0"):
+        for variant in ("int8", "int8 float edges"):
+            figures = result[model][variant]
+            assert figures["images_per_s"] > 0 and figures["images_per_s_pt2"] > 0
+            assert 0 <= figures["agreement"] <= 1 and figures["images"] > 0
+    features = result["features"]
+    assert [features[r]["backbone"] for r in ("pt2", "onnx-int8")] == ["pt2", "onnx-int8"]
+    assert features["speedup"] > 0

@@ -75,6 +75,9 @@ def test_an_int8_export_agrees_on_top1_and_carries_its_figures(exported, store_w
     assert run.data.tags["export_status"] == "accepted" and run.data.tags["format"] == "onnx-int8"
     assert run.data.metrics["agreement"] == pytest.approx(figures["agreement"])
     assert run.data.params["calibration"].startswith("60 of 60 training images")
+    logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "reliability_diagram.png", "per_class_metrics.csv"} <= logged
+    assert run.data.metrics["ece"] == pytest.approx(figures["ece"])
     files = image_files(image_folder / "test" / "ship")
     pt2 = load_classifier("models:/tiny-cnn/1")
     int8 = load_classifier("models:/tiny-cnn@champion", "onnx-int8")
@@ -86,8 +89,8 @@ def test_an_export_that_loses_more_than_max_drop_is_refused_with_its_figures(
         registered_store, image_folder, monkeypatch, capsys):
     real = training.export.quantize_int8
 
-    def broken(float_path, path, batches):
-        real(float_path, path, batches)
+    def broken(float_path, path, batches, float_edges):
+        real(float_path, path, batches, float_edges)
         model = onnx.load(str(path))
         for tensor in model.graph.initializer:  # every weight and bias zeroed: one answer for all
             array = onnx.numpy_helper.to_array(tensor)

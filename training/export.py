@@ -40,8 +40,17 @@ from shared.safe_model import ARCHIVE, open_program
 from shared.store import tracking_uri, ui_command, ui_page, use_store
 from training.engine.data import DEFAULT_CACHE_DIR, load_dataset
 from training.engine.exporting import quantize_int8, to_onnx
-from training.evaluate import EvalSet, ModelRef, evaluation_set, find_version, held_out_files, measure
-from training.tracking.publish import ensure_experiment, log_dataset
+from training.evaluate import (
+    EvalSet,
+    ModelRef,
+    evaluation_set,
+    find_version,
+    held_out_files,
+    log_evaluation,
+    measure,
+    worst_mistakes,
+)
+from training.tracking.publish import ensure_experiment
 from training.tracking.run_log import git_commit
 
 EXPERIMENT = "exports"
@@ -55,6 +64,7 @@ class ExportSettings:
     data_dir: str | None = None  # the test images; default: the version's own dataset
     max_drop: float = 1.0  # accuracy points the export may lose against pt2
     calibration_images: int = 512
+    float_edges: bool = False  # int8: the first convolution and the last matrix product in float
     batch_size: int = 64
     latency_runs: int = 50
     cache_dir: str | None = str(DEFAULT_CACHE_DIR)
@@ -93,17 +103,17 @@ def export(spec: str | None, uri: str, settings: ExportSettings = ExportSettings
         calibration = ""
         if settings.fmt == "onnx-int8":
             calibration, batches = _calibration_batches(data_dir, test, original, settings)
-            path = quantize_int8(path, Path(tmp) / "model-int8.onnx", batches)
+            path = quantize_int8(path, Path(tmp) / "model-int8.onnx", batches, settings.float_edges)
         try:
             check_onnx(path)
         except UnsafeOnnx as exc:
             raise RunFailed(f"the export did not pass this project's own ONNX check: {exc}") from None
         exported = LoadedClassifier(ref.uri, OnnxModule(open_session(path)), original.classes,
                                     original.prep, original.calibration, settings.fmt)
-        figures = check(original, exported, test, settings)
+        figures, result = check(original, exported, test, settings)
         accepted = figures["accuracy_drop_points"] <= settings.max_drop
-        run_id, model_uri = _log(ref, test, path, original, figures, accepted, calibration,
-                                 settings, uri)
+        run_id, model_uri = _log(ref, test, path, exported, (figures, result), accepted,
+                                 calibration, settings, uri)
     if not accepted:
         raise RunFailed(f"refused: the {settings.fmt} export of {ref.name} version {ref.version} "
                         f"loses {figures['accuracy_drop_points']:.2f} points of accuracy "
@@ -149,9 +159,10 @@ def _calibration_batches(data_dir: str, test: EvalSet, original: LoadedClassifie
 
 
 def check(original: LoadedClassifier, exported: LoadedClassifier, test: EvalSet,
-          settings: ExportSettings) -> dict[str, float]:
+          settings: ExportSettings) -> tuple[dict[str, float], dict]:
     """The export beside the original on the same images: agreement, accuracy, ECE, latency
-    p50 at batch 1 and images/s at batch 64, measured alternately in this process."""
+    p50 at batch 1 and images/s at batch 64, measured alternately in this process; and the
+    export's own evaluation (`training.evaluate.measure`)."""
     scores = {"pt2": original.scores(test.images, settings.batch_size),
               "export": exported.scores(test.images, settings.batch_size)}
     results = {name: measure(s, test.labels, original.classes, original.calibration.temperature)
@@ -167,7 +178,7 @@ def check(original: LoadedClassifier, exported: LoadedClassifier, test: EvalSet,
         figures[f"latency_p50_ms{suffix}"] = speed[name]["latency_p50_ms"]
         figures[f"images_per_s{suffix}"] = speed[name]["images_per_s"]
     figures["speedup"] = figures["images_per_s"] / figures["images_per_s_pt2"]
-    return figures
+    return figures, results["export"]
 
 
 def speeds(models: dict[str, LoadedClassifier], images: torch.Tensor,
@@ -204,10 +215,13 @@ def summary(figures: dict[str, float]) -> str:
             f"{figures['latency_p50_ms']:.1f} ms at batch 1 (pt2 {figures['latency_p50_ms_pt2']:.1f})")
 
 
-def _log(ref: ModelRef, test: EvalSet, path: Path, original: LoadedClassifier,
-         figures: dict[str, float], accepted: bool, calibration: str,
+def _log(ref: ModelRef, test: EvalSet, path: Path, exported: LoadedClassifier,
+         checked: tuple[dict[str, float], dict], accepted: bool, calibration: str,
          settings: ExportSettings, uri: str) -> tuple[str, str]:
-    """The export's run: its figures, its dataset and, if accepted, the export as its model."""
+    """The export's run, an evaluation of the export as `training.evaluate` writes one (the
+    dataset, its metrics and figures) plus the comparison with pt2 and, if accepted, the
+    export as its model."""
+    figures, result = checked
     with mlflow.start_run(experiment_id=ensure_experiment(EXPERIMENT, uri),
                           run_name=f"export-{ref.name}-v{ref.version}-{settings.fmt}") as run:
         mlflow.set_tags({"registered_model": ref.name, "model_version": ref.version,
@@ -217,14 +231,16 @@ def _log(ref: ModelRef, test: EvalSet, path: Path, original: LoadedClassifier,
         mlflow.log_params({"format": settings.fmt, "model_uri": ref.uri, "data_dir": str(test.source),
                            "scored": test.scored, "max_drop": settings.max_drop,
                            "calibration": calibration or "none (float)",
+                           "float_edges": settings.float_edges,
                            "batch_size": settings.batch_size, "threads": torch.get_num_threads(),
                            "onnxruntime": need("onnxruntime").__version__})
-        log_dataset(test.name, str(test.source), test.digest, "export-check")
-        mlflow.log_metrics(figures)
+        mistakes = worst_mistakes(result["probs"], test.labels, exported.classes, 24)
+        log_evaluation(test, exported, result, mistakes)
+        mlflow.log_metrics({k: v for k, v in figures.items() if k not in result["metrics"]})
         model_uri = ""
         if accepted:
-            metadata = {"class_names": original.classes, "preprocessing": original.prep.to_dict(),
-                        "calibration": original.calibration.to_dict(), "runtime": settings.fmt,
+            metadata = {"class_names": exported.classes, "preprocessing": exported.prep.to_dict(),
+                        "calibration": exported.calibration.to_dict(), "runtime": settings.fmt,
                         "source": ref.uri, "checks": summary(figures),
                         "input": "float32 RGB in [0, 1], shape (N, 3, image_size, image_size)",
                         "output": "one score per class; softmax gives probabilities"}
@@ -247,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="refuse an export that loses more accuracy than this (default 1)")
     parser.add_argument("--calibration-images", type=int, default=512,
                         help="training images that set int8's activation ranges (default 512)")
+    parser.add_argument("--float-edges", action="store_true",
+                        help="int8: keep the first convolution and the last matrix product in "
+                             "float32 (closer to the original, slower on some networks)")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
                         help="where decoded datasets are cached")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, "
@@ -256,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-drop must be between 0 and 100 and --calibration-images 1 or more")
     uri = tracking_uri(args.tracking_uri)
     settings = ExportSettings(args.format, args.data_dir, args.max_drop, args.calibration_images,
-                              cache_dir=args.cache_dir)
+                              args.float_edges, cache_dir=args.cache_dir)
 
     def body() -> int:
         done = export(args.model, uri, settings)

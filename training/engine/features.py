@@ -191,16 +191,16 @@ def frozen_features(cfg: TrainConfig, model: nn.Module, head: str, prep: Preproc
 
 def samples(splits, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Images a backbone export is calibrated on (a seeded sample of the training images) and
-    checked on (validation's, or the training images' where there are none)."""
+    checked on (validation's, then training images where they are fewer than the check's)."""
     train_images, train_labels = splits.train
     generator = torch.Generator().manual_seed(seed)
     count = min(backbone.CALIBRATION_IMAGES, len(train_labels))
     rows = torch.randperm(len(train_labels), generator=generator)[:count].sort().values
-    checked = splits.val if len(splits.val[1]) else splits.train
-    n = min(backbone.CHECK_IMAGES, len(checked[1]))
     rows = rows.to(train_labels.device)
-    return {"calibration": (train_images[rows], train_labels[rows]),
-            "check": (checked[0][:n], checked[1][:n])}
+    extra = max(0, min(backbone.CHECK_IMAGES - len(splits.val[1]), len(train_labels)))
+    check = (torch.cat([splits.val[0][:backbone.CHECK_IMAGES], train_images[:extra]]),
+             torch.cat([splits.val[1][:backbone.CHECK_IMAGES], train_labels[:extra]]))
+    return {"calibration": (train_images[rows], train_labels[rows]), "check": check}
 
 
 def compute(cfg: TrainConfig, train_backbone: Backbone, pt2: Backbone, splits, key: str,
