@@ -26,7 +26,7 @@ from shared.files import display_name, image_files
 from shared.heatmap import Explainer, NoHeatmap, photo_with_heatmap
 from shared.inference import LoadedClassifier, Prediction, classify_files, load_classifier
 from shared.messages import BadInput
-from shared.onnx_model import RUNTIMES
+from shared.onnx_model import RUNTIME_HELP, RUNTIMES
 from shared.registry import resolve_model_uri
 from shared.store import tracking_uri, use_store
 
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="folder of images (not searched recursively)")
     parser.add_argument("--model", help="NAME@ALIAS, NAME/VERSION or NAME (its champion); "
                                         "default: the champion of the newest registered model")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="pt2",
-                        help="what runs the network: pt2 (PyTorch), or the version's checked onnx "
-                             "or onnx-int8 export (python -m training.export); default pt2")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="pt2", help=RUNTIME_HELP)
     parser.add_argument("--csv", type=Path, help="write the CSV here instead of to standard output")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, "
                                                "else ./mlruns)")

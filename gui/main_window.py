@@ -239,6 +239,8 @@ class MainWindow(QMainWindow):
         self.message.setText(f"{len(versions)} model version(s) in the registry")
         if versions[index].uri != self.model_uri:
             self._model_chosen(index)
+        else:  # the same version: exports made since are offered
+            self._fill_runtimes(versions[index])
 
     def _default_index(self, versions: list) -> int:
         """The model in use, else the one asked for or last used, else the newest champion."""
@@ -261,6 +263,12 @@ class MainWindow(QMainWindow):
         version = self.versions[index]
         for name, label in self.facts.items():
             label.setText(version.facts.get(name, "—"))
+        self._fill_runtimes(version)
+        self._load(self.runtime_box.currentData())
+
+    def _fill_runtimes(self, version) -> None:
+        """pt2 and each checked export of `version`, its figures as the tooltip; the runtime
+        in use stays chosen where the version has it."""
         self.runtime_box.blockSignals(True)
         self.runtime_box.clear()
         for runtime in version.runtimes:
@@ -268,10 +276,9 @@ class MainWindow(QMainWindow):
             checks = version.exports.get(runtime, "the logged network itself")
             self.runtime_box.setItemData(self.runtime_box.count() - 1, checks,
                                          Qt.ItemDataRole.ToolTipRole)
-        wanted = self.runtime_box.findData(self.runtime)
-        self.runtime_box.setCurrentIndex(max(wanted, 0))
+        self.runtime_box.setCurrentIndex(max(self.runtime_box.findData(self.runtime), 0))
         self.runtime_box.blockSignals(False)
-        self._load(self.runtime_box.currentData())
+        self._update_actions()
 
     @Slot(int)
     def _runtime_chosen(self, index: int) -> None:

@@ -29,6 +29,8 @@ MAX_FILE_BYTES = 1 << 30  # the largest export opened (EfficientNet-Lite0's is 1
 MAX_TENSOR_ELEMENTS = 1 << 28  # one initializer (1 GiB of float32)
 MAX_NODES = 100_000
 INPUT, OUTPUT = "images", "scores"
+RUNTIME_HELP = ("what runs the network: pt2 (PyTorch), or the version's checked onnx or onnx-int8 "
+                "export (python -m training.export); default pt2")
 
 
 class MissingExtra(BadInput):

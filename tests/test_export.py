@@ -321,3 +321,13 @@ def test_the_app_shows_a_tampered_export_refused_and_stays_usable(tampered_expor
     window.runtime_box.setCurrentIndex(0)
     qtbot.waitUntil(lambda: window.model_uri == "models:/tiny-cnn/1" and not window.loading, timeout=30_000)
 
+
+
+def test_refreshing_the_models_offers_the_exports_of_the_version_in_use(window, qtbot,
+                                                                      store_with_exports):
+    qtbot.waitUntil(lambda: window.runtime_box.count() == 3 and not window.loading, timeout=30_000)
+    MlflowClient(store_with_exports).delete_model_version_tag("tiny-cnn", "1", EXPORT_TAG.format("onnx"))
+    window.refresh_models()
+    qtbot.waitUntil(lambda: window.runtime_box.count() == 2, timeout=30_000)
+    assert [window.runtime_box.itemData(i) for i in range(2)] == ["pt2", "onnx-int8"]
+    assert window.model_uri == "models:/tiny-cnn/1" and not window.loading

@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from shared.calibration import expected_calibration_error, reliability
 from shared.command import run_command
 from shared.inference import LoadedClassifier, load_classifier
-from shared.onnx_model import RUNTIMES
+from shared.onnx_model import RUNTIME_HELP, RUNTIMES
 from shared.preprocess import resize_batch
 from shared.registry import RegistryError, resolve_model_uri
 from shared.store import tracking_uri, ui_command, ui_page, use_store
@@ -338,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                         "test files are used), or any folder of <class>/ sub-folders")
     parser.add_argument("--labels", help="a CSV of file id,label for DATA_DIR/train/ "
                                          "(default: DATA_DIR/trainLabels.csv when there is one)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="pt2",
-                        help="what runs the network: pt2 (PyTorch), or the version's checked onnx "
-                             "or onnx-int8 export (python -m training.export); default pt2")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="pt2", help=RUNTIME_HELP)
     parser.add_argument("--worst", type=int, default=24, help="mistakes shown in the gallery")
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--batch-size", type=int, default=256)
