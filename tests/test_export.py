@@ -153,6 +153,19 @@ def test_the_model_server_answers_with_an_export(exported, store_with_exports):
     assert set(out.iloc[0]["probabilities"]) == {"cat", "dog", "ship"}
 
 
+def test_mlflow_models_serve_serves_an_int8_export_over_http(exported, store_with_exports, tmp_path):
+    from test_serving import post
+
+    from training.servers import ModelServer
+
+    uri = exported[1]["onnx-int8"].model_uri
+    with ModelServer(uri, store_with_exports, tmp_path / "serve.log") as server:
+        status, answer = post(server.url, [PHOTO.read_bytes()])
+        assert status == 200 and answer["predictions"][0]["class"] in {"cat", "dog", "ship"}
+        status, answer = post(server.url, [b"not an image at all"])
+        assert 400 <= status < 500 and "image 0 cannot be read" in answer["message"]
+
+
 def test_a_runtime_with_no_export_is_one_line_naming_the_command(registered_store, image_folder, capsys):
     code = classify_main([str(image_folder / "test" / "cat"), "--tracking-uri", registered_store,
                           "--model", "tiny-cnn/2", "--runtime", "onnx-int8"])
