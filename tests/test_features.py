@@ -168,3 +168,13 @@ def test_without_a_checked_export_auto_runs_pytorch_and_says_why(train_config):
     params = mlflow.get_run(result.run_id).data.params
     assert params["feature_backbone_runtime"] == "pt2"
     assert "no checked ONNX export of this backbone yet" in params["feature_runtime_reason"]
+
+
+def test_an_onnx_backbone_on_a_gpu_is_refused_and_auto_keeps_pytorch_there(tmp_path):
+    from shared.messages import BadInput
+    from training.engine.backbone import choose
+
+    with pytest.raises(BadInput, match="--device cpu, or --feature-runtime pt2"):
+        choose("onnx-int8", torch.device("cuda"), tmp_path)
+    runtime, reason, _ = choose("auto", torch.device("cuda"), tmp_path)
+    assert runtime == "pt2" and reason == "auto: the backbone runs on cuda"

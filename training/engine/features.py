@@ -131,15 +131,15 @@ def crop_padding(cfg: TrainConfig) -> int:
 
 
 def cache_key(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing,
-              splits, runtime: str = "pt2") -> str:
+              splits, runtime: str = "pt2", weights: str | None = None) -> str:
     """Everything the cached outputs depend on: the images of each split, the backbone's
-    weights, the preprocessing (input size, normalization), the views and what ran the
-    backbone for the training images."""
+    weights (`weights`: their digest, when the caller has it), the preprocessing (input size,
+    normalization), the views and what ran the backbone for the training images."""
     views = {"views": cfg.feature_views, **({} if runtime == "pt2" else {"runtime": runtime})}
     if cfg.feature_views > 2:  # random crops: their padding, fill and seed matter too
         views.update(crop_padding=crop_padding(cfg), crop_fill=cfg.crop_fill, seed=cfg.seed)
     parts = {"version": CACHE_VERSION, "model": cfg.model, "head": head,
-             "backbone": backbone_digest(model, head), "preprocessing": prep.to_dict(),
+             "backbone": weights or backbone_digest(model, head), "preprocessing": prep.to_dict(),
              **views, **{name: digest(getattr(splits, name)[0])
                          for name in ("train", "val", "test")}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -170,12 +170,12 @@ def frozen_features(cfg: TrainConfig, model: nn.Module, head: str, prep: Preproc
     pt2 = torch_backbone(model, head, InputTransform(prep).to(splits.device),
                          cfg.channels_last and is_convolutional(model))
     name = cfg.model.replace("/", "_")
+    weights = backbone_digest(model, head)
     with distributed.machine_first():
-        folder = backbone.backbone_folder(cfg.cache_dir, cfg.model, backbone_digest(model, head),
-                                          head, prep)
+        folder = backbone.backbone_folder(cfg.cache_dir, cfg.model, weights, head, prep)
         run = backbone.runner(cfg.feature_runtime, model, head, prep, pt2,
                               lambda: samples(splits, cfg.seed), folder, log)
-        key = cache_key(cfg, model, head, prep, splits, run.runtime)
+        key = cache_key(cfg, model, head, prep, splits, run.runtime, weights)
         path = Path(cfg.cache_dir).expanduser() / "features" / f"{name}-{key[:24]}.pt"
         saved = read_cached(path, key, splits.device)
         status = "hit" if saved is not None else "built"
