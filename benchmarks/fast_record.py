@@ -11,6 +11,8 @@ variant: the recipe, then the recipe with one piece taken out (or, for lookahead
     python benchmarks/fast_record.py --data-dir ~/data/cifar10 --seeds 5 --ablate all
     # a quick look on a CPU: a subset and fewer epochs (accuracy is then not the record's)
     python benchmarks/fast_record.py --data-dir ~/data/cifar10 --train-images 5000 --epochs 2
+    # and where the time goes: one more run of the recipe under torch.profiler (not timed)
+    python benchmarks/fast_record.py --data-dir ~/data/cifar10 --seeds 1 --profile profile.txt
 """
 from __future__ import annotations
 
@@ -58,6 +60,19 @@ def one_run(settings: dict, splits: DeviceSplits) -> dict:
             "tracking_seconds": result.tracking_seconds,
             "compile_seconds": result.compile_seconds, "wall_seconds": wall,
             "run_id": result.run_id}
+
+
+def profiled(settings: dict, splits: DeviceSplits, path: Path) -> None:
+    """One more run under torch.profiler; its operators by total time (the GPU's where there
+    is one), as a table in `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = splits.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        one_run(settings, splits)
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
 
 
 def summarize(name: str, runs: list[dict]) -> dict:
@@ -113,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="MLflow store (default: a temporary one, deleted afterwards)")
     parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="then profile one more run of the recipe: its operators by time here")
     args = parser.parse_args(argv)
     pieces = list(PIECES) if args.ablate == "all" else [p for p in args.ablate.split(",") if p]
     unknown = set(pieces) - set(PIECES)
@@ -143,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"wall {run['wall_seconds']:.1f} s)", flush=True)
             rows.append(summarize(name, runs))
             detail.append({"variant": name, "runs": runs})
+        if args.profile:
+            profiled({**base, **overrides, "seed": 0, "run_name": "fast: profiled"}, splits,
+                     args.profile)
+            print(f"profile of one run: {args.profile}", flush=True)
     print()
     print(table(rows))
     if args.out:

@@ -200,3 +200,68 @@ def test_export_speed_measures_each_int8_export_and_the_int8_backbone(image_fold
     features = result["features"]
     assert [features[r]["backbone"] for r in ("pt2", "onnx-int8")] == ["pt2", "onnx-int8"]
     assert features["speedup"] > 0
+
+
+def test_gpu_figures_runs_every_step_on_the_cpu_in_quick_mode(image_folder, tmp_path):
+    gpu = load("gpu_figures")
+    out = tmp_path / "out"
+    code = gpu.main(["run", "--device", "cpu", "--quick", "--data-dir", str(image_folder),
+                     "--out", str(out), "--work", str(tmp_path / "work")])
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 0, [(r["step"], r["status"], r["last_lines"]) for r in summary["steps"]]
+    assert [r["step"] for r in summary["steps"]] == [s.name for s in gpu.STEPS]
+    assert {r["status"] for r in summary["steps"]} == {"done"}
+    assert summary["steps"][0]["figures"]["rows"][0]["variant"] == "recipe"
+    alexnet = next(r for r in summary["steps"] if r["step"] == "alexnet")
+    assert "test accuracy" in " ".join(alexnet["last_lines"])
+    assert sorted(p.name for p in out.iterdir()) == ["profile.txt", "steps.log", "summary.json"]
+
+
+def test_gpu_figures_skips_what_the_deadline_leaves_no_time_for(image_folder, tmp_path):
+    gpu = load("gpu_figures")
+    code = gpu.main(["run", "--device", "cpu", "--data-dir", str(image_folder), "--deadline", "5",
+                     "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert code == 0 and {r["status"] for r in summary["steps"]} == {"skipped"}
+    assert summary["steps"][0]["why"].endswith("s left, it needs 60 s")
+
+
+def _wheel(folder: Path, name: str) -> Path:
+    """A real, minimal wheel of a module `name` that pip can install."""
+    import zipfile
+
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    info = f"{name}-1.0.dist-info"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(f"{name}/__init__.py", "ANSWER = 42\n")
+        wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                        "Tag: py3-none-any\n")
+        wheel.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def test_gpu_figures_carries_the_archive_in_pieces_and_unpacks_it_there(tmp_path):
+    import tarfile
+
+    gpu = load("gpu_figures")
+    source = tmp_path / "src" / "train" / "cat"
+    source.mkdir(parents=True)
+    (source / "0.png").write_bytes(bytes(range(256)) * 400)
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "train", arcname="train")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "carried_pkg"), _wheel(wheels, "numpy")  # numpy is on the GPU machine already
+    into = tmp_path / ".gpu"
+    assert gpu.main(["prepare", "--archive", str(archive), "--into", str(into), "--wheels",
+                     str(wheels)]) == 0
+    carried = sorted(p.name for p in into.rglob("*.whl"))
+    assert carried == ["carried_pkg-1.0-py3-none-any.whl"]
+    there = dict(site=tmp_path / "site", pieces=tmp_path / "pieces", data=tmp_path / "cifar10")
+    flags = [arg for key, value in there.items() for arg in (f"--{key}", str(value))]
+    for call in ("call1", "call2", "call3"):
+        assert gpu.main(["unpack", str(into / call), *flags]) == 0
+    assert (there["data"] / "train" / "cat" / "0.png").read_bytes() == (source / "0.png").read_bytes()
+    assert (there["site"] / "carried_pkg" / "__init__.py").is_file()
