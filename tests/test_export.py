@@ -344,3 +344,19 @@ def test_refreshing_the_models_offers_the_exports_of_the_version_in_use(window, 
     qtbot.waitUntil(lambda: window.runtime_box.count() == 2, timeout=30_000)
     assert [window.runtime_box.itemData(i) for i in range(2)] == ["pt2", "onnx-int8"]
     assert window.model_uri == "models:/tiny-cnn/1" and not window.loading
+
+
+def test_a_network_the_exporter_cannot_convert_is_one_line_and_nothing_stored(
+        registered_store, image_folder, monkeypatch, capsys):
+    def fails(*args, **kwargs):
+        raise RuntimeError("Unsupported FX nodes: {'call_function': ['aten.weird.default']}\nmore")
+
+    monkeypatch.setattr(training.export, "to_onnx", fails)
+    code = export_main(["--model", "tiny-cnn/1", "--data-dir", str(image_folder),
+                        "--tracking-uri", registered_store])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "cannot export models:/tiny-cnn/1 to onnx-int8: RuntimeError: Unsupported FX" in err
+    assert "try --format onnx" in err
+    use_store(registered_store)
+    assert mlflow.get_experiment_by_name("exports") is None

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from shared import serving
 from shared.command import run_command
 from shared.inference import LoadedClassifier, ModelLoadError, open_model_dir
-from shared.messages import BadInput, RunFailed
+from shared.messages import BadInput, RunFailed, brief
 from shared.onnx_model import EXPORTS, OnnxModule, UnsafeOnnx, check_onnx, need, open_session
 from shared.preprocess import resize_batch
 from shared.registry import CHECKS_TAG, EXPORT_TAG
@@ -54,6 +54,10 @@ from training.tracking.publish import ensure_experiment
 from training.tracking.run_log import git_commit
 
 EXPERIMENT = "exports"
+
+
+class ExportFailed(BadInput):
+    """The exporter or the quantizer could not convert this network; nothing was stored."""
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,18 @@ def export(spec: str | None, uri: str, settings: ExportSettings = ExportSettings
                               held_out=held_out_files(ref.run_id) if ref.run_id else None)
         log(f"exporting {ref.uri} to {settings.fmt}; checking on {len(test.labels)} images of "
             f"{test.source}: {test.scored}")
-        path = Path(tmp) / "model.onnx"
-        to_onnx(program, test.images[:2].float().div(255), path)
-        calibration = ""
+        calibration, batches = "", []
         if settings.fmt == "onnx-int8":
             calibration, batches = _calibration_batches(data_dir, test, original, settings)
-            path = quantize_int8(path, Path(tmp) / "model-int8.onnx", batches, settings.float_edges)
+        try:
+            path = to_onnx(program, test.images[:2].float().div(255), Path(tmp) / "model.onnx")
+            if settings.fmt == "onnx-int8":
+                path = quantize_int8(path, Path(tmp) / "model-int8.onnx", batches,
+                                     settings.float_edges)
+        except Exception as exc:  # noqa: BLE001 - the exporter's and quantizer's own errors
+            raise ExportFailed(f"cannot export {ref.uri} to {settings.fmt}: {brief(exc)}"
+                               + ("; try --format onnx" if settings.fmt == "onnx-int8" else "")
+                               ) from exc
         try:
             check_onnx(path)
         except UnsafeOnnx as exc:

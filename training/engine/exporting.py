@@ -69,7 +69,10 @@ def quantize_int8(float_path: Path, path: Path, batches: Iterable[np.ndarray],
             _quiet("root", "onnxruntime"):
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(float_path), str(prepared))
+        try:
+            quant_pre_process(str(float_path), str(prepared))
+        except Exception:  # noqa: BLE001 - its symbolic shape inference gives up on some graphs
+            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
