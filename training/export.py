@@ -1,5 +1,5 @@
 """Export a registered version to ONNX (float or int8), check it against the original, and
-link it to the version only if it passes:
+link it to the version only if it keeps its accuracy.
 
     python -m training.export --model cifar10-cnn@champion --format onnx-int8
 
@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="NAME@ALIAS, NAME/VERSION or NAME (its champion); "
                                         "default: the champion of the newest registered model")
-    parser.add_argument("--format", choices=EXPORTS, default="onnx-int8")
+    parser.add_argument("--format", choices=EXPORTS, default="onnx-int8",
+                        help="onnx (float32) or onnx-int8 (int8 weights and activations; default)")
     parser.add_argument("--data-dir", help="the images to check it on (default: the version's own "
                                            "dataset, its test split)")
     parser.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
