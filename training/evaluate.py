@@ -32,7 +32,7 @@ from shared.command import run_command
 from shared.inference import LoadedClassifier, load_classifier
 from shared.onnx_model import RUNTIME_HELP, RUNTIMES
 from shared.preprocess import resize_batch
-from shared.registry import RegistryError, resolve_model_uri
+from shared.registry import RegistryError, registered_version, resolve_model_uri
 from shared.store import tracking_uri, ui_command, ui_page, use_store
 from training.engine.data import (
     CIFAR10_ARCHIVE,
@@ -83,17 +83,7 @@ def find_version(spec: str | None, uri: str) -> ModelRef:
     if not model_uri.startswith("models:/"):
         raise RegistryError(f"{spec} is not a registered model; name one as NAME@ALIAS or "
                             "NAME/VERSION")
-    name, _, rest = model_uri.removeprefix("models:/").partition("@")
-    client = MlflowClient(uri)
-    try:
-        if rest:
-            version = client.get_model_version_by_alias(name, rest)
-        else:
-            name, _, number = name.partition("/")
-            version = client.get_model_version(name, number)
-    except Exception as exc:  # noqa: BLE001 - unknown names, aliases, versions
-        raise RegistryError(f"no registered model version {spec!r} in this store ({exc}); "
-                            "see the registered versions in the MLflow UI's Models page") from None
+    version = registered_version(model_uri, MlflowClient(uri))
     return ModelRef(f"models:/{version.name}/{version.version}", version.name,
                     str(version.version), version.run_id or "")
 

@@ -91,7 +91,7 @@ def truncated(model: nn.Module, head: str, prep: Preprocessing) -> nn.Module:
     return nn.Sequential(InputTransform(prep), body, nn.Flatten(1)).eval()
 
 
-def choose(wanted: str, device: torch.device, folder: Path, log=print) -> tuple[str, str, dict | None]:
+def choose(wanted: str, device: torch.device, folder: Path) -> tuple[str, str, dict | None]:
     """(runtime, reason, its check) for `--feature-runtime wanted`: auto takes the fastest
     export here that passed its check, else pt2."""
     if wanted == "pt2":
@@ -136,7 +136,7 @@ def runner(wanted: str, model: nn.Module, head: str, prep: Preprocessing, pt2: B
     `samples()` gives uint8 images and labels: "calibration" and "check"."""
     device = next(model.parameters()).device
     try:
-        runtime, reason, check = choose(wanted, device, folder, log)
+        runtime, reason, check = choose(wanted, device, folder)
         if runtime == "pt2":
             return Runner("pt2", pt2, reason)
         if check is None:
