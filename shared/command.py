@@ -1,6 +1,7 @@
 """The one runner every command's `main` goes through: a known failure becomes one line on
 stderr and an exit status, never a traceback. 2: bad input (BadInput), nothing was started or
-changed; 1: a run that started and failed (RunFailed); 130: interrupted. An error joins by
+changed, or a tracking server refused a write to a read-only account; 1: a run that started
+and failed (RunFailed); 130: interrupted. An error joins by
 subclassing, so no list of error types has to be kept beside the commands."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from shared.messages import BadInput, Interrupted, RunFailed
+from shared.store import refused_write
 
 
 def run_command(body: Callable[[], int]) -> int:
@@ -24,3 +26,8 @@ def run_command(body: Callable[[], int]) -> int:
     except Interrupted as exc:
         print(str(exc), file=sys.stderr)
         return 130
+    except Exception as exc:
+        if refused_write(exc) is None:
+            raise
+        print(f"error: {refused_write(exc)}", file=sys.stderr)
+        return 2

@@ -89,10 +89,97 @@ def check_driver(url: str) -> None:
         return
 
 
+REACH_TIMEOUT = 10  # seconds a command waits for a store before it says what to check
+
+
+class StoreUnreachable(BadInput):
+    """A tracking server or database that does not answer, or refuses the account."""
+
+
+def ask_server(uri: str) -> None:
+    """One read of a tracking server's API, within REACH_TIMEOUT, with the account MLflow's
+    client would send: raises StoreUnreachable saying what to check when it cannot be read."""
+    import base64
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    user, token = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_TOKEN")
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search"
+                                     "?max_results=1")
+    if user:
+        secret = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(secret).decode())
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    context = None
+    if uri.startswith("https://"):
+        context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"))
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    where = f"the tracking server {mask_secrets(uri)}"
+    try:
+        urllib.request.urlopen(request, timeout=REACH_TIMEOUT, context=context).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401 and not user:
+            raise StoreUnreachable(
+                f"{where} asks who you are: set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to your account (its admin adds one with "
+                "python -m training.servers add-user NAME)") from None
+        if exc.code == 401:
+            raise StoreUnreachable(
+                f"{where} refused the account {user!r}: wrong name or password (check "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)") from None
+        if exc.code == 403:
+            raise StoreUnreachable(f"{where} lets the account {user!r} read nothing: ask its "
+                                   "admin for READ or EDIT permission") from None
+        raise StoreUnreachable(f"{where} answered HTTP {exc.code} ({exc.reason}) to a "
+                               "search: is that address an MLflow server?") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StoreUnreachable(
+            f"{where} cannot be reached ({str(reason)[:200]}) within {REACH_TIMEOUT} s: check "
+            "that it is running, its address and port, and the network between") from None
+
+
+def refused_write(exc: BaseException) -> str | None:
+    """What to do when the tracking server answered a write with 403 (an account with READ
+    permission only), else None."""
+    code = getattr(exc, "get_http_status_code", lambda: None)()
+    if code != 403 and "error code 403" not in str(exc):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this account")
+    return (f"the tracking server lets {user!r} read but not write here: ask its admin for "
+            f"EDIT permission (python -m training.servers add-user {user} --permission EDIT)")
+
+
+def ask_database(uri: str) -> None:
+    """Connect to a database store once, within REACH_TIMEOUT: raises StoreUnreachable with
+    what to check, instead of MLflow's minutes of retries and a traceback."""
+    from sqlalchemy import create_engine, text
+
+    scheme = uri.split(":", 1)[0].lower()
+    options = {"connect_timeout": REACH_TIMEOUT} if scheme.startswith(("postgresql", "mysql")) else {}
+    try:
+        engine = create_engine(uri, connect_args=options)
+        try:
+            with engine.connect() as db:
+                db.execute(text("SELECT 1"))
+        finally:
+            engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - drivers raise their own kinds; all mean the same
+        cause = getattr(exc, "orig", None) or exc
+        raise StoreUnreachable(
+            f"the database {mask_secrets(uri)} cannot be opened ({type(cause).__name__}: "
+            f"{mask_secrets((str(cause).strip().splitlines() or [''])[0])[:200]}): check that "
+            "it is running, its address, port, database name, user and password") from None
+
+
 def use_store(uri: str) -> None:
     """Point MLflow's tracking and registry at `uri`, creating a new SQLite store under the
-    creation lock. Raises StoreBroken, with the repair, for a store that cannot be opened, and
-    DriverMissing for a database URL whose driver is not installed."""
+    creation lock. Raises StoreBroken, with the repair, for a store that cannot be opened,
+    DriverMissing for a database URL whose driver is not installed, and StoreUnreachable for
+    a server or database that does not answer within REACH_TIMEOUT or refuses the account."""
     import mlflow  # here, not at the top: see the module docstring
     from mlflow.tracking import MlflowClient
 
@@ -101,6 +188,10 @@ def use_store(uri: str) -> None:
     if mask_secrets(uri) != uri:  # MLflow would print "View run at <uri with the password>"
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     check_driver(uri)
+    if uri.startswith(("http://", "https://")):
+        ask_server(uri)
+    elif "://" in uri and sqlite_path(uri) is None and not uri.startswith(("file:", "databricks")):
+        ask_database(uri)
     if sqlite_path(uri) is None:
         return
     with creation_lock(uri):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from shared.calibration import KEEP, RULE, Calibration
 from shared.messages import BadInput, Interrupted, RunFailed, brief, mask_secrets
 from shared.preprocess import Preprocessing
-from shared.store import DriverMissing, tracking_uri, use_store
+from shared.store import DriverMissing, StoreUnreachable, refused_write, tracking_uri, use_store
 from training.engine import distributed
 from training.engine.build import DeviceSplits
 from training.engine.config import TrainConfig
@@ -76,9 +76,11 @@ def open_run(cfg: TrainConfig, uri: str, run_name: str, run_id: str | None,
                                    tags=options.tags or None,
                                    log_system_metrics=cfg.system_metrics)
         return run.info.run_id, run.info.experiment_id
-    except DriverMissing:
+    except (DriverMissing, StoreUnreachable):
         raise
     except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
+        if refused_write(exc):
+            raise StoreError(refused_write(exc)) from exc
         raise StoreError(f"the tracking store {mask_secrets(uri)} cannot take the run "
                          f"({mask_secrets(brief(exc))});"
                          f" check that it is reachable and writable (disk space, "
