@@ -12,6 +12,7 @@ from PySide6.QtCore import QObject, QRunnable, QSize, Qt, Signal, Slot
 from PySide6.QtGui import QImage, QImageReader, QPainter
 
 from shared.files import not_readable
+from shared.messages import BadInput
 from shared.registry import RegistryError, list_versions
 from shared.store import StoreBroken, use_store
 
@@ -49,6 +50,8 @@ class InferenceWorker(QObject):
         except StoreBroken as exc:
             self.models_failed.emit(f"{exc}. Point the app at your store with "
                                     "MLFLOW_TRACKING_URI (or --tracking-uri).")
+        except BadInput as exc:  # a server that does not answer or refuses the account
+            self.models_failed.emit(str(exc))
 
     @Slot(str, str)
     def load(self, uri: str, runtime: str) -> None:
@@ -56,7 +59,6 @@ class InferenceWorker(QObject):
         # torch and MLflow are imported here, on this thread, so the window shows at once
         from shared.heatmap import Explainer, NoHeatmap
         from shared.inference import load_classifier
-        from shared.messages import BadInput
 
         self.classifier = self.explainer = None
         try:

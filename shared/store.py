@@ -103,12 +103,17 @@ def ask_server(uri: str) -> None:
     import ssl
     import urllib.error
     import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
 
-    user, token = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_TOKEN")
-    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search"
+    parts = urlsplit(uri)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or unquote(parts.username or "") or None
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or unquote(parts.password or "")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    request = urllib.request.Request(f"{bare.rstrip('/')}/api/2.0/mlflow/experiments/search"
                                      "?max_results=1")
     if user:
-        secret = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        secret = f"{user}:{password}".encode()
         request.add_header("Authorization", "Basic " + base64.b64encode(secret).decode())
     elif token:
         request.add_header("Authorization", f"Bearer {token}")

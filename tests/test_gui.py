@@ -177,6 +177,14 @@ def test_an_unreachable_store_says_where_to_point_the_app(open_window, qtbot, tm
     assert "MLFLOW_TRACKING_URI" in messages[0][2]
 
 
+def test_a_tracking_server_that_does_not_answer_is_named_within_seconds(open_window, qtbot,
+                                                                        messages):
+    from training.servers import free_port
+    open_window(f"http://127.0.0.1:{free_port()}")
+    qtbot.waitUntil(lambda: bool(messages), timeout=20_000)
+    assert "cannot be reached" in messages[0][2] and "Traceback" not in messages[0][2]
+
+
 def test_a_version_with_missing_artifacts_is_reported_and_the_app_keeps_working(
         open_window, qtbot, registered_store, tmp_path, messages, image_folder):
     from mlflow.tracking import MlflowClient

@@ -122,12 +122,12 @@ def load_found(found: Found, image_size: int, *, cache_dir: str | Path | None = 
                                           for split, items in found.splits.items()}
     path = (None if cache_dir is None else
             _cache_path(cache_dir, name, _cache_key(found.layout, found.root, sources, image_size)))
-    cached = _read_cache(path, mapped) if path is not None else None
+    cached = _read_cache(path, mapped, log) if path is not None else None
     if cached is None:
         with _new_cache(path, log) as folder:
             _build_cache(found, name, image_size, workers, folder, log)
             path = _publish(folder, path, log)
-            cached = _read_cache(path or folder, mapped)
+            cached = _read_cache(path or folder, mapped, log)
     if cached is None:
         raise DatasetError(f"the decoded images of {found.root} could not be read back from "
                            f"{path}; check the disk has room, or set --cache-dir elsewhere")
@@ -145,7 +145,9 @@ def _build_cache(found: Found, name: str, image_size: int, workers: int, folder:
         arrays = _decode_shards(found, image_size, workers, log, folder)
     else:
         arrays = _decode_found(found, image_size, workers, log, folder)
-    arrays["fingerprint"] = arrays.get("fingerprint") or _fingerprint(arrays, carved=found.carved)
+    checksum, derived = _digests(arrays, carved=found.carved)
+    arrays.update(checksum=checksum, carved=found.carved, derived=not arrays.get("fingerprint"))
+    arrays["fingerprint"] = arrays.get("fingerprint") or derived
     counts = " + ".join(f"{len(arrays[f'{s}_labels'])} {s}" for s in SPLITS if f"{s}_labels" in arrays)
     log(f"decoded {name}: {counts} images in {time.perf_counter() - start:.1f} s")
     splits = [s for s in SPLITS if f"{s}_images" in arrays]
@@ -587,27 +589,44 @@ def read_torchvision(root: Path) -> dict:
     }
 
 
-def _fingerprint(arrays: dict, carved: bool) -> str:
-    """The arrays' hash; where this project held out the test split, each split's file names
+def _digests(arrays: dict, carved: bool) -> tuple[str, str]:
+    """(the checksum of the arrays, the dataset's fingerprint) in one pass. The fingerprint is
+    the arrays' hash; where this project held out the test split, each split's file names
     too, so a run that scored other files has another fingerprint."""
-    names = [json.dumps(arrays["files"]).encode()] if carved else []
     present = [arrays[f"{s}_{kind}"] for s in ("train", "test", "val") for kind in ("images", "labels")
                if f"{s}_images" in arrays]
-    return fingerprint(arrays["classes"], *present, *names)
+    h = _hash(arrays["classes"], present)
+    checksum = h.hexdigest()
+    if carved:
+        h.update(json.dumps(arrays["files"]).encode())
+    return checksum, h.hexdigest()
 
 
 def fingerprint(classes: list[str], *arrays) -> str:
     """A dataset's identity: the hash of its class names and image and label arrays (or bytes)."""
+    return _hash(classes, arrays).hexdigest()
+
+
+def _hash(classes: list[str], arrays, rows: int = 4096):
+    """The running blake2b of `fingerprint`; arrays are read `rows` at a time, so a
+    memory-mapped one is never copied whole into memory."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(classes).encode())
     for array in arrays:
-        h.update(array if isinstance(array, bytes) else np.ascontiguousarray(np.asarray(array)).data)
-    return h.hexdigest()
+        if isinstance(array, bytes):
+            h.update(array)
+            continue
+        array = np.asarray(array)
+        for start in range(0, max(len(array), 1), rows) if array.ndim else (None,):
+            part = array if start is None else array[start:start + rows]
+            h.update(np.ascontiguousarray(part).data)
+    return h
 
 
 # --- the cache ---------------------------------------------------------------------------
 
-_META = ("classes", "fingerprint", "files", "skipped", "duplicates", "listed")
+_META = ("classes", "fingerprint", "files", "skipped", "duplicates", "listed", "checksum", "carved",
+         "derived")
 
 
 def _cache_key(layout: str, root: Path, sources: dict, image_size: int) -> str:
@@ -625,23 +644,48 @@ def _cache_path(cache_dir, name: str, key: str) -> Path:
     return Path(cache_dir).expanduser() / "datasets" / f"{name}-{key}"
 
 
-def _read_cache(path: Path, mapped: bool) -> dict | None:
-    """The cache at `path`, or None where there is none or it is damaged (it is then built
-    again): the images memory-mapped (copy-on-write, so the file never changes) or read."""
+def _read_cache(path: Path, mapped: bool, log=print) -> dict | None:
+    """The cache at `path`, or None where there is none or it is damaged (said; it is then
+    built again and replaced): the images memory-mapped (copy-on-write, so the file never
+    changes) or read. It is believed only when its arrays have the shapes, types and label
+    range a dataset has and the checksum written with them; the fingerprint a run logs is
+    the one computed here, from the arrays it uses."""
+    if not (path / "meta.json").exists():
+        return None
     try:
-        meta = json.loads((path / "meta.json").read_text())
-        arrays = {}
-        for s in meta["splits"]:
-            labels = np.load(path / f"{s}_labels.npy")
-            images = np.load(path / f"{s}_images.npy", mmap_mode="c" if mapped else None)
-            if (labels.ndim != 1 or images.ndim != 4 or images.dtype != np.uint8
-                    or images.shape[1] != 3 or len(images) < len(labels)):
-                return None
-            arrays[f"{s}_labels"], arrays[f"{s}_images"] = labels, images[:len(labels)]
-        arrays.update({k: meta[k] for k in _META})
-    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        arrays, wrong = _cached_arrays(path, mapped)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, AttributeError) as exc:
+        arrays, wrong = None, f"unreadable: {type(exc).__name__}: {str(exc)[:120]}"
+    if wrong:
+        log(f"warning: the dataset cache {path} is damaged ({wrong}); decoding the images "
+            "again and replacing it")
         return None
     return _as_tensors(arrays)
+
+
+def _cached_arrays(path: Path, mapped: bool) -> tuple[dict | None, str | None]:
+    meta = json.loads((path / "meta.json").read_text())
+    if "checksum" not in meta:
+        return None, "no checksum: written by an older version"
+    arrays = {k: meta[k] for k in _META}
+    if not isinstance(arrays["classes"], list) or not all(isinstance(c, str) for c in arrays["classes"]):
+        return None, "its class names are not a list of names"
+    for s in meta["splits"]:
+        labels = np.load(path / f"{s}_labels.npy")
+        images = np.load(path / f"{s}_images.npy", mmap_mode="c" if mapped else "r")
+        if (labels.ndim != 1 or labels.dtype.kind not in "iu" or images.ndim != 4
+                or images.dtype != np.uint8 or images.shape[1] != 3 or len(images) < len(labels)):
+            return None, f"{s} arrays of shapes {images.shape} {images.dtype}, {labels.shape} {labels.dtype}"
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(arrays["classes"])):
+            return None, f"{s} labels outside 0..{len(arrays['classes']) - 1}"
+        images = images[:len(labels)]
+        arrays[f"{s}_labels"], arrays[f"{s}_images"] = labels, images if mapped else np.array(images)
+    checksum, derived = _digests(arrays, arrays["carved"])
+    if checksum != arrays["checksum"]:
+        return None, "its checksum does not match its arrays"
+    if arrays["derived"]:
+        arrays["fingerprint"] = derived
+    return arrays, None
 
 
 @contextmanager

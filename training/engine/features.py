@@ -145,12 +145,39 @@ def cache_key(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def read_cached(path: Path, key: str, device: torch.device) -> dict | None:
-    try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-    except Exception:  # noqa: BLE001 - none yet, or a truncated or foreign file: compute them
+def read_cached(path: Path, key: str, splits, log=print) -> dict | None:
+    """The cached features at `path`, believed only when they are the ones `key` names, whole
+    (their checksum) and one row per image of each split; None where there are none or they
+    are damaged (said, then computed again and the file replaced)."""
+    if not path.exists():
         return None
-    return saved if isinstance(saved, dict) and saved.get("key") == key else None
+    try:
+        saved = torch.load(path, map_location=splits.device, weights_only=True)
+        wrong = damage(saved, key, splits)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: compute them again
+        wrong = f"unreadable: {type(exc).__name__}"
+    if wrong:
+        log(f"warning: the feature cache {path} is damaged ({wrong}); computing the features "
+            "again and replacing it")
+        return None
+    return saved
+
+
+def damage(saved, key: str, splits) -> str | None:
+    """What is wrong with cached features, or None."""
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        return "made for other images, weights or settings"
+    for name in ("train", "val", "test"):
+        rows = len(getattr(splits, name)[1])
+        tensor = saved.get(name)
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3 or tensor.shape[1] != rows:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            return f"{name} features of shape {shape} for {rows} images"
+    if "checksum" not in saved:
+        return "no checksum: written by an older version"
+    if saved["checksum"] != digest(saved["train"], saved["val"], saved["test"]):
+        return "its checksum does not match its contents"
+    return None
 
 
 def write_cached(path: Path, saved: dict) -> None:
@@ -177,7 +204,7 @@ def frozen_features(cfg: TrainConfig, model: nn.Module, head: str, prep: Preproc
                               lambda: samples(splits, cfg.seed), folder, log)
         key = cache_key(cfg, model, head, prep, splits, run.runtime, weights)
         path = Path(cfg.cache_dir).expanduser() / "features" / f"{name}-{key[:24]}.pt"
-        saved = read_cached(path, key, splits.device)
+        saved = read_cached(path, key, splits, log)
         status = "hit" if saved is not None else "built"
         if saved is None:
             saved = compute(cfg, run.backbone, pt2, splits, key, log)
@@ -220,7 +247,8 @@ def compute(cfg: TrainConfig, train_backbone: Backbone, pt2: Backbone, splits, k
     saved = {"key": key, "train": outputs(splits.train[0], cfg.feature_views, "train", train_backbone),
              "val": outputs(splits.val[0], 1, "validation", pt2),
              "test": outputs(splits.test[0], 1, "test", pt2)}
-    return {**saved, "train_images_per_s": rates["train"]}
+    checksum = digest(saved["train"], saved["val"], saved["test"])
+    return {**saved, "checksum": checksum, "train_images_per_s": rates["train"]}
 
 
 def feature_loaders(cfg: TrainConfig, features: Features, splits) -> tuple[FeatureLoader, ...]:
