@@ -265,3 +265,9 @@ def test_gpu_figures_carries_the_archive_in_pieces_and_unpacks_it_there(tmp_path
         assert gpu.main(["unpack", str(into / call), *flags]) == 0
     assert (there["data"] / "train" / "cat" / "0.png").read_bytes() == (source / "0.png").read_bytes()
     assert (there["site"] / "carried_pkg" / "__init__.py").is_file()
+
+
+def test_cache_check_reports_the_checks_cost_in_memory_and_mapped(image_folder):
+    results = load("cache_check").main(["--data-dir", str(image_folder), "--rounds", "1"])
+    assert set(results) == {"in memory", "mapped"}
+    assert all(r["read_s"] > 0 and r["ratio"] > 0 for r in results.values())
