@@ -6,8 +6,15 @@ installed with the project. MLflow's server imports it by name and calls `_load_
 model's `data/` folder; it opens the folder with the app's safe loader (every file checked,
 nothing unpickled, no code taken from the artifact) and answers, for each PNG/JPEG in the
 request's `image` column (base64 in JSON, as MLflow encodes binary columns), the class, its
-calibrated probability, the unsure flag and every class's probability. An image that cannot
-be decoded gets HTTP 400 naming it; the server keeps running.
+calibrated probability, the unsure flag and every class's probability, in any of MLflow's
+request formats (`dataframe_split`, `dataframe_records`, `inputs`, `instances`). An image that
+cannot be decoded gets HTTP 400 naming its row, never echoing it; the server keeps running.
+
+Bounded (environment variables of the server process, defaults in LIMITS): a request body of
+at most CIFARLAB_SERVE_MAX_BODY_MB (HTTP 413 beyond: FastAPI's own limit, set on the app the
+scoring server creates), CIFARLAB_SERVE_MAX_ROWS images, CIFARLAB_SERVE_MAX_MEGAPIXELS decoded
+megapixels in all (read from the files' headers before any is decoded), and the whole worker
+decodes at most that many megapixels at a time, whatever the number of clients.
 
 MLflow's models-from-code would instead execute a Python file stored in the artifact: anyone
 able to change one version's files could make the server run their code. Here the code is
@@ -18,7 +25,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -36,6 +46,55 @@ SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec(DataType.string, "class"), ColSpec(DataType.double, "probability"),
                     ColSpec(DataType.boolean, "unsure")]))
 EXAMPLES = ("input_example.json", "serving_input_example.json")
+LIMITS = {"CIFARLAB_SERVE_MAX_BODY_MB": 32, "CIFARLAB_SERVE_MAX_ROWS": 256,
+          "CIFARLAB_SERVE_MAX_MEGAPIXELS": 64}
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+
+
+def limit(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() and int(value) > 0 else LIMITS[name]
+
+
+class PixelBudget:
+    """At most `megapixels` decoded at once across the worker's threads; one image larger than
+    the budget alone still goes, by itself."""
+
+    def __init__(self, megapixels: int):
+        self.budget, self.in_use = megapixels * 1_000_000, 0
+        self.free = threading.Condition()
+
+    @contextmanager
+    def take(self, pixels: int):
+        with self.free:
+            self.free.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.budget)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self.free:
+                self.in_use -= pixels
+                self.free.notify_all()
+
+
+def limit_request_bodies() -> None:
+    """In the scoring server's process (MLflow loads the model, then builds its FastAPI app
+    with `FastAPI()`), make that app refuse bodies over the limit with HTTP 413 before
+    reading them: MLflow offers no setting for it, and FastAPI's is a constructor argument."""
+    import fastapi
+
+    if getattr(fastapi.FastAPI, "cifarlab_limited", False):
+        return
+    cap = limit("CIFARLAB_SERVE_MAX_BODY_MB") * 1024 * 1024
+
+    class Limited(fastapi.FastAPI):
+        cifarlab_limited = True
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("max_body_size", cap)
+            super().__init__(*args, **kwargs)
+
+    fastapi.FastAPI = Limited
 
 
 def save_model(path, mlflow_model, pytorch_model=None, onnx_file: Path | None = None,
@@ -64,26 +123,47 @@ def save_model(path, mlflow_model, pytorch_model=None, onnx_file: Path | None = 
 
 
 def _load_pyfunc(data_path: str, model_config=None) -> ImageService:
+    from mlflow.pyfunc.scoring_server import _SERVER_MODEL_PATH
+
     from shared.inference import open_model_dir
 
+    if _SERVER_MODEL_PATH in os.environ:  # loaded by `mlflow models serve`
+        limit_request_bodies()
     folder = Path(data_path).parent
     return ImageService(open_model_dir(folder, str(folder)))
 
 
+class Refused(MlflowException):
+    """HTTP 400 with our message alone: MLflow's scoring server prefixes the message of an
+    error the model raises with the whole request ("Failed to predict data '...'"), which
+    would echo megabytes of input back; this message keeps only what follows that prefix."""
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self._message = value.rpartition("\nError: ")[2]
+
+
 def _bad_request(message: str) -> MlflowException:
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    return Refused(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def image_bytes(value) -> bytes:
-    """A row's image: bytes (MLflow decoded the base64) or a base64 string."""
-    if isinstance(value, (bytes, bytearray)):
+def image_bytes(value, row: int) -> bytes:
+    """A row's image: bytes (MLflow decoded the base64), or base64 text (a string, or the
+    bytes of one: the `inputs` and `instances` formats hand it over undecoded)."""
+    if isinstance(value, (bytes, bytearray)) and bytes(value[:4]).startswith(IMAGE_MAGIC):
         return bytes(value)
-    if isinstance(value, str):
+    if isinstance(value, (str, bytes, bytearray)):
         try:
-            return base64.b64decode(value, validate=False)
+            return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise _bad_request("an image is not valid base64") from None
-    raise _bad_request(f"an image must be PNG/JPEG bytes, base64-encoded in JSON "
+            if isinstance(value, (bytes, bytearray)):
+                return bytes(value)  # not base64 either: the decoder says what it is
+            raise _bad_request(f"image {row} is not valid base64") from None
+    raise _bad_request(f"image {row} must be PNG/JPEG bytes, base64-encoded in JSON "
                        f"(got {type(value).__name__})")
 
 
@@ -92,6 +172,7 @@ class ImageService:
 
     def __init__(self, classifier):
         self.classifier = classifier
+        self.decoding = PixelBudget(limit("CIFARLAB_SERVE_MAX_MEGAPIXELS"))
 
     def predict(self, model_input, params=None) -> pd.DataFrame:
         import numpy as np
@@ -104,13 +185,25 @@ class ImageService:
         if COLUMN not in frame.columns:
             raise _bad_request(f"the request needs a column named {COLUMN!r} holding "
                                f"base64-encoded PNG or JPEG files (got {list(frame.columns)})")
+        rows = limit("CIFARLAB_SERVE_MAX_ROWS")
+        if len(frame) > rows:
+            raise _bad_request(f"the request has {len(frame)} images, over the limit of {rows} "
+                               "per request (CIFARLAB_SERVE_MAX_ROWS); send them in batches")
+        files = [image_bytes(value, row) for row, value in enumerate(frame[COLUMN])]
+        pixels = [self.pixels(row, data) for row, data in enumerate(files)]
+        budget = limit("CIFARLAB_SERVE_MAX_MEGAPIXELS")
+        if sum(pixels) > budget * 1_000_000:
+            raise _bad_request(f"the request's images hold {sum(pixels) / 1e6:.0f} megapixels, "
+                               f"over the limit of {budget} per request "
+                               "(CIFARLAB_SERVE_MAX_MEGAPIXELS); send fewer or smaller images")
         size = self.classifier.prep.image_size
         images = []
-        for row, value in enumerate(frame[COLUMN]):
+        for row, (data, count) in enumerate(zip(files, pixels)):
             try:
-                images.append(decode_image(io.BytesIO(image_bytes(value)), size))
+                with self.decoding.take(count):
+                    images.append(decode_image(io.BytesIO(data), size))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                raise _bad_request(f"image {row} cannot be read: {describe_error(exc)}") from None
+                raise _bad_request(f"image {row} cannot be read: {describe_error(exc)[:200]}") from None
         if not images:
             return pd.DataFrame(columns=["class", "probability", "unsure", "probabilities"])
         batch = torch.from_numpy(np.stack(images))
@@ -119,3 +212,14 @@ class ImageService:
         return pd.DataFrame([{"class": p.label, "probability": p.confidence, "unsure": p.unsure,
                               "probabilities": {name: round(prob, 6) for name, prob in p.top}}
                              for p in predictions])
+
+    @staticmethod
+    def pixels(row: int, data: bytes) -> int:
+        """An image's pixel count from its header alone (nothing decoded)."""
+        from shared.inference import describe_error
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return img.width * img.height
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise _bad_request(f"image {row} cannot be read: {describe_error(exc)[:200]}") from None

@@ -66,3 +66,82 @@ def test_mlflow_models_serve_classifies_a_photo_and_refuses_a_corrupt_one(regist
         status, answer = post(server.url, [b"not an image at all"])
         assert 400 <= status < 500 and "not an image" in answer["message"]
         assert post(server.url, [PHOTO.read_bytes()])[0] == 200  # still serving
+
+
+def send(url: str, body: bytes) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def flat_png(width: int, height: int) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = BytesIO()
+    Image.new("RGB", (width, height), (40, 90, 200)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_the_model_server_takes_every_request_format_and_bounds_what_it_decodes(
+        registered_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFARLAB_SERVE_MAX_BODY_MB", "1")
+    monkeypatch.setenv("CIFARLAB_SERVE_MAX_ROWS", "4")
+    monkeypatch.setenv("CIFARLAB_SERVE_MAX_MEGAPIXELS", "2")
+    photo = base64.b64encode(PHOTO.read_bytes()).decode()
+    formats = {"dataframe_split": {"columns": ["image"], "data": [[photo]]},
+               "dataframe_records": [{"image": photo}],
+               "inputs": {"image": [photo]},
+               "instances": [{"image": photo}]}
+    with ModelServer("models:/tiny-cnn@champion", registered_store, tmp_path / "serve.log") as server:
+        answers = {}
+        for name, payload in formats.items():
+            status, body = send(server.url, json.dumps({name: payload}).encode())
+            assert status == 200, (name, body[:300])
+            answers[name] = json.loads(body)["predictions"][0]["class"]
+        assert len(set(answers.values())) == 1
+
+        too_many = {"dataframe_split": {"columns": ["image"], "data": [[photo]] * 5}}
+        status, body = send(server.url, json.dumps(too_many).encode())
+        assert status == 400 and b"5 images, over the limit of 4" in body
+
+        big = base64.b64encode(flat_png(2000, 1500)).decode()  # 3 megapixels, a small file
+        status, body = send(server.url, json.dumps({"inputs": {"image": [big]}}).encode())
+        assert status == 400 and b"3 megapixels, over the limit of 2" in body
+
+        status, body = send(server.url, json.dumps({"inputs": {"image": ["A" * 1_500_000]}}).encode())
+        assert status == 413
+
+        garbage = "not base64 at all! " * 30_000  # 570 KB of text, under the body limit
+        status, body = send(server.url, json.dumps({"inputs": {"image": [garbage]}}).encode())
+        assert 400 <= status < 500 and len(body) < 2000 and b"image 0" in body
+        assert send(server.url, json.dumps({"inputs": {"image": [photo]}}).encode())[0] == 200
+
+
+def test_the_pixel_budget_lets_one_large_image_through_alone_and_small_ones_together():
+    import threading
+
+    from shared.serving import PixelBudget
+
+    budget, inside, most = PixelBudget(2), [0], [0]
+    lock = threading.Lock()
+
+    def decode(pixels):
+        with budget.take(pixels):
+            with lock:
+                inside[0] += pixels
+                most[0] = max(most[0], inside[0])
+            threading.Event().wait(0.05)
+            with lock:
+                inside[0] -= pixels
+
+    threads = [threading.Thread(target=decode, args=(p,)) for p in [3_000_000] * 3 + [500_000] * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] <= 3_000_000
