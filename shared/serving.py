@@ -13,8 +13,10 @@ cannot be decoded gets HTTP 400 naming its row, never echoing it; the server kee
 Bounded (environment variables of the server process, defaults in LIMITS): a request body of
 at most CIFARLAB_SERVE_MAX_BODY_MB (HTTP 413 beyond: FastAPI's own limit, set on the app the
 scoring server creates), CIFARLAB_SERVE_MAX_ROWS images, CIFARLAB_SERVE_MAX_MEGAPIXELS decoded
-megapixels in all (read from the files' headers before any is decoded), and the whole worker
-decodes at most that many megapixels at a time, whatever the number of clients.
+megapixels in all (read from the files' headers before any is decoded). The worker decodes
+on one thread of its own, one image at a time, whatever the number of clients: decoding in
+each request's thread gave each thread its own allocator arena, and eight clients' 64-megapixel
+PNGs kept gigabytes resident (benchmarks/serving_memory.py).
 
 MLflow's models-from-code would instead execute a Python file stored in the artifact: anyone
 able to change one version's files could make the server run their code. Here the code is
@@ -27,8 +29,7 @@ import binascii
 import io
 import os
 import shutil
-import threading
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -54,27 +55,6 @@ IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"M
 def limit(name: str) -> int:
     value = os.environ.get(name, "")
     return int(value) if value.isdigit() and int(value) > 0 else LIMITS[name]
-
-
-class PixelBudget:
-    """At most `megapixels` decoded at once across the worker's threads; one image larger than
-    the budget alone still goes, by itself."""
-
-    def __init__(self, megapixels: int):
-        self.budget, self.in_use = megapixels * 1_000_000, 0
-        self.free = threading.Condition()
-
-    @contextmanager
-    def take(self, pixels: int):
-        with self.free:
-            self.free.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.budget)
-            self.in_use += pixels
-        try:
-            yield
-        finally:
-            with self.free:
-                self.in_use -= pixels
-                self.free.notify_all()
 
 
 def limit_request_bodies() -> None:
@@ -172,7 +152,7 @@ class ImageService:
 
     def __init__(self, classifier):
         self.classifier = classifier
-        self.decoding = PixelBudget(limit("CIFARLAB_SERVE_MAX_MEGAPIXELS"))
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
 
     def predict(self, model_input, params=None) -> pd.DataFrame:
         import numpy as np
@@ -198,10 +178,9 @@ class ImageService:
                                "(CIFARLAB_SERVE_MAX_MEGAPIXELS); send fewer or smaller images")
         size = self.classifier.prep.image_size
         images = []
-        for row, (data, count) in enumerate(zip(files, pixels)):
+        for row, data in enumerate(files):
             try:
-                with self.decoding.take(count):
-                    images.append(decode_image(io.BytesIO(data), size))
+                images.append(self.decoder.submit(decode_image, io.BytesIO(data), size).result())
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 raise _bad_request(f"image {row} cannot be read: {describe_error(exc)[:200]}") from None
         if not images:

@@ -271,3 +271,12 @@ def test_cache_check_reports_the_checks_cost_in_memory_and_mapped(image_folder):
     results = load("cache_check").main(["--data-dir", str(image_folder), "--rounds", "1"])
     assert set(results) == {"in memory", "mapped"}
     assert all(r["read_s"] > 0 and r["ratio"] > 0 for r in results.values())
+
+
+def test_serving_memory_reports_one_client_beside_several(registered_store):
+    results = load("serving_memory").main(["--tracking-uri", registered_store, "--model",
+                                           "tiny-cnn@champion", "--clients", "2", "--side", "1000"])
+    assert results["image"]["megapixels"] == 1.0
+    for key in ("1 client", "2 clients"):
+        assert results[key]["statuses"] == [200]
+        assert results[key]["peak_anon_mib"] >= results[key]["idle_anon_mib"] > 0

@@ -120,28 +120,3 @@ def test_the_model_server_takes_every_request_format_and_bounds_what_it_decodes(
         status, body = send(server.url, json.dumps({"inputs": {"image": [garbage]}}).encode())
         assert 400 <= status < 500 and len(body) < 2000 and b"image 0" in body
         assert send(server.url, json.dumps({"inputs": {"image": [photo]}}).encode())[0] == 200
-
-
-def test_the_pixel_budget_lets_one_large_image_through_alone_and_small_ones_together():
-    import threading
-
-    from shared.serving import PixelBudget
-
-    budget, inside, most = PixelBudget(2), [0], [0]
-    lock = threading.Lock()
-
-    def decode(pixels):
-        with budget.take(pixels):
-            with lock:
-                inside[0] += pixels
-                most[0] = max(most[0], inside[0])
-            threading.Event().wait(0.05)
-            with lock:
-                inside[0] -= pixels
-
-    threads = [threading.Thread(target=decode, args=(p,)) for p in [3_000_000] * 3 + [500_000] * 4]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert most[0] <= 3_000_000
