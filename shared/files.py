@@ -29,6 +29,8 @@ def not_readable(path: str | Path) -> str | None:
     for test, kind in SPECIAL:
         if test(mode):
             return f"skipped: {kind}, not a file; it was not read"
+    if stat.S_ISDIR(mode):
+        return "skipped: a folder, not an image file; it was not read"
     return None
 
 

@@ -381,3 +381,31 @@ def test_channel_stats_match_a_float64_reference():
     x = images.double() / 255
     assert mean == pytest.approx(x.mean(dim=(0, 2, 3)).tolist(), abs=1e-4)
     assert std == pytest.approx(x.std(dim=(0, 2, 3), correction=0).tolist(), abs=1e-4)
+
+
+def test_pipes_links_and_folders_named_like_images_are_listed_as_skipped_not_read(tmp_path):
+    from datagen import make_image_folder
+
+    root = make_image_folder(tmp_path / "d", n_train=6, n_test=3)
+    odd = root / "test" / sorted(os.listdir(root / "test"))[0]
+    os.mkfifo(odd / "fifo.png")
+    (odd / "loop1.png").symlink_to("loop2.png")
+    (odd / "loop2.png").symlink_to("loop1.png")
+    (odd / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (odd / "elsewhere.png").symlink_to(tmp_path / "outside")  # a link to a folder
+    (tmp_path / "outside").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside" / "stranger.png")
+    (odd / "x.png").mkdir()
+    (odd / "empty.png").touch()
+    (odd / "up").symlink_to("..")  # a link loop through a folder
+    data = load_dataset(root, cache_dir=tmp_path / "cache", log=lambda *_: None)
+    skipped = {Path(name).name: why for name, why in data.skipped}
+    assert skipped == {
+        "fifo.png": "a named pipe (FIFO), not a file; it was not read",
+        "loop1.png": "cannot be read (Too many levels of symbolic links)",
+        "loop2.png": "cannot be read (Too many levels of symbolic links)",
+        "broken.png": "a broken link",
+        "elsewhere.png": "a folder, not an image file; it was not read",
+        "x.png": "a folder, not an image file; it was not read",
+        "empty.png": "an empty file"}
+    assert len(data.test_labels) == 9

@@ -172,6 +172,8 @@ def median_side(found: Found, sample: int = 256) -> tuple[int, int]:
     step = max(1, len(files) // sample)
     sides = []
     for path in files[::step]:
+        if not_readable(path):  # a pipe would block the open
+            continue
         try:
             with Image.open(path) as img:
                 sides.append(min(img.size))
@@ -302,7 +304,7 @@ def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray, str] | str:
     path, size = args
     why = not_readable(path)
     if why:
-        return why
+        return why.removeprefix("skipped: ")
     try:
         data = Path(path).read_bytes()
         if not data:

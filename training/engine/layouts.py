@@ -136,11 +136,20 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """The image files in `folder` and its sub-folders (hidden ones aside), sorted."""
-    found = []
+    """The image files in `folder` and its sub-folders (hidden ones aside), sorted. Linked
+    folders are followed, each real folder once and never one above `folder` (so a link loop
+    ends there); a folder named like an image (`x.png`, or a link to a folder) is listed, not
+    entered, so that the decoder skips it and says so."""
+    found, seen, top = [], set(), os.path.realpath(folder)
     for here, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(here, f) for f in sorted(files) if not f.startswith(".")
+        real = os.path.realpath(here)
+        if real in seen or top.startswith(real.rstrip(os.sep) + os.sep):  # a way back up
+            dirs[:] = []
+            continue
+        seen.add(real)
+        named = [d for d in dirs if Path(d).suffix.lower() in IMAGE_SUFFIXES]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in named)
+        found += [Path(here, f) for f in sorted([*files, *named]) if not f.startswith(".")
                   and Path(f).suffix.lower() in IMAGE_SUFFIXES]
     return found
 
