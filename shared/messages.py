@@ -30,6 +30,18 @@ def mask_secrets(text: str) -> str:
     return SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
+SHOWN = 200  # characters of a value a message shows
+
+
+def shown(value, text: bool = False) -> str:
+    """`value` for a message (its repr, or itself with `text`), cut to SHOWN characters: a
+    value from a file or a request can be megabytes long."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 600:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    out = str(value) if text else repr(value)
+    return out if len(out) <= SHOWN else f"{out[:SHOWN]}... ({len(out):,} characters)"
+
+
 def brief(exc: BaseException) -> str:
     """An exception in one line: database errors carry their SQL statement on later lines."""
     lines = str(exc).strip().splitlines()

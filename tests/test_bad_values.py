@@ -106,3 +106,28 @@ def test_an_empty_checkpoint_says_why_it_cannot_be_read(interrupted, train_confi
 def test_an_untouched_checkpoint_still_resumes(interrupted, train_config):
     cfg, resume = resume_config(train_config(resume="last"))
     assert resume.checkpoint["epoch"] >= 1 and cfg.epochs == 3
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)) \
+    + "experiment: *i\n"
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("bomb.yaml", BOMB.encode(), "aliases (*name) are not accepted"),
+    ("list.yaml", b"experiment: [a, b]\n", "experiment must be a single value, not a list"),
+    ("nested.toml", b"[experiment]\nname = 'x'\n", "experiment must be a single value, not a dict"),
+    ("intkey.yaml", b"1: 2\n", "setting names are text; 1 is not"),
+    ("nullkey.yaml", b"~: 2\n", "setting names are text; None is not"),
+    ("digits.toml", b"epochs = " + b"9" * 5000 + b"\n", "cannot be read as TOML"),
+    ("deep.toml", b"epochs = " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "cannot be read as TOML"),
+    ("latin1.yaml", "experiment: caf\xe9\n".encode("latin-1"), "is not UTF-8 text (byte 15)"),
+    ("long.yaml", b"model: " + b"m" * 5000 + b"\n", "... (5,002 characters)"),
+])
+def test_a_config_file_no_run_should_read_is_one_short_line(name, content, says, image_folder,
+                                                            store, tmp_path, capsys):
+    (tmp_path / name).write_bytes(content)
+    assert main(args(image_folder, store, tmp_path, "--config", str(tmp_path / name))) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err) < 1000 and len(err.strip().splitlines()) == 1, err[:2000]
+    assert runs(store) == []

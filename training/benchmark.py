@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from shared.command import run_command
+from shared.messages import shown
 from shared.preprocess import InputTransform, Preprocessing
 from shared.store import tracking_uri, ui_command, use_store
 from training.engine.batches import Augmentation, DeviceLoader, Sampling
@@ -186,7 +187,7 @@ def benchmark(plan: Plan, out: Path, uri: str, log=print) -> list[dict]:
 
     for name in plan.models:
         if name not in MODELS:
-            raise ModelError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+            raise ModelError(f"unknown model {shown(name)}; choose from {', '.join(MODELS)}")
     devices = available_devices(plan.devices, log)
     if not devices:
         raise DeviceError("none of the requested devices is available")

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from shared.messages import BadInput, mask_secrets
+from shared.messages import BadInput, mask_secrets, shown
 from shared.onnx_model import RUNTIMES
 from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES
 from training.engine.batches import FLIPS
@@ -220,7 +220,7 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(choices)}")
+                raise ConfigError(f"{f.name} = {shown(value)} is not one of {', '.join(choices)}")
             check_rules(f.name, value, f.metadata)
         if self.val_fraction == 0 and self.patience:
             raise ConfigError("early stopping watches the validation split, and val_fraction 0 "
@@ -248,7 +248,7 @@ class TrainConfig:
                               "not: use --class-weights balanced with --stream, or leave out "
                               "--stream")
         if self.register is not None and not REGISTERED_NAME.fullmatch(self.register):
-            raise ConfigError(f"register name {self.register!r}: use letters, digits, '_', '.' "
+            raise ConfigError(f"register name {shown(self.register)}: use letters, digits, '_', '.' "
                               "and '-' (up to 100, starting with a letter or digit); the name "
                               "goes into models:/NAME@ALIAS URIs and registry searches")
         return self
@@ -282,36 +282,70 @@ def setting_types(cls: type = TrainConfig) -> dict[str, type]:
     return kinds
 
 
+CONFIG_BYTES = 1 << 20  # a config file is settings, not data
+
+
 def coerce(name: str, value: Any, kind: type, source: str) -> Any:
     if value is None:
         return None
+    if isinstance(value, (list, dict, tuple, set)):
+        raise ConfigError(f"{source}: {name} must be a single value, not a "
+                          f"{type(value).__name__} (got {shown(value)})")
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{source}: {name} must be true or false (got {value!r})")
+        raise ConfigError(f"{source}: {name} must be true or false (got {shown(value)})")
     try:
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
+        if kind in (int, float) and isinstance(value, str) and len(value) > 100:
+            raise ValueError
         return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} must be {kind.__name__} (got {value!r})") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{source}: {name} must be {kind.__name__} (got {shown(value)})") from None
 
 
 def read_config_file(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
     """A TOML or YAML file of settings named like the dataclass fields (dashes allowed)."""
     path = Path(path)
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
     try:
-        text = path.read_text()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file; pass a TOML or YAML file")
+        if path.stat().st_size > CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes, over "
+                              f"{CONFIG_BYTES:,}: a config file holds settings, not data")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it "
+                          "as UTF-8") from None
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+        data = tomllib.loads(text) if kind == "TOML" else load_yaml(text) or {}
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
+        message = shown(" ".join(str(exc).split()), text=True)
+        raise ConfigError(f"config file {path} is not valid {kind}: {message}") from None
+    except (ValueError, RecursionError) as exc:  # a number too long, nesting too deep
+        raise ConfigError(f"config file {path} cannot be read as {kind}: "
+                          f"{type(exc).__name__}: {shown(str(exc), text=True)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting: value")
+    names = [key for key in data if not isinstance(key, str)]
+    if names:
+        raise ConfigError(f"config file {path}: setting names are text; {shown(names[0])} "
+                          "is not")
     return typed_settings({key.replace("-", "_"): value for key, value in data.items()},
                           f"config file {path}", cls)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML without aliases: settings never need them, and a few hundred bytes of nested
+    aliases expand to billions of values (a "billion laughs" file)."""
+    if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+        raise yaml.YAMLError("aliases (*name) are not accepted in a config file; write the "
+                             "values out")
+    return yaml.safe_load(text)
 
 
 TRAIN_DESCRIPTION = ("Train an image classifier; every run is tracked in MLflow and its model "
@@ -363,7 +397,7 @@ def typed_settings(settings: Mapping[str, Any], source: str,
     kinds = setting_types(cls)
     unknown = sorted(set(settings) - set(kinds))
     if unknown:
-        raise ConfigError(f"{source}: unknown setting {', '.join(map(repr, unknown))}; valid "
+        raise ConfigError(f"{source}: unknown setting {', '.join(map(shown, unknown[:5]))}; valid "
                           f"settings: {', '.join(kinds)}")
     return {k: coerce(k, v, kinds[k], source) for k, v in settings.items()}
 

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from shared.messages import BadInput
+from shared.messages import BadInput, shown
 from shared.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -258,7 +258,7 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or "
+        raise ModelError(f"unknown model {shown(name)}; choose one of: {', '.join(MODELS)}, or "
                          f"{TIMM_PREFIX}NAME for any timm model (--list-models describes them)"
                          ) from None
 
