@@ -123,12 +123,37 @@ def test_the_app_pointed_at_a_postgresql_store_without_its_driver_names_the_extr
                                      "training.train", "training.tune", "gui.classify"])
 def test_every_command_on_a_store_that_is_not_a_database_exits_2_with_one_line(
         command, image_folder, tmp_path, capfd):
-    import importlib
-
     not_a_store = tmp_path / "notes.db"
     not_a_store.write_text("these are notes, not an MLflow store\n")
     before = not_a_store.read_bytes()
-    store = f"sqlite:///{not_a_store}"
+    err = run_on_store(command, f"sqlite:///{not_a_store}", image_folder, tmp_path, capfd)
+    assert str(not_a_store) in err
+    assert not_a_store.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["training.compare", "training.benchmark", "training.evaluate",
+                                     "training.train", "training.tune", "gui.classify"])
+@pytest.mark.parametrize("scheme, says", [("http", "cannot be reached"),
+                                          ("postgresql", "cannot be opened")])
+def test_every_command_on_a_store_that_does_not_answer_says_so_within_seconds(
+        command, scheme, says, image_folder, tmp_path, capfd):
+    import time
+
+    from training.servers import free_port
+
+    port = free_port()
+    store = (f"http://127.0.0.1:{port}" if scheme == "http"
+             else f"postgresql://cifarlab:S3cret@127.0.0.1:{port}/mlflow")
+    started = time.monotonic()
+    err = run_on_store(command, store, image_folder, tmp_path, capfd)
+    assert says in err and "S3cret" not in err
+    assert time.monotonic() - started < 15
+
+
+def run_on_store(command: str, store: str, image_folder, tmp_path, capfd) -> str:
+    """`command` run on `store`: asserts exit 2 with one error line, and returns it."""
+    import importlib
+
     argv = {"training.compare": ["--tracking-uri", store, "--out", str(tmp_path / "report")],
             "training.benchmark": ["--data-dir", str(image_folder), "--devices", "cpu",
                                    "--models", "mlp", "--tracking-uri", store,
@@ -141,6 +166,5 @@ def test_every_command_on_a_store_that_is_not_a_database_exits_2_with_one_line(
             }[command]
     assert importlib.import_module(command).main(argv) == 2
     err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and str(not_a_store) in err[0], err
-    assert "Traceback" not in err[0]
-    assert not_a_store.read_bytes() == before
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
