@@ -403,14 +403,14 @@ def add_user(folder: Path, name: str, permission: str) -> str:
     """Create MLflow account `name` on the running server of `folder` (or change its
     permission), as the admin; a new account's password goes to a 0600 file. Returns what to
     tell the person who ran it."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # Starlette's, on import
-    from mlflow.exceptions import MlflowException, RestException
-    from mlflow.server.auth.client import AuthServiceClient
-
     auth = TeamAuth(folder / "auth", "")
     if not auth.url_file.exists() or not auth.admin_password_file.exists():
         raise ServerError(f"no team server was started with --dir {folder}: start it first "
                           f"(python -m training.servers --dir {folder})")
+    warnings.simplefilter("ignore")  # MLflow's server modules warn of Starlette's, on import
+    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.server.auth.client import AuthServiceClient
+
     url = auth.url_file.read_text().strip()
     os.environ["MLFLOW_TRACKING_USERNAME"] = ADMIN
     os.environ["MLFLOW_TRACKING_PASSWORD"] = auth.admin_password_file.read_text().strip()
