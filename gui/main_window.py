@@ -2,11 +2,14 @@
 requests go to the InferenceWorker by signal, results come back by signal."""
 from __future__ import annotations
 
+import time
+import uuid
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, QSize, Qt, QThread, QThreadPool, Signal, Slot
 from PySide6.QtGui import QAction, QImage, QImageReader, QKeySequence, QPixmap
 from PySide6.QtWidgets import (
+    QApplication,
     QCheckBox,
     QComboBox,
     QFileDialog,
@@ -26,7 +29,7 @@ from PySide6.QtWidgets import (
 from gui.export import write_csv
 from gui.image_list import ImageListModel, ItemRole
 from gui.workers import InferenceWorker, ThumbnailSignals, ThumbnailTask, preview
-from shared.files import display_name, image_files
+from shared.files import display_name, image_files, pasted_folder
 from shared.registry import find_version, newest_champion
 
 THUMBNAIL = 128
@@ -145,6 +148,8 @@ class MainWindow(QMainWindow):
         self.open_action = QAction("&Open folder…", self, shortcut=QKeySequence.StandardKey.Open,
                                    triggered=self._choose_folder)
         self.add_action = QAction("&Add files…", self, triggered=self._choose_files)
+        self.paste_action = QAction("&Paste image", self, shortcut=QKeySequence.StandardKey.Paste,
+                                    triggered=self.paste)
         self.classify_action = QAction("&Classify", self, shortcut="Ctrl+R",
                                        triggered=self.classify)
         self.cancel_action = QAction("&Cancel", self, shortcut="Esc", triggered=self.cancel)
@@ -157,7 +162,8 @@ class MainWindow(QMainWindow):
         toolbar.addWidget(self.model_box)
         toolbar.addWidget(QLabel(" Runtime: "))
         toolbar.addWidget(self.runtime_box)
-        for action in (self.refresh_action, None, self.open_action, self.add_action, None,
+        for action in (self.refresh_action, None, self.open_action, self.add_action,
+                       self.paste_action, None,
                        self.classify_action, self.cancel_action, self.export_action):
             toolbar.addSeparator() if action is None else toolbar.addAction(action)
         self._update_actions()
@@ -356,6 +362,31 @@ class MainWindow(QMainWindow):
     def _choose_files(self) -> None:
         files, _ = QFileDialog.getOpenFileNames(self, "Add images", str(self.folder or "."))
         self.add_paths([Path(f) for f in files])
+
+    def paste(self) -> None:
+        """The clipboard's image files, or its image (saved as a PNG in `pasted_folder()`),
+        added and classified."""
+        clipboard = QApplication.clipboard()
+        urls = [u for u in clipboard.mimeData().urls() if u.isLocalFile()]
+        if urls:
+            self.add_paths([Path(u.toLocalFile()) for u in urls])
+            return
+        image = clipboard.image()
+        if image.isNull():
+            self.message.setText("The clipboard holds no image: copy an image (or image files), "
+                                 "then paste")
+            return
+        folder = pasted_folder()
+        path = folder / f"pasted-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.png"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.message.setText(f"The pasted image cannot be kept in {folder}: {exc.strerror}")
+            return
+        if not image.save(str(path), "PNG"):
+            self.message.setText(f"The pasted image cannot be saved in {folder}")
+            return
+        self.add_paths([path])
 
     def dragEnterEvent(self, event) -> None:
         if event.mimeData().hasUrls():

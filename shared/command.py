@@ -1,8 +1,8 @@
 """The one runner every command's `main` goes through: a known failure becomes one line on
 stderr and an exit status, never a traceback. 2: bad input (BadInput), nothing was started or
-changed, or a tracking server refused a write to a read-only account; 1: a run that started
-and failed (RunFailed); 130: interrupted. An error joins by
-subclassing, so no list of error types has to be kept beside the commands."""
+changed, or a tracking server refused a read-only account's write; 1: a run that started and
+failed (RunFailed); 130: interrupted. An error joins by subclassing, so no list of error types
+has to be kept beside the commands."""
 from __future__ import annotations
 
 import sys

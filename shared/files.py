@@ -38,3 +38,9 @@ def display_name(text: str | os.PathLike) -> str:
     """A file name as text that can always be printed and saved: bytes that are not UTF-8
     (kept by Python as surrogate escapes) are shown as \\xNN."""
     return os.fsencode(os.fspath(text)).decode("utf-8", "backslashreplace")
+
+
+def pasted_folder() -> Path:
+    """Where the app keeps images pasted from the clipboard (they need a file to be classified
+    and exported like the others): the user's cache, never a folder of theirs."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarlab" / "pasted"

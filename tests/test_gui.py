@@ -1,5 +1,6 @@
 """The desktop app, offscreen, against a temporary store with a tiny registered model."""
 import csv
+import os
 import shutil
 import time
 from pathlib import Path
@@ -161,6 +162,25 @@ def test_dropped_files_are_added_and_classified(open_window, qtbot, registered_s
     window.dropEvent(event)
     wait_classified(qtbot, window, 8)
     assert window.images.paths()[-2:] == [str(p) for p in dog]
+
+
+def test_a_pasted_image_is_kept_in_the_cache_and_classified(open_window, qtbot, registered_store,
+                                                             image_folder, tmp_path, monkeypatch):
+    from PySide6.QtGui import QImage
+    from PySide6.QtWidgets import QApplication
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    window = open_window(registered_store, image_folder / "test" / "cat")
+    wait_classified(qtbot, window, 6)
+    QApplication.clipboard().setText("just words")
+    window.paste_action.trigger()
+    assert "holds no image" in window.message.text() and window.images.rowCount() == 6
+    QApplication.clipboard().setImage(QImage(str(sorted((image_folder / "test" / "dog").iterdir())[0])))
+    window.paste_action.trigger()
+    wait_classified(qtbot, window, 7)
+    pasted = Path(window.images.paths()[-1])
+    assert pasted.parent == tmp_path / "cache" / "cifarlab" / "pasted" and pasted.suffix == ".png"
+    assert sorted(os.listdir(image_folder / "test" / "cat")) == [f"{i:04d}.png" for i in range(6)]
 
 
 def test_an_empty_registry_says_how_to_train(open_window, qtbot, store, messages):
