@@ -280,3 +280,12 @@ def test_serving_memory_reports_one_client_beside_several(registered_store):
     for key in ("1 client", "2 clients"):
         assert results[key]["statuses"] == [200]
         assert results[key]["peak_anon_mib"] >= results[key]["idle_anon_mib"] > 0
+
+
+def test_label_noise_reports_precision_at_k_and_the_three_accuracies(image_folder, tmp_path):
+    results = load("label_noise").main([
+        "--data-dir", str(image_folder), "--work", str(tmp_path / "work"), "--train-per-class", "10",
+        "--test-per-class", "3", "--flip", "0.2", "--epochs", "1", "--input-size", "32"])
+    assert results["train_images"] == 30 and results["flipped"] > 0
+    assert 0 <= results["precision_at_k"] <= 1
+    assert set(results["test_accuracy"]) == {"noisy labels", "without the top k", "true labels"}
