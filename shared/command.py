@@ -27,7 +27,8 @@ def run_command(body: Callable[[], int]) -> int:
         print(str(exc), file=sys.stderr)
         return 130
     except Exception as exc:
-        if refused_write(exc) is None:
+        refusal = refused_write(exc)
+        if refusal is None:
             raise
-        print(f"error: {refused_write(exc)}", file=sys.stderr)
+        print(f"error: {refusal}", file=sys.stderr)
         return 2

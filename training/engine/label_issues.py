@@ -68,5 +68,5 @@ def find_issues(probabilities: torch.Tensor, labels: torch.Tensor) -> LabelIssue
     flagged = confident.any(1) & (best != labels)
     suggested = torch.where(flagged, best, labels)
     self_confidence = probabilities.gather(1, labels[:, None]).squeeze(1)
-    order = sorted(range(len(labels)), key=lambda i: (not flagged[i], float(self_confidence[i])))
-    return LabelIssues(probabilities, flagged, suggested, torch.tensor(order, dtype=torch.long))
+    order = torch.argsort(self_confidence + (~flagged).float() * 2, stable=True)  # flagged first
+    return LabelIssues(probabilities, flagged, suggested, order)

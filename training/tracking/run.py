@@ -79,8 +79,9 @@ def open_run(cfg: TrainConfig, uri: str, run_name: str, run_id: str | None,
     except (DriverMissing, StoreUnreachable):
         raise
     except Exception as exc:  # noqa: BLE001 - HTTP, database and disk errors alike
-        if refused_write(exc):
-            raise StoreError(refused_write(exc)) from exc
+        refusal = refused_write(exc)
+        if refusal:
+            raise StoreError(refusal) from exc
         raise StoreError(f"the tracking store {mask_secrets(uri)} cannot take the run "
                          f"({mask_secrets(brief(exc))});"
                          f" check that it is reachable and writable (disk space, "
