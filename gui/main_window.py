@@ -15,27 +15,34 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QGroupBox,
+    QInputDialog,
     QLabel,
     QListView,
     QMainWindow,
+    QMenu,
     QMessageBox,
     QProgressBar,
     QSplitter,
     QToolBar,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
 from gui.export import write_csv
 from gui.image_list import ImageListModel, ItemRole
+from gui.label_issues_dialog import LabelIssuesDialog
+from gui.train_dialog import TrainDialog
 from gui.workers import InferenceWorker, ThumbnailSignals, ThumbnailTask, preview
+from shared import curation
 from shared.files import display_name, image_files, pasted_folder
+from shared.messages import BadInput
 from shared.registry import find_version, newest_champion
 
 THUMBNAIL = 128
 UNSURE_TEXT = "unsure — maybe none of these classes"
 FACTS = ["model", "training", "weights", "dataset", "device", "epochs run", "test accuracy",
-         "registered", "runtime"]
+         "registered", "improves on", "runtime"]
 RUNTIME_NAMES = {"pt2": "PyTorch (pt2)", "onnx": "ONNX", "onnx-int8": "ONNX int8"}
 
 
@@ -60,6 +67,10 @@ class MainWindow(QMainWindow):
         self.no_heatmap = "no model loaded"  # why the loaded model has no heatmap ("": it has)
         self.job, self.running = 0, False
         self.folder: Path | None = None
+        self.classes: list[str] = []
+        self.corrections: list[curation.Correction] = []  # the undo stack
+        self.select_next: str | None = None  # a version just trained: selected once listed
+        self.dialogs: list = []
 
         self.images = ImageListModel(THUMBNAIL, self)
         self._build_widgets()
@@ -126,6 +137,14 @@ class MainWindow(QMainWindow):
         side_layout.addWidget(self.heatmap_box)
         side_layout.addWidget(self.heatmap_note)
         side_layout.addWidget(self.detail_title)
+        self.correct_button = QToolButton()
+        self.correct_button.setText("This is…")
+        self.correct_button.setToolTip("A wrong answer? Add this photo to the right class of "
+                                       "your training folder (a copy), then Retrain")
+        self.correct_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.correct_menu = QMenu(self.correct_button)
+        self.correct_button.setMenu(self.correct_menu)
+        side_layout.addWidget(self.correct_button)
         side_layout.addWidget(bars_box)
 
         splitter = QSplitter()
@@ -155,6 +174,14 @@ class MainWindow(QMainWindow):
         self.cancel_action = QAction("&Cancel", self, shortcut="Esc", triggered=self.cancel)
         self.export_action = QAction("&Export CSV…", self, shortcut=QKeySequence.StandardKey.Save,
                                      triggered=self._choose_export)
+        self.new_model_action = QAction("&New model from a folder…", self,
+                                        shortcut=QKeySequence.StandardKey.New,
+                                        triggered=lambda: self.open_training())
+        self.undo_action = QAction("&Undo correction", self, shortcut=QKeySequence.StandardKey.Undo,
+                                   triggered=self.undo_correction)
+        self.retrain_action = QAction("&Retrain…", self, triggered=self.retrain)
+        self.issues_action = QAction("Find &mislabelled images…", self,
+                                     triggered=self.find_label_issues)
         toolbar = QToolBar("Main")
         toolbar.setObjectName("main-toolbar")
         self.addToolBar(toolbar)
@@ -164,7 +191,9 @@ class MainWindow(QMainWindow):
         toolbar.addWidget(self.runtime_box)
         for action in (self.refresh_action, None, self.open_action, self.add_action,
                        self.paste_action, None,
-                       self.classify_action, self.cancel_action, self.export_action):
+                       self.classify_action, self.cancel_action, self.export_action, None,
+                       self.new_model_action, self.undo_action, self.retrain_action,
+                       self.issues_action):
             toolbar.addSeparator() if action is None else toolbar.addAction(action)
         self._update_actions()
 
@@ -179,6 +208,14 @@ class MainWindow(QMainWindow):
         self.runtime_box.setEnabled(not self.loading and self.runtime_box.count() > 1)
         self.refresh_action.setEnabled(not self.loading)
         self.heatmap_box.setEnabled(ready and not self.no_heatmap)
+        version = self.current_version()
+        self.correct_button.setEnabled(ready and bool(self.classes) and self._selected_path() is not None)
+        self.undo_action.setEnabled(bool(self.corrections))
+        self.retrain_action.setEnabled(version is not None)
+        self.issues_action.setEnabled(version is not None
+                                      and version.facts.get("frozen pretrained") == "yes")
+        self.issues_action.setToolTip("" if self.issues_action.isEnabled() else
+                                      "needs a version trained with a frozen pretrained backbone")
         self.heatmap_box.setToolTip(self.no_heatmap or "Grad-CAM: red where the evidence for the "
                                                        "predicted class was strongest")
 
@@ -212,6 +249,8 @@ class MainWindow(QMainWindow):
         self.thumbnail_signals.failed.connect(self.images.set_display_error)
 
     def closeEvent(self, event) -> None:
+        for dialog in list(self.dialogs):  # a training run among them stops, resumable
+            dialog.close()
         self.settings.setValue("geometry", self.saveGeometry())
         if self.folder:
             self.settings.setValue("folder", str(self.folder))
@@ -242,6 +281,7 @@ class MainWindow(QMainWindow):
         index = self._default_index(versions)
         self.model_box.setCurrentIndex(index)
         self.model_box.blockSignals(False)
+        self.select_next = None
         self.message.setText(f"{len(versions)} model version(s) in the registry")
         if versions[index].uri != self.model_uri:
             self._model_chosen(index)
@@ -250,7 +290,7 @@ class MainWindow(QMainWindow):
 
     def _default_index(self, versions: list) -> int:
         """The model in use, else the one asked for or last used, else the newest champion."""
-        for wanted in (self.model_uri, self.wanted_model):
+        for wanted in (self.select_next, self.model_uri, self.wanted_model):
             if wanted and (index := find_version(versions, wanted)) is not None:
                 return index
         return versions.index(newest_champion(versions))
@@ -310,7 +350,8 @@ class MainWindow(QMainWindow):
     def _loaded(self, uri: str, runtime: str, classes: list, no_heatmap: str) -> None:
         if (uri, runtime) != (self.model_uri, self.runtime):
             return
-        self.loading, self.no_heatmap = False, no_heatmap
+        self.loading, self.no_heatmap, self.classes = False, no_heatmap, classes
+        self._fill_corrections()
         self.progress.hide()
         self.message.setText(f"Ready: {uri} ({len(classes)} classes, {RUNTIME_NAMES[runtime]})")
         self._update_actions()
@@ -471,6 +512,7 @@ class MainWindow(QMainWindow):
             return
         self._show_preview()
         self._show_prediction(item)
+        self._update_actions()
 
     def _selected_path(self) -> str | None:
         item = self.images.data(self.grid.currentIndex(), ItemRole)
@@ -536,3 +578,108 @@ class MainWindow(QMainWindow):
             QMessageBox.warning(self, "Export failed", f"Cannot write {path}: {exc.strerror}")
             return
         self.message.setText(f"Exported {count} row(s) to {path}")
+
+    # --- learning: train, correct, retrain, clean labels --------------------------------
+
+    def current_version(self):
+        index = self.model_box.currentIndex()
+        return self.versions[index] if 0 <= index < len(self.versions) else None
+
+    def training_folder(self, ask: bool = True) -> Path | None:
+        """The folder corrections go to and retraining reads: the last one used, else asked."""
+        folder = self.settings.value("training/folder", "")
+        if folder and Path(folder).is_dir():
+            return Path(folder)
+        if not ask:
+            return None
+        chosen = QFileDialog.getExistingDirectory(self, "Your training folder (one folder per class)",
+                                                  str(self.folder or "."))
+        if not chosen:
+            return None
+        self.settings.setValue("training/folder", chosen)
+        return Path(chosen)
+
+    def open_training(self, folder: Path | None = None, improves=None) -> TrainDialog:
+        dialog = TrainDialog(self.tracking_uri, self.versions, self.settings, self, folder, improves)
+        dialog.registered.connect(self._trained)
+        self._keep(dialog)
+        return dialog
+
+    def _keep(self, dialog) -> None:
+        self.dialogs.append(dialog)
+        dialog.finished.connect(lambda *_: self.dialogs.remove(dialog) if dialog in self.dialogs else None)
+        dialog.show()
+
+    @Slot(str)
+    def _trained(self, uri: str) -> None:
+        """A version registered from the window: listed, selected, and the folder classified."""
+        self.select_next = uri
+        self.refresh_models()
+
+    def _fill_corrections(self) -> None:
+        self.correct_menu.clear()
+        for name in self.classes:
+            self.correct_menu.addAction(name, lambda n=name: self.correct(n))
+        self.correct_menu.addSeparator()
+        self.correct_menu.addAction("New class…", self._correct_new_class)
+
+    def _correct_new_class(self) -> None:
+        name, ok = QInputDialog.getText(self, "New class", "Class name (a folder of that name is made):")
+        if ok and name.strip():
+            self.correct(name)
+
+    def correct(self, label: str, path: str | None = None) -> None:
+        """Copy the selected photo (or `path`) into `label`'s folder of the training folder."""
+        path = path or self._selected_path()
+        folder = self.training_folder()
+        if path is None or folder is None:
+            return
+        try:
+            correction = curation.add_to_class(Path(path), folder, label)
+        except BadInput as exc:
+            QMessageBox.warning(self, "Not added", str(exc))
+            return
+        self.corrections.append(correction)
+        self.message.setText(f"Added {display_name(Path(path).name)} to {correction.label} in "
+                             f"{display_name(folder)} ({len(self.corrections)} correction(s); "
+                             "Undo takes it back, Retrain learns from it)")
+        self._update_actions()
+
+    @Slot()
+    def undo_correction(self) -> None:
+        if not self.corrections:
+            return
+        correction = self.corrections.pop()
+        try:
+            curation.undo(correction)
+        except BadInput as exc:
+            QMessageBox.warning(self, "Not undone", str(exc))
+        else:
+            self.message.setText(f"Undone: {display_name(correction.copy.name)} no longer in "
+                                 f"{correction.label}")
+        self._update_actions()
+
+    @Slot()
+    def retrain(self) -> TrainDialog | None:
+        """A new version of the selected one, from its recipe, on the training folder."""
+        version = self.current_version()
+        folder = self.training_folder()
+        if version is None or folder is None:
+            return None
+        return self.open_training(folder, version)
+
+    @Slot()
+    def find_label_issues(self) -> LabelIssuesDialog | None:
+        version = self.current_version()
+        if version is None:
+            return None
+        folder = version.facts.get("data folder")
+        dataset = Path(folder).expanduser() if folder and Path(folder).expanduser().is_dir() \
+            else self.training_folder()
+        if dataset is None:
+            return None
+        dialog = LabelIssuesDialog(self.tracking_uri, version, dataset, self)
+        dialog.retrain.connect(lambda data: self.open_training(data, version))
+        self._keep(dialog)
+        dialog.find()
+        return dialog

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shared.messages import BadInput, mask_secrets
 from shared.onnx_model import EXPORTS, RUNTIMES
@@ -41,8 +42,10 @@ class ModelVersionInfo:
         return f"{self.name} v{self.version}{aliases}"
 
 
-def _facts(client, run_id: str | None, created_ms: int) -> dict[str, str]:
+def _facts(client, run_id: str | None, created_ms: int, tags: dict[str, str]) -> dict[str, str]:
     facts = {"registered": dt.datetime.fromtimestamp(created_ms / 1000).strftime("%Y-%m-%d %H:%M")}
+    if tags.get("improves_on"):
+        facts["improves on"] = tags["improves_on"]
     if not run_id:
         return facts
     try:
@@ -58,6 +61,9 @@ def _facts(client, run_id: str | None, created_ms: int) -> dict[str, str]:
         "epochs run": p.get("epochs_run", "?"),
         "test accuracy": f"{m['test_acc']:.2%}" if "test_acc" in m else "?",
         "dataset": run.data.tags.get("dataset", "?"),
+        "data folder": p.get("data_dir", ""),
+        "frozen pretrained": "yes" if p.get("freeze") == "backbone"
+                             and p.get("weights", "none") != "none" else "no",
     })
     return facts
 
@@ -91,7 +97,7 @@ def list_versions(tracking_uri: str) -> list[ModelVersionInfo]:
         infos.append(ModelVersionInfo(v.name, str(v.version),
                                       sorted(aliases.get((v.name, str(v.version)), [])), v.run_id,
                                       v.creation_timestamp or 0,
-                                      _facts(client, v.run_id, v.creation_timestamp),
+                                      _facts(client, v.run_id, v.creation_timestamp, v.tags or {}),
                                       exports_of(v.tags or {})))
     infos.sort(key=lambda i: (i.name, CHAMPION not in i.aliases, -int(i.version)))
     return infos
@@ -147,6 +153,38 @@ def registered_version(model_uri: str, client):
         raise RegistryError(f"no registered model version {spec!r} in this store "
                             f"({mask_secrets(str(exc)).splitlines()[0]}); see the registered "
                             "versions in the MLflow UI's Models page") from None
+
+
+def version_recipe(tracking_uri: str, model_uri: str, folder: Path) -> Path:
+    """The settings (config.yaml) `model_uri`'s run was trained with, downloaded into `folder`:
+    a new run started from them trains the same recipe."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = registered_version(model_uri, client)
+    try:
+        return Path(client.download_artifacts(version.run_id, "config.yaml", str(folder)))
+    except Exception as exc:  # noqa: BLE001 - a run without its config, a store gone
+        raise RegistryError(f"the run of {model_uri.removeprefix('models:/')} has no readable "
+                            f"config.yaml ({type(exc).__name__}); it was not trained by this "
+                            "project, so its recipe is unknown: choose a built-in start") from None
+
+
+def log_to_run(tracking_uri: str, model_uri: str, path: Path, folder: str) -> None:
+    """`path` stored as an artifact of `model_uri`'s run, under `folder`."""
+    from mlflow.tracking import MlflowClient
+
+    from shared.store import refused_write
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = registered_version(model_uri, client)
+    try:
+        client.log_artifact(version.run_id, str(path), folder)
+    except Exception as exc:  # noqa: BLE001 - a read-only account, a store gone
+        refused = refused_write(exc)
+        raise RegistryError(refused or f"cannot store {path.name} with the run of "
+                            f"{model_uri.removeprefix('models:/')}: "
+                            f"{mask_secrets(str(exc)).splitlines()[0]}") from None
 
 
 def runtime_uri(model_uri: str, runtime: str) -> str:

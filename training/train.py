@@ -18,11 +18,12 @@ from torch import nn
 from shared.calibration import Calibration, calibrate
 from shared.command import run_command
 from shared.preprocess import Preprocessing, resize_batch
+from shared.progress import report
 from shared.store import tracking_uri, ui_command, ui_page
 from training.cli import StopSignals, resume_config
 from training.engine import distributed
 from training.engine.build import DeviceSplits, Setup, build, prepare
-from training.engine.config import TrainConfig, parse_args
+from training.engine.config import RESOLVED_PRECISION, TrainConfig, parse_args
 from training.engine.data import ImageData
 from training.engine.device import describe_device
 from training.engine.loop import (
@@ -149,6 +150,7 @@ def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: I
     the report, the model and its registry version (a follower records nothing). Fills
     `outcome`."""
     model, prep = outcome.model, outcome.prep
+    report("stage", stage="testing, then storing the model", done=0, total=0)
     start = time.perf_counter()
     distributed.sync_buffers(setup.state.model)
     # the network the loop trained: with cached features, the head on the test images' outputs
@@ -161,7 +163,7 @@ def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: I
     run.log_test(test, outcome.test_seconds)
     run.log_report(outcome.history, outcome.best_epoch, test, data.classes,
                    lambda: model_summary(model, (1, 3, prep.input_size, prep.input_size)),
-                   {**cfg.public_dict(), "resolved_precision": setup.precision})
+                   {**cfg.public_dict(), RESOLVED_PRECISION: setup.precision})
     served = dataclasses.replace(prep, image_size=cfg.photo_size or prep.image_size)
     outcome.model_uri = run.log_model(model, served, data.classes,
                                       resize_batch(data.test_images[:2], served.image_size),
@@ -176,7 +178,8 @@ def test_and_store(cfg: TrainConfig, outcome: TrainResult, setup: Setup, data: I
             outcome.model_uri, outcome.registered_name,
             outcome.best_val_acc if validated else test["acc"],
             tags={"test_acc": f"{test['acc']:.6f}", "model": cfg.model, "run_id": outcome.run_id,
-                  "score_source": "validation" if validated else "test (no validation split)"})
+                  "score_source": "validation" if validated else "test (no validation split)",
+                  **({"improves_on": cfg.improves_on} if cfg.improves_on else {})})
 
 
 def calibrate_on_validation(setup: Setup, tta: str, run: TrackedRun | FollowerRun) -> Calibration:
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             result = train(cfg, resume=resume, stop_requested=signals.requested)
         if distributed.world().is_main:
             print_outcome(result, time.perf_counter() - start)
+            report("finished", run_id=result.run_id, test_acc=result.test_acc,
+                   name=result.registered_name, version=result.version, promoted=result.promoted)
             page = ui_page(result.experiment_id, result.run_id)
             print(f"see it: {ui_command(tracking_uri(cfg.tracking_uri), page)}")
         return 0

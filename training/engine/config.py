@@ -206,6 +206,9 @@ class TrainConfig:
     run_name: str | None = opt(None, "MLflow run name (default: model and weights)")
     register: str | None = opt(None, "registered model name (default: <dataset>-<model>)")
     no_register: bool = opt(False, "do not register the model", switch=True)
+    improves_on: str | None = opt(None, "NAME/VERSION of the registered version this run "
+                                        "retrains (on corrected data, say): tagged on the "
+                                        "version it registers, as its lineage", added=True)
     system_metrics: bool = opt(True, "log CPU, memory and GPU use through MLflow")
     progress: bool = opt(True, "show a progress bar during each epoch")
 
@@ -251,6 +254,10 @@ class TrainConfig:
             raise ConfigError(f"register name {shown(self.register)}: use letters, digits, '_', '.' "
                               "and '-' (up to 100, starting with a letter or digit); the name "
                               "goes into models:/NAME@ALIAS URIs and registry searches")
+        if self.improves_on is not None and not re.fullmatch(
+                REGISTERED_NAME.pattern + r"/\d+", self.improves_on):
+            raise ConfigError(f"--improves-on {shown(self.improves_on)}: name a registered "
+                              "version as NAME/VERSION (e.g. pets-lite0/3)")
         return self
 
     @property
@@ -283,6 +290,10 @@ def setting_types(cls: type = TrainConfig) -> dict[str, type]:
 
 
 CONFIG_BYTES = 1 << 20  # a config file is settings, not data
+# what a run's config.yaml records beside its settings; dropped when it is read back as a
+# config file, so a run's recipe starts a new run (the app's Retrain)
+RESOLVED_PRECISION = "resolved_precision"  # the precision 'auto' became
+RECORDED = (RESOLVED_PRECISION,)
 
 
 def coerce(name: str, value: Any, kind: type, source: str) -> Any:
@@ -335,7 +346,8 @@ def read_config_file(path: str | Path, cls: type = TrainConfig) -> dict[str, Any
     if names:
         raise ConfigError(f"config file {path}: setting names are text; {shown(names[0])} "
                           "is not")
-    return typed_settings({key.replace("-", "_"): value for key, value in data.items()},
+    settings = {key.replace("-", "_"): value for key, value in data.items()}
+    return typed_settings({k: v for k, v in settings.items() if k not in RECORDED},
                           f"config file {path}", cls)
 
 

@@ -35,6 +35,7 @@ from PIL import Image
 
 from shared.files import not_readable
 from shared.preprocess import MAX_IMAGE_SIDE, decode_image
+from shared.progress import report
 from training.engine.layouts import (
     CARVED,
     CIFAR10_ARCHIVE,
@@ -416,6 +417,8 @@ def decode_files(paths: list[Path], size: int, pool: ProcessPoolExecutor | None 
         for (_, _, _, first), chunk in zip(tasks, results):
             journal.record(first, chunk)
             journal.done[first] = chunk
+            report("stage", stage="decoding", done=sum(map(len, journal.done.values())),
+                   total=len(paths))
     except BrokenProcessPool as exc:
         raise killed(sum(len(chunk) for chunk in journal.done.values()), len(paths)) from exc
     finally:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shared.preprocess import InputTransform, Preprocessing
+from shared.progress import counted
 from training.engine import backbone, distributed
 from training.engine.backbone import Backbone, torch_backbone
 from training.engine.batches import (
@@ -93,12 +94,15 @@ class Views:
 
 
 @torch.no_grad()
-def head_inputs(backbone: Backbone, images: torch.Tensor, view: int, views: Views) -> torch.Tensor:
+def head_inputs(backbone: Backbone, images: torch.Tensor, view: int, views: Views,
+                stage: str = "") -> torch.Tensor:
     """What the head receives for each uint8 image, seen as view `view`, as `backbone` (float
-    images in [0, 1] in) computes it; float16."""
+    images in [0, 1] in) computes it; float16. With a `stage`, each batch is reported as its
+    progress."""
     generator = torch.Generator(device=images.device).manual_seed(views.seed * 1009 + view)
     outputs = []
-    for batch in images.split(views.batch_size):
+    batches = images.split(views.batch_size)
+    for batch in counted(batches, stage) if stage else batches:
         if view == 1:
             batch = batch.flip(3)
         elif view >= 2:
@@ -239,7 +243,8 @@ def compute(cfg: TrainConfig, train_backbone: Backbone, pt2: Backbone, splits, k
         if not len(images):  # no validation split
             return torch.empty((views, 0, 1), dtype=torch.half, device=images.device)
         started = time.perf_counter()
-        out = torch.stack([head_inputs(net, images, v, seen) for v in range(views)])
+        out = torch.stack([head_inputs(net, images, v, seen, f"features: {split}, view {v + 1} of {views}")
+                           for v in range(views)])
         rates[split] = views * len(images) / max(time.perf_counter() - started, 1e-9)
         log(f"features: {split}, {len(images)} images x {views} view(s), {rates[split]:,.0f} img/s")
         return out

@@ -17,7 +17,16 @@ from tqdm import tqdm
 from shared.calibration import KEEP, RULE, Calibration
 from shared.messages import BadInput, Interrupted, RunFailed, brief, mask_secrets
 from shared.preprocess import Preprocessing
-from shared.store import DriverMissing, StoreUnreachable, refused_write, tracking_uri, use_store
+from shared.progress import counted, report
+from shared.store import (
+    DriverMissing,
+    StoreUnreachable,
+    refused_write,
+    tracking_uri,
+    ui_command,
+    ui_page,
+    use_store,
+)
 from training.engine import distributed
 from training.engine.build import DeviceSplits
 from training.engine.config import TrainConfig
@@ -131,6 +140,9 @@ class TrackedRun:
             self.options.on_run_start(self.run_id)
         self.log(f"MLflow run {self.run_id} ({self.name}) in experiment '{self.cfg.experiment}' "
                  f"at {mask_secrets(self.uri)}")
+        report("run", run_id=self.run_id, experiment_id=self.experiment_id,
+               ui=ui_command(self.uri, ui_page(self.experiment_id, self.run_id)),
+               history=self.resume.checkpoint["history"] if self.resume else [])
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -356,6 +368,7 @@ class EpochRecorder:
             copy = snapshot(checkpoint_state(cfg, epoch, self.history, self.state))
         self.run.record(epoch, metrics, copy)
         self.run.log(epoch_line(epoch, cfg.epochs, metrics))
+        report("epoch", epoch=epoch, epochs=cfg.epochs, metrics=metrics)
         self.seconds += time.perf_counter() - started
         if self.run.options.epoch_hook is not None:
             self.run.options.epoch_hook(epoch, metrics)
@@ -375,6 +388,7 @@ class EpochRecorder:
 def progress_bar(enabled: bool) -> Callable:
     def progress(batches, desc):
         # disable=None: no bar when the output is not a terminal (logs, CI)
-        return tqdm(batches, desc=desc, leave=False, disable=None if enabled else True,
-                    unit="batch", dynamic_ncols=True)
+        total = len(batches) if hasattr(batches, "__len__") else None
+        return tqdm(counted(batches, desc), total=total, desc=desc, leave=False,
+                    disable=None if enabled else True, unit="batch", dynamic_ncols=True)
     return progress
