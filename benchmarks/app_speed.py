@@ -4,7 +4,10 @@
         --models cifar10-cnn@champion,cifar10-resnet18@champion --images ~/data/cifar10/test/cat
 
 - launch: a fresh `python` process (imports included) until the window is shown, and until the
-  registry is listed and the champion model is loaded (the window is usable); median of 3.
+  model list is shown and the champion model is loaded (the window is usable); median of 3.
+  First launches start with no settings and an empty app cache (the registry is asked, the
+  model fetched); later launches find what the previous one kept (the listing, the model's
+  files) and ask the registry only after the window is usable.
 - load: `load_classifier` (download the pt2 archive, torch.export load); median of 3.
 - classify: files per second through `classify_files` (decode + preprocessing + forward, batch
   64, the app's path) and forward-only images per second, on the CPU, over every file in
@@ -25,8 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def probe(start: float, uri: str, folder: str) -> None:
-    """Runs in a fresh process: print seconds from `start` to shown and to usable."""
+def probe(start: float, uri: str, folder: str, scratch: str, preload: bool) -> None:
+    """Runs in a fresh process: print seconds from `start` to shown and to usable. Starts as
+    `python -m gui` does (gui/__main__.py), or without its preloading thread."""
+    from gui.preload import start_preloading
+
+    if preload:
+        start_preloading()
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
 
@@ -34,7 +42,6 @@ def probe(start: float, uri: str, folder: str) -> None:
 
     app = QApplication([sys.argv[0]])
     # the window's settings in a folder of its own: the photo folder is the user's, left as it is
-    scratch = tempfile.mkdtemp(prefix="cifarlab-app-speed-")
     settings = QSettings(str(Path(scratch) / "settings.ini"), QSettings.Format.IniFormat)
     window = MainWindow(uri, settings, Path(folder))
     window.show()
@@ -45,24 +52,30 @@ def probe(start: float, uri: str, folder: str) -> None:
         time.sleep(0.005)
     print(f"{shown:.3f} {time.time() - start:.3f}")
     window.close()
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
-def launch_times(uri: str, folder: str, rounds: int) -> tuple[float, float]:
-    shown, usable = [], []
-    env = {**os.environ, "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen")}
+def launch_times(uri: str, folder: str, rounds: int) -> dict[str, tuple[float, float]]:
+    """{kind: (shown, usable)}, medians over `rounds` each: a first launch in a fresh settings
+    and cache folder, then later ones in the same folder, without and with preloading."""
+    kinds = {"first": True, "later, no preloading": False, "later": True}
+    times = {kind: [] for kind in kinds}
     for _ in range(rounds):
-        out = subprocess.run([sys.executable, __file__, "--probe", str(time.time()), uri, folder],
-                             capture_output=True, text=True, env=env, check=True).stdout
-        a, b = map(float, out.split()[-2:])
-        shown.append(a)
-        usable.append(b)
-    return statistics.median(shown), statistics.median(usable)
+        scratch = tempfile.mkdtemp(prefix="cifarlab-app-speed-")
+        env = {**os.environ, "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen"),
+               "XDG_CACHE_HOME": str(Path(scratch) / "cache")}
+        for kind in times:
+            out = subprocess.run([sys.executable, __file__, "--probe", str(time.time()), uri,
+                                  folder, scratch, str(int(kinds[kind]))],
+                                 capture_output=True, text=True, env=env, check=True).stdout
+            times[kind].append(tuple(map(float, out.split()[-2:])))
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {kind: (statistics.median(t[0] for t in pairs), statistics.median(t[1] for t in pairs))
+            for kind, pairs in times.items()}
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--probe":
-        probe(float(sys.argv[2]), sys.argv[3], sys.argv[4])
+        probe(float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1")
         return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,10 +97,14 @@ def main() -> None:
 
     use_store(args.tracking_uri)
     files = image_files(args.images)
-    shown, usable = launch_times(args.tracking_uri, str(args.launch_folder), args.rounds)
+    launches = launch_times(args.tracking_uri, str(args.launch_folder), args.rounds)
     print(f"device: CPU, {torch.get_num_threads()} threads; {len(files)} files in {args.images}")
-    print(f"launch on {args.launch_folder}: window shown {shown:.2f} s, usable (registry listed, "
-          f"champion loaded) {usable:.2f} s (median of {args.rounds}, imports included)\n")
+    print(f"launch on {args.launch_folder} (median of {args.rounds}, imports included):\n")
+    print("| launch | window shown (s) | usable: model list shown, champion loaded (s) |")
+    print("|---|---|---|")
+    for kind, (shown, usable) in launches.items():
+        print(f"| {kind} | {shown:.2f} | {usable:.2f} |")
+    print()
     print("| model | load (s) | files/s (decode + classify) | images/s (forward only) |")
     print("|---|---|---|---|")
     for spec in args.models.split(","):

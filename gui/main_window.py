@@ -2,6 +2,9 @@
 requests go to the InferenceWorker by signal, results come back by signal."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 import uuid
 from pathlib import Path
@@ -37,7 +40,7 @@ from gui.workers import InferenceWorker, ThumbnailSignals, ThumbnailTask, previe
 from shared import curation
 from shared.files import display_name, image_files, pasted_folder
 from shared.messages import BadInput
-from shared.registry import find_version, newest_champion
+from shared.registry import ModelVersionInfo, find_version, newest_champion
 
 THUMBNAIL = 128
 UNSURE_TEXT = "unsure — maybe none of these classes"
@@ -46,9 +49,29 @@ FACTS = ["model", "training", "weights", "dataset", "device", "epochs run", "tes
 RUNTIME_NAMES = {"pt2": "PyTorch (pt2)", "onnx": "ONNX", "onnx-int8": "ONNX int8"}
 
 
+def store_key(tracking_uri: str) -> str:
+    return hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]  # the URI may hold a password
+
+
+def keep_listing(settings: QSettings, tracking_uri: str, versions: list) -> None:
+    """The registry as listed, for the next launch to show at once."""
+    settings.setValue("launch/listing", json.dumps(
+        {"store": store_key(tracking_uri), "versions": [dataclasses.asdict(v) for v in versions]}))
+
+
+def kept_listing(settings: QSettings, tracking_uri: str) -> list[ModelVersionInfo]:
+    try:
+        kept = json.loads(settings.value("launch/listing", "") or "{}")
+        if kept.get("store") != store_key(tracking_uri):
+            return []
+        return [ModelVersionInfo(**v) for v in kept["versions"]]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return []  # an older or damaged entry: the registry is asked as on a first launch
+
+
 class MainWindow(QMainWindow):
     request_models = Signal()
-    request_load = Signal(str, str)  # version URI, runtime
+    request_load = Signal(str, str, bool)  # version URI, runtime, from the files kept
     # file paths travel as Python objects: Qt would re-encode names that are not UTF-8
     request_classify = Signal(int, object)
     request_heatmap = Signal(object, int)  # path, side
@@ -63,7 +86,7 @@ class MainWindow(QMainWindow):
         self.model_uri: str | None = None
         self.runtime = settings.value("runtime", "pt2")  # kept where the next version has it
         self.wanted_model = model or settings.value("model", "")  # else the newest champion
-        self.loading = False
+        self.loading = self.launching = False
         self.no_heatmap = "no model loaded"  # why the loaded model has no heatmap ("": it has)
         self.job, self.running = 0, False
         self.folder: Path | None = None
@@ -81,6 +104,11 @@ class MainWindow(QMainWindow):
         start = folder or Path(settings.value("folder", "inputs"))
         if start.is_dir():
             self.open_folder(start)
+        self.launching = True  # the first load opens the files kept from the last session
+        listed = kept_listing(settings, tracking_uri)
+        if listed:
+            self._models_listed(listed)  # the registry as last seen; asked anew just after
+        self.launching = False
         self.refresh_models()
 
     # --- layout -------------------------------------------------------------------------
@@ -273,6 +301,8 @@ class MainWindow(QMainWindow):
 
     @Slot(list)
     def _models_listed(self, versions: list) -> None:
+        if not self.launching:
+            keep_listing(self.settings, self.tracking_uri, versions)
         self.versions = versions
         self.model_box.blockSignals(True)
         self.model_box.clear()
@@ -344,7 +374,7 @@ class MainWindow(QMainWindow):
         self.progress.setRange(0, 0)  # busy indicator
         self.progress.show()
         self._update_actions()
-        self.request_load.emit(version.uri, runtime)
+        self.request_load.emit(version.uri, runtime, self.launching)
 
     @Slot(str, str, list, str)
     def _loaded(self, uri: str, runtime: str, classes: list, no_heatmap: str) -> None:

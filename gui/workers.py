@@ -6,12 +6,17 @@ them into pixmaps on the GUI thread.
 """
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
 import threading
+import uuid
+from pathlib import Path
 
 from PySide6.QtCore import QObject, QRunnable, QSize, Qt, Signal, Slot
 from PySide6.QtGui import QImage, QImageReader, QPainter
 
-from shared.files import not_readable
+from shared.files import cache_folder, not_readable
 from shared.messages import BadInput
 from shared.registry import RegistryError, list_versions
 from shared.store import StoreBroken, use_store
@@ -53,17 +58,17 @@ class InferenceWorker(QObject):
         except BadInput as exc:  # a server that does not answer or refuses the account
             self.models_failed.emit(str(exc))
 
-    @Slot(str, str)
-    def load(self, uri: str, runtime: str) -> None:
-        """The version `uri`, run by `runtime`: pt2, or its checked onnx or onnx-int8 export."""
-        # torch and MLflow are imported here, on this thread, so the window shows at once
+    @Slot(str, str, bool)
+    def load(self, uri: str, runtime: str, kept: bool = False) -> None:
+        """The version `uri`, run by `runtime`: pt2, or its checked onnx or onnx-int8 export.
+        With `kept` (at launch) the files kept from its last load are opened, checked as
+        always, without asking the store: MLflow is not even imported."""
+        # torch (and MLflow) are imported here, on this thread, so the window shows at once
         from shared.heatmap import Explainer, NoHeatmap
-        from shared.inference import load_classifier
 
         self.classifier = self.explainer = None
         try:
-            use_store(self.tracking_uri)
-            self.classifier = load_classifier(uri, runtime)
+            self.classifier = self._open(uri, runtime, kept)
         except Exception as exc:  # noqa: BLE001 - any failure must reach the window, not hang it
             self.load_failed.emit(uri, runtime, str(exc) if isinstance(exc, BadInput)
                                   else f"cannot load {uri}: {type(exc).__name__}: {exc}")
@@ -73,6 +78,30 @@ class InferenceWorker(QObject):
         except NoHeatmap as exc:
             no_heatmap = str(exc)
         self.loaded.emit(uri, runtime, self.classifier.classes, no_heatmap)
+
+    def _open(self, uri: str, runtime: str, kept: bool):
+        from shared.inference import ModelLoadError, load_classifier, open_model_dir
+
+        folder = kept_model(self.tracking_uri, uri, runtime)
+        if kept and (folder / "MLmodel").is_file():
+            try:
+                classifier = open_model_dir(folder, uri)
+                if classifier.runtime == runtime:
+                    return classifier
+            except ModelLoadError:
+                pass  # damaged or changed since: the store's own files are fetched and checked
+        use_store(self.tracking_uri)
+        fresh = folder.parent / f".loading-{uuid.uuid4().hex}"
+        try:
+            fresh.mkdir(parents=True)
+        except OSError:
+            return load_classifier(uri, runtime)  # nothing kept: the next launch asks the store
+        try:
+            classifier = load_classifier(uri, runtime, keep_in=fresh)
+            keep_only(fresh, folder)
+            return classifier
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
 
     @Slot(object, int)
     def heatmap(self, path: str, side: int) -> None:
@@ -113,6 +142,27 @@ class InferenceWorker(QObject):
                                   f"{type(exc).__name__}: {exc}")
             return
         self.finished.emit(job, self._cancel.is_set() or done < len(paths))
+
+
+def kept_model(tracking_uri: str, uri: str, runtime: str) -> Path:
+    """Where the files of the model last loaded from this store are kept, for the next launch
+    (one model per store; the store named by a hash: its URI may hold a password)."""
+    store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{uri.removeprefix('models:/')}-{runtime}")
+    return cache_folder() / "models" / store / name
+
+
+def keep_only(fresh: Path, folder: Path) -> None:
+    """`fresh` (a downloaded model) becomes `folder`, the only one kept for its store. Keeping
+    is a convenience: a failure leaves nothing half-written and is not reported."""
+    try:
+        local = next(fresh.rglob("MLmodel")).parent
+        for old in folder.parent.iterdir():
+            if old != fresh:
+                shutil.rmtree(old, ignore_errors=True)
+        local.rename(folder)
+    except (OSError, StopIteration):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class ThumbnailSignals(QObject):

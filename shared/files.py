@@ -40,7 +40,12 @@ def display_name(text: str | os.PathLike) -> str:
     return os.fsencode(os.fspath(text)).decode("utf-8", "backslashreplace")
 
 
+def cache_folder() -> Path:
+    """The app's own files: the user's cache, never a folder of theirs."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarlab"
+
+
 def pasted_folder() -> Path:
     """Where the app keeps images pasted from the clipboard (they need a file to be classified
-    and exported like the others): the user's cache, never a folder of theirs."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarlab" / "pasted"
+    and exported like the others)."""
+    return cache_folder() / "pasted"

@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -86,16 +85,20 @@ class LoadedClassifier:
         return torch.from_numpy(np.stack([decode_image(p, size) for p in paths]))
 
 
-def load_classifier(model_uri: str, runtime: str = "pt2") -> LoadedClassifier:
+def load_classifier(model_uri: str, runtime: str = "pt2", keep_in: Path | None = None
+                    ) -> LoadedClassifier:
     """Load `models:/name@alias`, `models:/name/version` or `runs:/id/model`, run by `runtime`:
     pt2 (PyTorch), or the version's checked `onnx` or `onnx-int8` export. The files are
     checked before anything in them is deserialised (shared/safe_model.py,
     shared/onnx_model.py): a model that is not what this project logs is refused, and nothing
-    of it runs."""
+    of it runs. With `keep_in` (an empty folder) the files are kept there."""
+    import mlflow  # here: a model opened from kept files (the app's launch) needs no MLflow
+
     source = runtime_uri(model_uri, runtime)
     with tempfile.TemporaryDirectory(prefix="cifarlab-model-") as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
+                                                             dst_path=str(keep_in or tmp)))
         except Exception as exc:  # noqa: BLE001 - missing artifacts, bad URIs, store errors
             raise ModelLoadError(f"cannot read the model {source}: it does not exist, or its "
                                  f"artifacts are missing or unreachable ({exc})") from exc

@@ -14,11 +14,14 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from shared.messages import BadInput
+
+if TYPE_CHECKING:
+    import torch
 
 ONNX_ARCHIVE = Path("data") / "model.onnx"
 RUNTIMES = ("pt2", "onnx", "onnx-int8")
@@ -126,6 +129,8 @@ def _check_tensor(onnx, tensor, folder: Path) -> None:
 def open_session(path: Path, threads: int | None = None):
     """An ONNX Runtime session on the CPU for a checked file (call `check_onnx` first): no
     custom-operator library is registered, so the standard operators are all it can run."""
+    import torch  # here: the registry's listing (the app's launch) needs these names, not torch
+
     ort = need("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -145,6 +150,8 @@ class OnnxModule:
         self.session = session
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
         array = images.detach().cpu().float().contiguous().numpy()
         return torch.from_numpy(self.session.run([OUTPUT], {INPUT: array})[0])
 

@@ -19,10 +19,11 @@ from datagen import make_image_folder  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path):
-    """No test reads the user's MLflow store, torch hub or dataset cache, or the network."""
+    """No test reads the user's MLflow store, torch hub, dataset or app cache, or the network."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg_cache"))
     monkeypatch.chdir(tmp_path)
 
 

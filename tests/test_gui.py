@@ -239,7 +239,7 @@ def test_the_window_remembers_its_folder_and_model(open_window, qtbot, registere
 
 def test_an_unexpected_error_while_loading_is_shown_not_left_on_loading(
         open_window, qtbot, registered_store, image_folder, messages, monkeypatch):
-    def broken(uri, runtime="pt2"):
+    def broken(uri, runtime="pt2", keep_in=None):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(shared.inference, "load_classifier", broken)
@@ -328,3 +328,54 @@ def test_no_library_check_off_x11(monkeypatch):
     monkeypatch.setenv("QT_QPA_PLATFORM", "wayland")
     monkeypatch.setattr(gui.app, "loadable", lambda lib: False)
     assert gui.app.missing_window_libraries() == []
+
+
+def kept_models(tmp_path) -> list[Path]:
+    return sorted((tmp_path / "xdg_cache" / "cifarlab" / "models").glob("*/*"))
+
+
+def test_a_second_launch_shows_the_last_listing_and_opens_the_kept_model_without_the_store(
+        open_window, qtbot, registered_store, tmp_path, monkeypatch):
+    first = open_window(registered_store)
+    qtbot.waitUntil(lambda: first.model_uri is not None and not first.loading, timeout=30_000)
+    first.close()
+    (kept,) = kept_models(tmp_path)
+    assert (kept / "MLmodel").is_file() and kept.name == "tiny-cnn_1-pt2"
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("the store was asked for the model")
+
+    monkeypatch.setattr(shared.inference, "load_classifier", no_store)
+    second = open_window(registered_store)
+    assert second.model_box.count() == 2 and second.model_uri == "models:/tiny-cnn/1"
+    qtbot.waitUntil(lambda: not second.loading, timeout=30_000)
+    assert second.message.text().startswith(("Ready", "2 model version"))
+    qtbot.waitUntil(lambda: "in the registry" in second.message.text() or
+                    second.message.text().startswith("Ready"), timeout=30_000)
+
+
+def test_kept_model_files_changed_since_are_fetched_again_from_the_store(
+        open_window, qtbot, registered_store, tmp_path, messages):
+    first = open_window(registered_store)
+    qtbot.waitUntil(lambda: first.model_uri is not None and not first.loading, timeout=30_000)
+    first.close()
+    (kept,) = kept_models(tmp_path)
+    archive = next(kept.rglob("*.pt2"))
+    archive.write_bytes(archive.read_bytes()[:100])
+    second = open_window(registered_store)
+    qtbot.waitUntil(lambda: second.model_uri is not None and not second.loading, timeout=30_000)
+    assert second.message.text().startswith("Ready") or "in the registry" in second.message.text()
+    assert not messages
+    (again,) = kept_models(tmp_path)
+    assert next(again.rglob("*.pt2")).stat().st_size > 100
+
+
+def test_a_listing_kept_for_another_store_is_not_shown(open_window, qtbot, registered_store, store,
+                                                       messages):
+    first = open_window(registered_store)
+    qtbot.waitUntil(lambda: first.model_uri is not None and not first.loading, timeout=30_000)
+    first.close()
+    other = open_window(store)
+    assert other.model_box.count() == 0
+    qtbot.waitUntil(lambda: bool(messages), timeout=20_000)
+    assert "no registered model" in messages[0][2]
