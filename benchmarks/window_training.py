@@ -32,13 +32,13 @@ def make_folder(images: Path, per_class: int, folder: Path) -> int:
     return count
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, required=True, help="a folder of class folders")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--work", type=Path, default=Path("/tmp/window-training"))
     parser.add_argument("--more", default="", help="more training flags for the dialog")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication

@@ -223,6 +223,12 @@ class MainWindow(QMainWindow):
                        self.new_model_action, self.undo_action, self.retrain_action,
                        self.issues_action):
             toolbar.addSeparator() if action is None else toolbar.addAction(action)
+        menus = {"&File": (self.open_action, self.add_action, self.paste_action, self.export_action),
+                 "&Model": (self.refresh_action, self.classify_action, self.cancel_action),
+                 "&Learn": (self.new_model_action, self.undo_action, self.retrain_action,
+                            self.issues_action)}
+        for title, actions in menus.items():
+            self.menuBar().addMenu(title).addActions(list(actions))
         self._update_actions()
 
     def _update_actions(self) -> None:

@@ -120,7 +120,7 @@ class TrainDialog(QDialog):
         self.stop_button = QPushButton("Stop", clicked=self.stop)
         self.resume_button = QPushButton("Resume", clicked=self.resume)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
-        buttons.rejected.connect(self.close)
+        buttons.rejected.connect(self.reject)
         for button in (self.train_button, self.stop_button, self.resume_button):
             buttons.addButton(button, QDialogButtonBox.ButtonRole.ActionRole)
 
@@ -318,7 +318,9 @@ class TrainDialog(QDialog):
         self.stage.setText(f"A run stopped when the window closed (after epoch {self.epochs_seen}): "
                            "Resume goes on with it, or start a new one.")
 
-    def closeEvent(self, event) -> None:
+    def reject(self) -> None:
+        """Every way of closing (Close, Esc, the title bar, the main window closing): a run in
+        progress is stopped first, resumable."""
         if self.job.running:
             self.stop()
             QGuiApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
@@ -327,7 +329,4 @@ class TrainDialog(QDialog):
             finally:
                 QGuiApplication.restoreOverrideCursor()
             self._remember_stopped()
-        super().closeEvent(event)
-
-    def reject(self) -> None:
-        self.close()
+        super().reject()

@@ -18,7 +18,7 @@ from PySide6.QtGui import QImage, QImageReader, QPainter
 
 from shared.files import cache_folder, not_readable
 from shared.messages import BadInput
-from shared.registry import RegistryError, list_versions
+from shared.registry import EmptyRegistry, RegistryError, list_versions
 from shared.store import StoreBroken, use_store
 
 
@@ -50,6 +50,9 @@ class InferenceWorker(QObject):
         try:
             use_store(self.tracking_uri)
             self.models_listed.emit(list_versions(self.tracking_uri))
+        except EmptyRegistry as exc:
+            self.models_failed.emit(f"{exc}\n\nOr train one here, on a folder of your photos: "
+                                    "New model from a folder… (Ctrl+N).")
         except RegistryError as exc:
             self.models_failed.emit(str(exc))
         except StoreBroken as exc:

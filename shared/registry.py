@@ -17,6 +17,10 @@ class RegistryError(BadInput):
     """The store cannot be read, or holds no model; the message says what to do."""
 
 
+class EmptyRegistry(RegistryError):
+    """The store holds no registered model yet."""
+
+
 @dataclass
 class ModelVersionInfo:
     name: str
@@ -89,7 +93,7 @@ def list_versions(tracking_uri: str) -> list[ModelVersionInfo]:
                             "at your store with MLFLOW_TRACKING_URI (or --tracking-uri), or start "
                             "it from the folder whose mlruns/ holds your runs.") from exc
     if not versions:
-        raise RegistryError(f"no registered model in {mask_secrets(tracking_uri)} yet. Train one first, e.g. "
+        raise EmptyRegistry(f"no registered model in {mask_secrets(tracking_uri)} yet. Train one first, e.g. "
                             "`make train` or `python -m training.train --model cnn`, from the folder "
                             "that holds mlruns/, or point MLFLOW_TRACKING_URI at your store.")
     infos = []

@@ -289,3 +289,26 @@ def test_label_noise_reports_precision_at_k_and_the_three_accuracies(image_folde
     assert results["train_images"] == 30 and results["flipped"] > 0
     assert 0 <= results["precision_at_k"] <= 1
     assert set(results["test_accuracy"]) == {"noisy labels", "without the top k", "true labels"}
+
+
+def test_window_training_times_each_stage_of_a_folder_to_a_registered_model(image_folder, tmp_path,
+                                                                            capsys):
+    code = load("window_training").main([
+        "--images", str(image_folder / "train"), "--per-class", "8", "--work", str(tmp_path / "w"),
+        "--more", "--input-size 32 --epochs 2 --device cpu --no-system-metrics"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "24 images in 3 classes, 2 epochs; registered models:/photos-efficientnet_lite0/1" in out
+    for stage in ("decoding", "features", "epochs", "registering", "total"):
+        assert stage in out
+
+
+def test_app_speed_reports_first_and_later_launches(registered_store, image_folder):
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "app_speed.py"), "--tracking-uri",
+                          registered_store, "--models", "tiny-cnn@champion", "--images",
+                          str(image_folder / "test" / "cat"), "--launch-folder",
+                          str(image_folder / "test" / "cat"), "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for row in ("| first |", "| later, no preloading |", "| later |", "| tiny-cnn@champion |"):
+        assert row in out.stdout

@@ -121,3 +121,21 @@ def test_no_register_is_a_switch_with_no_negative_form():
     assert cfg.no_register is True
     with pytest.raises(SystemExit):
         parse_args(["--no-no-register"])
+
+
+def test_a_runs_config_yaml_is_a_config_file_for_a_new_run(tmp_path):
+    import yaml
+
+    from training.engine.config import RESOLVED_PRECISION, TrainConfig
+
+    recorded = {**TrainConfig(model="cnn", epochs=3).public_dict(), RESOLVED_PRECISION: "fp32"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(recorded))
+    settings = read_config_file(path)
+    assert settings["epochs"] == 3 and RESOLVED_PRECISION not in settings
+
+
+@pytest.mark.parametrize("value", ["pets", "pets/v3", "/3", "pets/3/4", "../x/1"])
+def test_improves_on_must_name_a_registered_version(value):
+    with pytest.raises(ConfigError, match="name a registered version as NAME/VERSION"):
+        parse_args(["--improves-on", value])

@@ -188,6 +188,7 @@ def test_an_empty_registry_says_how_to_train(open_window, qtbot, store, messages
     qtbot.waitUntil(lambda: bool(messages), timeout=20_000)
     kind, _, text = messages[0]
     assert "no registered model" in text and "training.train" in text
+    assert "New model from a folder" in text and window.new_model_action.isEnabled()
     assert not window.classify_action.isEnabled()
 
 

@@ -118,7 +118,7 @@ def test_closing_the_dialog_stops_the_run_and_the_next_one_offers_to_resume_it(
           "closed")
     qtbot.waitUntil(lambda: dialog.epochs_seen >= 1, timeout=90_000)
     dialog.close()
-    assert not dialog.job.running
+    assert not dialog.job.running and not dialog.isVisible()
     run_id = dialog.run_id
     assert MlflowClient(window.tracking_uri).get_run(run_id).info.status == "KILLED"
     assert window.settings.value(STOPPED_KEY)

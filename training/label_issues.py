@@ -35,7 +35,7 @@ COLUMNS = ("rank", "file", "given", "suggested", "flagged", "given_probability",
            "suggested_probability")
 
 
-def version_config(client: MlflowClient, model: str, data_dir: str, cache_dir: str,
+def version_config(client: MlflowClient, model: str, data_dir: str, cache_dir: str | None,
                    uri: str) -> TrainConfig:
     """The settings the version was trained with, on `data_dir`, every labelled training image
     in one split (no validation carved out). Refused unless its backbone was frozen: only then
@@ -56,7 +56,8 @@ def version_config(client: MlflowClient, model: str, data_dir: str, cache_dir: s
                        "finding label issues needs a version with a frozen pretrained backbone "
                        "(train one with --weights imagenet --freeze backbone, e.g. "
                        "--model efficientnet_lite0)")
-    return dataclasses.replace(cfg, data_dir=data_dir, cache_dir=cache_dir, tracking_uri=uri,
+    return dataclasses.replace(cfg, data_dir=data_dir, cache_dir=cache_dir or cfg.cache_dir,
+                               tracking_uri=uri,
                                val_fraction=0.0, patience=0, feature_views=1, resume=None,
                                feature_cache=True).validate()
 
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the ranked CSV to write (default: label_issues.csv)")
     parser.add_argument("--folds", type=int, default=5, help="heads trained out of fold (default 5)")
     parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
+    parser.add_argument("--cache-dir", help="decoded images and features (default: the "
+                        f"version's own, else {DEFAULT_CACHE_DIR})")
     args = parser.parse_args(argv)
 
     def body() -> int:
