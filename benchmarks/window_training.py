@@ -7,7 +7,10 @@ backbone), a `training.train` child process, its stages timed from the progress 
 
 The folder is made of --per-class images of each class folder under --images (copied, so the
 dataset cache starts cold). Prints the seconds spent decoding, computing features (every
-training view, validation and test), in epochs, testing and registering, and in all.
+training view, validation and test), in epochs, testing and registering, and in all. Then
+--corrections more images (one per class in turn, not yet in the folder) are copied in, as the
+app's "This is…" does, and Retrain is timed the same way: the version's recipe on the changed
+folder, each image the earlier run saw taken from its features.
 """
 from __future__ import annotations
 
@@ -38,22 +41,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--work", type=Path, default=Path("/tmp/window-training"))
     parser.add_argument("--more", default="", help="more training flags for the dialog")
+    parser.add_argument("--corrections", type=int, default=5)
     args = parser.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
 
-    from gui.train_dialog import TrainDialog
-
     shutil.rmtree(args.work, ignore_errors=True)
     folder = args.work / "photos"
     count = make_folder(args.images.expanduser(), args.per_class, folder)
     uri = f"sqlite:///{args.work / 'mlflow.db'}"
-    app = QApplication([sys.argv[0]])
+    app = QApplication.instance() or QApplication([sys.argv[0]])
     settings = QSettings(str(args.work / "settings.ini"), QSettings.Format.IniFormat)
-    dialog = TrainDialog(uri, [], settings)
-    dialog.folder_edit.setText(str(folder))
-    dialog.more_edit.setText(f"--cache-dir {args.work / 'cache'} {args.more}".strip())
+    more = f"--cache-dir {args.work / 'cache'} {args.more}".strip()
+    if timed(app, folder, uri, settings, more, None, f"{count} images") != 0:
+        return 1
+    from shared.registry import list_versions
+
+    classes = sorted(p for p in args.images.expanduser().iterdir() if p.is_dir())
+    for n in range(args.corrections):
+        source = classes[n % len(classes)]
+        extra = sorted(source.iterdir())[args.per_class + n // len(classes)]
+        shutil.copy(extra, folder / source.name / extra.name)
+    (version,) = list_versions(uri)
+    print(f"\nretrain after {args.corrections} corrections:")
+    return timed(app, folder, uri, settings, more, version, f"{count + args.corrections} images")
+
+
+def timed(app, folder: Path, uri: str, settings, more: str, improves, what: str) -> int:
+    """One run of the dialog, its stages timed; 0 when a version was registered."""
+    from gui.train_dialog import TrainDialog
+
+    dialog = TrainDialog(uri, [improves] if improves else [], settings, folder=folder,
+                         improves=improves)
+    dialog.more_edit.setText(more)
     marks: dict[str, float] = {}
 
     def note(event: dict) -> None:
@@ -78,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     def span(first: str, last: str) -> float:
         return marks[last + ":last"] - marks[first + ":first"]
 
-    print(f"{count} images in {len(os.listdir(folder))} classes, {dialog.epochs_seen} epochs; "
+    print(f"{what} in {len(os.listdir(folder))} classes, {dialog.epochs_seen} epochs; "
           f"registered {registered[0] if registered else '?'}")
     print(f"starting, checking the store and decoding {marks['decoding:last'] - start:.1f} s")
     features = marks['features:last'] - marks['decoding:last']
@@ -89,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in dialog.log.toPlainText().splitlines():
         if line.startswith(("features:", "run ", "registered")):
             print("  " + line)
+    dialog.close()
     return 0
 
 

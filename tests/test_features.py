@@ -178,3 +178,52 @@ def test_an_onnx_backbone_on_a_gpu_is_refused_and_auto_keeps_pytorch_there(tmp_p
         choose("onnx-int8", torch.device("cuda"), tmp_path)
     runtime, reason, _ = choose("auto", torch.device("cuda"), tmp_path)
     assert runtime == "pt2" and reason == "auto: the backbone runs on cuda"
+
+
+def features_of(cfg):
+    """The training images' features as the cache gives them, and the log's lines."""
+    lines = []
+    splits = prepare(cfg, log=lines.append)
+    spec = get_spec(cfg.model)
+    model = build_model(cfg.model, splits.num_classes, splits.data.image_size, weights=cfg.weights,
+                        freeze="backbone")
+    torch.manual_seed(0)
+    features = frozen_features(cfg, model, spec.head, preprocessing(cfg, splits, spec), splits,
+                               lines.append)
+    return splits, features, lines
+
+
+def test_a_folder_with_one_image_more_reuses_every_other_images_features(train_config, image_folder,
+                                                                         tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(image_folder, tmp_path / "photos"))
+    cfg = frozen(train_config, data_dir=str(folder), val_fraction=0.0, patience=0)
+    _, before, _ = features_of(cfg)
+    shutil.copy(folder / "test" / "cat" / "0000.png", folder / "train" / "dog" / "extra.png")
+    splits, after, lines = features_of(cfg)
+    assert after.status == "built" and after.path != before.path
+    (train_line,) = [line for line in lines if line.startswith("features: train")]
+    # the new image is a test image's copy: its plain view is known, its mirror computed
+    assert train_line.startswith("features: train, 61 images x 2 view(s), 121 reused from an "
+                                 "earlier cache, 1 computed at ")
+    assert "features: test, 18 images x 1 view(s), 18 reused" in "\n".join(lines)
+    fresh = dataclasses.replace(cfg, cache_dir=str(tmp_path / "fresh-cache"))
+    _, computed, _ = features_of(fresh)
+    assert torch.allclose(after.train.float(), computed.train.float(), atol=2e-3)
+    assert torch.equal(after.test, computed.test)
+
+
+def test_an_earlier_cache_whose_image_digests_were_changed_is_not_reused(train_config, image_folder,
+                                                                        tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(image_folder, tmp_path / "photos"))
+    cfg = frozen(train_config, data_dir=str(folder), val_fraction=0.0, patience=0)
+    _, before, _ = features_of(cfg)
+    saved = torch.load(before.path, weights_only=True)
+    saved["digests"]["train"][0, 0] ^= 1
+    torch.save(saved, before.path)
+    shutil.copy(folder / "test" / "cat" / "0000.png", folder / "train" / "dog" / "extra.png")
+    _, _, lines = features_of(cfg)
+    assert not any("reused" in line for line in lines)

@@ -35,6 +35,8 @@ from training.engine.config import TrainConfig
 from training.engine.models import is_convolutional
 
 CACHE_VERSION = 1
+SPLITS = ("train", "val", "test")
+NAMES = {"val": "validation"}
 
 
 class FeatureLoader(Batches):
@@ -149,6 +151,64 @@ def cache_key(cfg: TrainConfig, model: nn.Module, head: str, prep: Preprocessing
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def source_key(cfg: TrainConfig, head: str, prep: Preprocessing, runtime: str, weights: str) -> str:
+    """What one image's plain and mirrored outputs depend on, whatever the other images are:
+    the backbone's weights, the preprocessing and what runs it for the training images."""
+    parts = {"version": CACHE_VERSION, "model": cfg.model, "head": head, "backbone": weights,
+             "preprocessing": prep.to_dict(), "runtime": runtime}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def image_digests(images) -> torch.Tensor:
+    """A 16-byte digest of each uint8 image, as a (N, 16) uint8 tensor on the CPU."""
+    found = b"".join(hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+                     for batch in images.split(256) for row in batch.cpu().contiguous().numpy())
+    if not found:
+        return torch.empty((0, 16), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(found), dtype=torch.uint8).reshape(-1, 16)
+
+
+Known = dict[tuple[str, int], tuple[dict[bytes, int], torch.Tensor]]  # (runtime, view) -> rows
+
+
+def known_rows(saved: dict | None, runtime: str) -> Known:
+    """An earlier cache's rows by image digest, for each (runtime, view) it holds that does not
+    depend on the other images: the training images' plain and mirrored views (by `runtime`),
+    validation's and test's plain view (by PyTorch)."""
+    if not saved:
+        return {}
+    parts: dict[tuple[str, int], tuple[dict[bytes, int], list[torch.Tensor]]] = {}
+
+    def add(split: str, view: int, by: str) -> None:
+        if not saved[split].shape[1]:  # no validation split
+            return
+        index, tensors = parts.setdefault((by, view), ({}, []))
+        offset = sum(len(t) for t in tensors)
+        for i, row in enumerate(saved["digests"][split].numpy()):
+            index.setdefault(row.tobytes(), offset + i)
+        tensors.append(saved[split][view])
+
+    for view in range(min(2, saved["train"].shape[0])):
+        add("train", view, runtime)
+    for split in ("val", "test"):
+        add(split, 0, "pt2")
+    return {k: (index, torch.cat(tensors)) for k, (index, tensors) in parts.items()}
+
+
+def earlier(folder: Path, name: str, source: str) -> dict | None:
+    """The last cache written from the same source, whole (its checksum), else None."""
+    pointer = folder / f"{name}-{source[:24]}.last"
+    try:
+        saved = torch.load(folder / pointer.read_text().strip(), map_location="cpu",
+                           weights_only=True)
+        whole = saved.get("source") == source \
+            and saved["checksum"] == digest(saved["train"], saved["val"], saved["test"]) \
+            and saved["digests_checksum"] == digest(*(saved["digests"][s] for s in SPLITS))
+        return saved if whole else None
+    except Exception:  # noqa: BLE001 - none yet, removed, truncated: every image is computed
+        return None
+
+
 def read_cached(path: Path, key: str, splits, log=print) -> dict | None:
     """The cached features at `path`, believed only when they are the ones `key` names, whole
     (their checksum) and one row per image of each split; None where there are none or they
@@ -211,8 +271,12 @@ def frozen_features(cfg: TrainConfig, model: nn.Module, head: str, prep: Preproc
         saved = read_cached(path, key, splits, log)
         status = "hit" if saved is not None else "built"
         if saved is None:
-            saved = compute(cfg, run.backbone, pt2, splits, key, log)
+            source = source_key(cfg, head, prep, run.runtime, weights)
+            known = known_rows(earlier(path.parent, name, source), run.runtime)
+            saved = {**compute(cfg, run.backbone, pt2, splits, key, log, known, run.runtime),
+                     "source": source}
             write_cached(path, saved)
+            (path.parent / f"{name}-{source[:24]}.last").write_text(path.name)
     seconds = time.perf_counter() - start
     log(f"features: {status} {path} ({seconds:.1f} s; training images by {run.runtime})")
     rate = {"feature_train_images_per_s": round(saved["train_images_per_s"], 1)} if status == "built" else {}
@@ -235,25 +299,58 @@ def samples(splits, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def compute(cfg: TrainConfig, train_backbone: Backbone, pt2: Backbone, splits, key: str,
-            log=print) -> dict:
+            log=print, known: Known | None = None, runtime: str = "pt2") -> dict:
+    """Every split's features; an image whose plain or mirrored view an earlier cache of the
+    same source holds (`known`) is not run through the backbone again."""
     seen = Views(cfg.eval_batch_size, cfg.seed, crop_padding(cfg), cfg.crop_fill)
-    rates = {}
+    known = known or {}
+    rates, digests = {}, {}
 
-    def outputs(images: torch.Tensor, views: int, split: str, net: Backbone) -> torch.Tensor:
+    def outputs(images, views: int, split: str, net: Backbone, by: str) -> torch.Tensor:
+        digests[split] = image_digests(images)
         if not len(images):  # no validation split
             return torch.empty((views, 0, 1), dtype=torch.half, device=images.device)
-        started = time.perf_counter()
-        out = torch.stack([head_inputs(net, images, v, seen, f"features: {split}, view {v + 1} of {views}")
-                           for v in range(views)])
-        rates[split] = views * len(images) / max(time.perf_counter() - started, 1e-9)
-        log(f"features: {split}, {len(images)} images x {views} view(s), {rates[split]:,.0f} img/s")
-        return out
+        started, computed = time.perf_counter(), 0
+        out = []
+        for v in range(views):
+            stage = f"features: {split}, view {v + 1} of {views}"
+            rows, count = view_rows(net, images, v, seen, stage, digests[split], known.get((by, v)))
+            out.append(rows)
+            computed += count
+        rates[split] = computed / max(time.perf_counter() - started, 1e-9)
+        reused = views * len(images) - computed
+        log(f"features: {NAMES.get(split, split)}, {len(images)} images x {views} view(s), "
+            + (f"{reused:,} reused from an earlier cache, " if reused else "")
+            + f"{computed:,} computed" + (f" at {rates[split]:,.0f} img/s" if computed else ""))
+        return torch.stack(out)
 
-    saved = {"key": key, "train": outputs(splits.train[0], cfg.feature_views, "train", train_backbone),
-             "val": outputs(splits.val[0], 1, "validation", pt2),
-             "test": outputs(splits.test[0], 1, "test", pt2)}
+    saved = {"key": key,
+             "train": outputs(splits.train[0], cfg.feature_views, "train", train_backbone, runtime),
+             "val": outputs(splits.val[0], 1, "val", pt2, "pt2"),
+             "test": outputs(splits.test[0], 1, "test", pt2, "pt2")}
     checksum = digest(saved["train"], saved["val"], saved["test"])
-    return {**saved, "checksum": checksum, "train_images_per_s": rates["train"]}
+    return {**saved, "checksum": checksum, "train_images_per_s": rates["train"],
+            "digests": digests, "digests_checksum": digest(*(digests[s] for s in SPLITS))}
+
+
+def view_rows(net: Backbone, images, view: int, seen: Views, stage: str, digests: torch.Tensor,
+              known: tuple[dict[bytes, int], torch.Tensor] | None) -> tuple[torch.Tensor, int]:
+    """One view's rows for every image, and how many were computed: the known ones taken from
+    `known`, the others run through `net`. Random-crop views (2 and up) are never known."""
+    if view >= 2 or not known:
+        return head_inputs(net, images, view, seen, stage), len(images)
+    index, rows = known
+    found = torch.tensor([index.get(row.tobytes(), -1) for row in digests.numpy()], dtype=torch.long)
+    have, missing = (found >= 0).nonzero().flatten(), (found < 0).nonzero().flatten()
+    if not len(have):
+        return head_inputs(net, images, view, seen, stage), len(images)
+    out = torch.empty((len(images), rows.shape[1]), dtype=torch.half, device=rows.device)
+    out[have] = rows[found[have]]
+    if len(missing):
+        chosen = images.select(missing) if isinstance(images, HostImages) \
+            else images[missing.to(images.device)]
+        out[missing] = head_inputs(net, chosen, view, seen, stage).to(out.device)
+    return out.to(images.device), len(missing)
 
 
 def feature_loaders(cfg: TrainConfig, features: Features, splits) -> tuple[FeatureLoader, ...]:
