@@ -331,15 +331,20 @@ def test_no_library_check_off_x11(monkeypatch):
     assert gui.app.missing_window_libraries() == []
 
 
+def launched_once(open_window, qtbot, uri: str) -> None:
+    """A window on `uri` until its model is loaded, then closed: what it kept stays."""
+    first = open_window(uri)
+    qtbot.waitUntil(lambda: first.model_uri is not None and not first.loading, timeout=30_000)
+    first.close()
+
+
 def kept_models(tmp_path) -> list[Path]:
     return sorted((tmp_path / "xdg_cache" / "cifarlab" / "models").glob("*/*"))
 
 
 def test_a_second_launch_shows_the_last_listing_and_opens_the_kept_model_without_the_store(
         open_window, qtbot, registered_store, tmp_path, monkeypatch):
-    first = open_window(registered_store)
-    qtbot.waitUntil(lambda: first.model_uri is not None and not first.loading, timeout=30_000)
-    first.close()
+    launched_once(open_window, qtbot, registered_store)
     (kept,) = kept_models(tmp_path)
     assert (kept / "MLmodel").is_file() and kept.name == "tiny-cnn_1-pt2"
 
@@ -357,9 +362,7 @@ def test_a_second_launch_shows_the_last_listing_and_opens_the_kept_model_without
 
 def test_kept_model_files_changed_since_are_fetched_again_from_the_store(
         open_window, qtbot, registered_store, tmp_path, messages):
-    first = open_window(registered_store)
-    qtbot.waitUntil(lambda: first.model_uri is not None and not first.loading, timeout=30_000)
-    first.close()
+    launched_once(open_window, qtbot, registered_store)
     (kept,) = kept_models(tmp_path)
     archive = next(kept.rglob("*.pt2"))
     archive.write_bytes(archive.read_bytes()[:100])
@@ -373,9 +376,7 @@ def test_kept_model_files_changed_since_are_fetched_again_from_the_store(
 
 def test_a_listing_kept_for_another_store_is_not_shown(open_window, qtbot, registered_store, store,
                                                        messages):
-    first = open_window(registered_store)
-    qtbot.waitUntil(lambda: first.model_uri is not None and not first.loading, timeout=30_000)
-    first.close()
+    launched_once(open_window, qtbot, registered_store)
     other = open_window(store)
     assert other.model_box.count() == 0
     qtbot.waitUntil(lambda: bool(messages), timeout=20_000)

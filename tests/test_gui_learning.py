@@ -88,11 +88,16 @@ def _any_png(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_run_stopped_from_the_window_resumes_to_its_end(window, qtbot, photos, tmp_path):
+def long_run(window, photos: Path, tmp_path: Path, name: str) -> TrainDialog:
+    """A 40-epoch run of the small CNN started from the window, to stop on the way."""
     dialog = window.open_training()
     start(dialog, photos, "Small CNN", f"--epochs 40 --patience 0 --batch-size 16 --device cpu "
-                                       f"--no-system-metrics --cache-dir {tmp_path / 'cache'}",
-          "stopped")
+                                       f"--no-system-metrics --cache-dir {tmp_path / 'cache'}", name)
+    return dialog
+
+
+def test_a_run_stopped_from_the_window_resumes_to_its_end(window, qtbot, photos, tmp_path):
+    dialog = long_run(window, photos, tmp_path, "stopped")
     qtbot.waitUntil(lambda: dialog.epochs_seen >= 2, timeout=90_000)
     dialog.stop()
     qtbot.waitUntil(lambda: dialog.state in ("stopped", "done", "failed"), timeout=60_000)
@@ -112,10 +117,7 @@ def test_a_run_stopped_from_the_window_resumes_to_its_end(window, qtbot, photos,
 
 def test_closing_the_dialog_stops_the_run_and_the_next_one_offers_to_resume_it(
         window, qtbot, photos, tmp_path):
-    dialog = window.open_training()
-    start(dialog, photos, "Small CNN", f"--epochs 40 --patience 0 --batch-size 16 --device cpu "
-                                       f"--no-system-metrics --cache-dir {tmp_path / 'cache'}",
-          "closed")
+    dialog = long_run(window, photos, tmp_path, "closed")
     qtbot.waitUntil(lambda: dialog.epochs_seen >= 1, timeout=90_000)
     dialog.close()
     assert not dialog.job.running and not dialog.isVisible()
