@@ -61,6 +61,7 @@ class TrainDialog(QDialog):
         self.improves = improves
         self.recipes = tempfile.TemporaryDirectory(prefix="cifarlab-recipe-")
         self.run_id, self.ui, self.epochs_seen, self.arguments = "", "", 0, []
+        self.new_version = ""
         self.state = "idle"  # idle, running, stopping, stopped, done, failed
         self.job = TrainingJob(self)
         self.job.output.connect(self._output)
@@ -212,6 +213,7 @@ class TrainDialog(QDialog):
             self.curves.clear()
         self.arguments = arguments if not keep else self.arguments
         self.state = "running"
+        self.new_version = ""
         self.result.setText("")
         self.stage.setText("Starting the training command…")
         self.bar.setRange(0, 0)
@@ -281,7 +283,7 @@ class TrainDialog(QDialog):
         if code == 0:
             self.state = "done"
             self.stage.setText("Done.")
-            if getattr(self, "new_version", None):
+            if self.new_version:
                 self.registered.emit(self.new_version)
         elif self.job.stops:
             self.state = "stopped"
