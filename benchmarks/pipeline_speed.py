@@ -29,7 +29,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.preprocess import InputTransform, Preprocessing  # noqa: E402
+from shared.network import InputTransform  # noqa: E402
+from shared.preprocess import Preprocessing  # noqa: E402
 from training.engine.batches import Augmentation, DeviceLoader, Sampling  # noqa: E402
 from training.engine.data import channel_stats, load_dataset  # noqa: E402
 from training.engine.device import describe_device, resolve_device  # noqa: E402

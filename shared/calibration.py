@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # the fitting needs PyTorch; reading a model's calibration does not
+    import torch
 
 BINS = 15
 KEEP = 0.95  # share of in-domain (validation) images the unsure threshold lets through
@@ -52,6 +53,9 @@ class Calibration:
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T > 0 minimising the cross-entropy of logits / T (LBFGS on log T)."""
+    import torch
+    import torch.nn.functional as F
+
     logits, labels = logits.detach().double(), labels.detach()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
@@ -68,11 +72,15 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def unsure_threshold(probs: torch.Tensor, keep: float = KEEP) -> float:
     """The top probability that a share `keep` of these (in-domain) images reach."""
+    import torch
+
     return float(torch.quantile(probs.max(1).values.double(), 1.0 - keep))
 
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> list[dict]:
     """Per confidence bin: its range, image count, mean confidence and accuracy."""
+    import torch
+
     confidence, predicted = probs.max(1)
     correct = (predicted == labels).double()
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
@@ -97,8 +105,8 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> tuple[Calibration, dict[str, float]]:
     """Temperature and unsure threshold from validation scores, with the figures to log."""
     temperature = fit_temperature(logits, labels)
-    before = torch.softmax(logits.double(), 1)
-    after = torch.softmax(logits.double() / temperature, 1)
+    before = logits.double().softmax(1)
+    after = (logits.double() / temperature).softmax(1)
     calibration = Calibration(temperature, unsure_threshold(after),
                               f"validation ({len(labels)} images)")
     return calibration, {"temperature": temperature,

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from torch import fx
 
+from shared.onnx_model import NO_HEATMAP
+
 
 class NoHeatmap(Exception):
     """The network has no convolutional feature map to explain."""
@@ -66,7 +68,7 @@ class Explainer:
 
     def __init__(self, module: fx.GraphModule):
         if not isinstance(module, fx.GraphModule):
-            raise NoHeatmap("heatmaps need the pt2 runtime (Grad-CAM follows PyTorch's graph)")
+            raise NoHeatmap(NO_HEATMAP)
         self.module = module
         self.node = feature_map_node(module.graph)
 

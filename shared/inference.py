@@ -1,4 +1,8 @@
-"""Loading a logged classifier and running it on image files, without unpickling anything."""
+"""Loading a logged classifier and running it on image files, without unpickling anything.
+
+A model run by ONNX Runtime (a checked export) is opened and run without importing PyTorch:
+the app is usable that much sooner after launch, and PyTorch is imported only for pt2 models.
+"""
 from __future__ import annotations
 
 import os
@@ -6,9 +10,9 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from shared.calibration import Calibration
@@ -26,6 +30,9 @@ from shared.safe_model import (
     check_outputs,
     open_archive,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 # a model is fetched from a local or tracking-server store on every load; no progress bars
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -60,27 +67,44 @@ class LoadedClassifier:
     calibration: Calibration = Calibration()
     runtime: str = "pt2"  # what runs the network: pt2 (PyTorch), onnx or onnx-int8
 
-    @torch.no_grad()
     def scores(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """uint8 (N, 3, S, S) images at the model's stored size -> (N, classes) float32 scores,
         calibrated (the module divides them by the temperature), `batch_size` at a time."""
-        return torch.cat([self.module(chunk.float().div(255)).float()
-                          for chunk in images.split(batch_size)])
+        import torch
+
+        with torch.no_grad():
+            return torch.cat([self.module(chunk.float().div(255)).float()
+                              for chunk in images.split(batch_size)])
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, S, S) images at the model's stored size -> (N, classes) probabilities."""
-        return torch.softmax(self.scores(images), dim=1)
+        return self.scores(images).softmax(dim=1)
 
-    def predict(self, paths: Sequence[str], images: torch.Tensor, top_k: int = 5) -> list[Prediction]:
-        """One Prediction per decoded image: its top classes and the unsure flag."""
-        probs = self.probabilities(images)
-        values, indices = probs.topk(min(top_k, len(self.classes)), dim=1)
+    def array_probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The same for a uint8 array, without PyTorch when ONNX Runtime runs the model."""
+        if not isinstance(self.module, OnnxModule):
+            import torch
+
+            return self.probabilities(torch.from_numpy(images)).numpy()
+        scores = np.concatenate([self.module.run(images[start:start + batch_size] / np.float32(255))
+                                 for start in range(0, len(images), batch_size)])
+        exp = np.exp(scores - scores.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict(self, paths: Sequence[str], images: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        """One Prediction per decoded uint8 (N, 3, S, S) image: its top classes and the unsure
+        flag."""
+        probs = self.array_probabilities(images)
+        indices = np.argsort(-probs, axis=1, kind="stable")[:, :min(top_k, len(self.classes))]
+        values = np.take_along_axis(probs, indices, axis=1)
         return [Prediction(path, [(self.classes[i], v) for i, v in zip(idxs, vals)],
                            unsure=self.calibration.unsure(vals[0]))
                 for path, vals, idxs in zip(paths, values.tolist(), indices.tolist())]
 
     def load_images(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """Decode files exactly as the training data was decoded."""
+        import torch
+
         size = self.prep.image_size
         return torch.from_numpy(np.stack([decode_image(p, size) for p in paths]))
 
@@ -173,6 +197,6 @@ def classify_files(clf: LoadedClassifier, paths: Sequence[str | Path], batch_siz
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 results[path] = Prediction(path, [], describe_error(exc))
         if images:
-            for p in clf.predict(readable, torch.from_numpy(np.stack(images)), top_k):
+            for p in clf.predict(readable, np.stack(images), top_k):
                 results[p.path] = p
         yield [results[p] for p in chunk]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,17 +130,26 @@ def _check_tensor(onnx, tensor, folder: Path) -> None:
 def open_session(path: Path, threads: int | None = None):
     """An ONNX Runtime session on the CPU for a checked file (call `check_onnx` first): no
     custom-operator library is registered, so the standard operators are all it can run."""
-    import torch  # here: the registry's listing (the app's launch) needs these names, not torch
-
     ort = need("onnxruntime")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = threads or cpu_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
     # no busy-waiting between calls: spinning threads would take the cores from PyTorch (a pt2
     # model timed beside an export, the rest of a training run)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+NO_HEATMAP = "heatmaps need the pt2 runtime (Grad-CAM follows PyTorch's graph)"
+
+
+def cpu_threads() -> int:
+    """PyTorch's thread count where PyTorch is loaded (an export timed beside a pt2 model runs
+    on as many threads), else 0: ONNX Runtime's own default, one per physical core as
+    PyTorch's. The app opening an export imports no PyTorch for it."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else 0
 
 
 class OnnxModule:
@@ -152,8 +162,11 @@ class OnnxModule:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         import torch
 
-        array = images.detach().cpu().float().contiguous().numpy()
-        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: array})[0])
+        return torch.from_numpy(self.run(images.detach().cpu().float().contiguous().numpy()))
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """The same without PyTorch: float32 arrays in and out."""
+        return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(images, np.float32)})[0]
 
     def eval(self) -> OnnxModule:
         return self

@@ -1,29 +1,29 @@
 """Image preprocessing shared by dataset decoding, the training loader and inference.
 
 Every image enters the project through `decode_image` (file -> uint8 RGB at the dataset's
-stored size) and reaches a network through `InputTransform` (float [0, 1] -> normalized,
-resized to the network's input size). Training applies `InputTransform` per batch on the
-device; the logged model carries the same module in front of the network, so a consumer
-feeds plain [0, 1] images and gets exactly the training-time preprocessing.
+stored size) and reaches a network through `shared.network.InputTransform` (float [0, 1] ->
+normalized, resized to the network's input size). Training applies `InputTransform` per batch
+on the device; the logged model carries the same module in front of the network, so a
+consumer feeds plain [0, 1] images and gets exactly the training-time preprocessing.
+
+No PyTorch here: the app opening a model run by ONNX Runtime, and the model server, decode
+and check with this module alone.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_MEGAPIXELS = 64  # larger images are refused rather than decoded into gigabytes of memory
 MAX_IMAGE_SIDE = 1024  # the largest stored or network input side a dataset or model may have
+TTA_MODES = ("none", "flip", "flip-translate")  # test-time augmentations (shared.network.TTA)
 
 
 @dataclass(frozen=True)
@@ -86,72 +86,3 @@ def decode_image(source: str | Path | BinaryIO, size: int) -> np.ndarray:
         img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster for photos
         rgb = fit_square(to_rgb(img), size)
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
-
-
-def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, 3, S, S) images resized to (N, 3, size, size), bilinear, still uint8."""
-    if images.shape[-1] == size:
-        return images
-    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear",
-                            align_corners=False, antialias=size < images.shape[-1])
-    return resized.round().clamp(0, 255).to(torch.uint8)
-
-
-class InputTransform(nn.Module):
-    """float images in [0, 1] at the stored size -> normalized network input."""
-
-    def __init__(self, prep: Preprocessing):
-        super().__init__()
-        self.input_size = prep.input_size
-        self.resize = prep.input_size != prep.image_size
-        self.register_buffer("mean", torch.tensor([prep.mean], dtype=torch.float32)[..., None, None])
-        self.register_buffer("std", torch.tensor([prep.std], dtype=torch.float32)[..., None, None])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        if self.resize:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                              align_corners=False)
-        return x
-
-
-def flip_views(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The scores of `x` and its mirror image, averaged."""
-    return 0.5 * (net(x) + net(x.flip(3)))
-
-
-def flip_translate_views(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The mirrored pair, and the mirrored pair shifted one pixel up-left and down-right
-    (reflect-padded), weighted half and half."""
-    pair = flip_views(net, x)
-    h, w = x.shape[2], x.shape[3]
-    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
-    moved = sum(flip_views(net, s) for s in shifted) / len(shifted)
-    return 0.5 * pair + 0.5 * moved
-
-
-# test-time augmentation by name: the views a model's scores are averaged over
-TTA: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
-    "none": lambda net, x: net(x), "flip": flip_views, "flip-translate": flip_translate_views}
-TTA_MODES = tuple(TTA)
-
-
-def tta_logits(net: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
-    """The network's scores averaged over the views of `x` that TTA[mode] takes."""
-    return TTA[mode](net, x)
-
-
-class Classifier(nn.Module):
-    """The network with its preprocessing in front (and its test-time augmentation around
-    it), its scores divided by the calibration `temperature`: what gets logged and served."""
-
-    def __init__(self, net: nn.Module, prep: Preprocessing, temperature: float = 1.0):
-        super().__init__()
-        self.transform = InputTransform(prep)
-        self.net = net
-        self.tta = prep.tta
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tta_logits(self.net, self.transform(x), self.tta) / self.temperature

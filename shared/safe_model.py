@@ -20,14 +20,17 @@ import math
 import os
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 import yaml
-from torch.export.pt2_archive import constants as pt2
 
 from shared.calibration import Calibration
-from shared.onnx_model import EXPORTS, ONNX_ARCHIVE
+from shared.onnx_model import EXPORTS, ONNX_ARCHIVE, OnnxModule
 from shared.preprocess import MAX_IMAGE_SIDE, TTA_MODES, Preprocessing
+
+if TYPE_CHECKING:  # PyTorch is imported where a pt2 archive is read: an ONNX model needs none
+    import torch
 
 ARCHIVE = Path("data") / "model.pt2"
 # the flavor fields MLflow writes for `log_model(..., serialization_format="pt2")`
@@ -38,8 +41,6 @@ FLAVOR_FIELDS = {
 }
 # the image server (shared.serving); MLflow's own, in models logged before it
 PYFUNC_LOADERS = ("shared.serving", "mlflow.pytorch")
-TEXT_RECORDS = {pt2.ARCHIVE_FORMAT_PATH, pt2.ARCHIVE_VERSION_PATH, "byteorder", ".data/version",
-                ".data/serialization_id"}
 MODEL = "model"  # the one program an archive of ours holds
 
 
@@ -122,6 +123,10 @@ def check_archive(path: Path) -> None:
     configs as not pickled, and sample inputs that PyTorch's tensors-only unpickler accepts.
     Custom or opaque objects, pickled weights, compiled libraries, the legacy format and
     anything else are refused."""
+    from torch.export.pt2_archive import constants as pt2
+
+    text_records = {pt2.ARCHIVE_FORMAT_PATH, pt2.ARCHIVE_VERSION_PATH, "byteorder",
+                    ".data/version", ".data/serialization_id"}
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -146,7 +151,7 @@ def check_archive(path: Path) -> None:
                 continue
             if name in expected_json:
                 _json(read(name), name)
-            elif name in TEXT_RECORDS:
+            elif name in text_records:
                 if archive.getinfo(root + name).file_size > 64 or not read(name).isascii():
                     raise UnsafeModel(f"the archive's {name} record is not a short text")
             elif name == pt2.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL):
@@ -167,6 +172,8 @@ def _json(content: bytes, name: str):
 
 def _raw_tensor_records(read, names: set[str], root: str) -> set[str]:
     """The records the weight and constant configs list as raw (not pickled) tensor bytes."""
+    from torch.export.pt2_archive import constants as pt2
+
     raw = set()
     for config_name, folder, prefix in (
             (pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format(MODEL), pt2.WEIGHTS_DIR,
@@ -192,6 +199,8 @@ def _raw_tensor_records(read, names: set[str], root: str) -> set[str]:
 
 
 def _tensors_only(content: bytes, name: str) -> None:
+    import torch
+
     try:
         torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the restricted unpickler refused a global
@@ -216,6 +225,8 @@ def _tensors_only_unpickling():
 
 def open_program(path: Path) -> torch.export.ExportedProgram:
     """The exported program of a checked archive (call `check_archive` first)."""
+    import torch
+
     with _tensors_only_unpickling():
         return torch.export.load(str(path))
 
@@ -262,16 +273,25 @@ def check_calibration(metadata: dict) -> Calibration:
         raise UnsafeModel(f"its calibration metadata is malformed ({exc})") from None
 
 
-def check_outputs(module: torch.nn.Module, classes: list[str], prep: Preprocessing) -> None:
+def check_outputs(module: torch.nn.Module | OnnxModule, classes: list[str],
+                  prep: Preprocessing) -> None:
     """The network takes images of the metadata's size and scores exactly its classes."""
     size = prep.image_size
     try:
-        with torch.no_grad():
-            scores = module(torch.zeros(2, 3, size, size))
+        scores = _scores_of_blank_images(module, size)
     except Exception as exc:  # noqa: BLE001 - a shape guard of the exported graph
         raise UnsafeModel(f"the network does not take {size}x{size} images, the image size its "
                           f"metadata states ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
-    if not isinstance(scores, torch.Tensor) or scores.shape != (2, len(classes)):
-        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+    if not hasattr(scores, "shape") or tuple(scores.shape) != (2, len(classes)):
+        shape = tuple(scores.shape) if hasattr(scores, "shape") else type(scores).__name__
         raise UnsafeModel(f"the network answers {shape} for 2 images, but its metadata names "
                           f"{len(classes)} classes")
+
+
+def _scores_of_blank_images(module: torch.nn.Module | OnnxModule, size: int):
+    if isinstance(module, OnnxModule):
+        return module.run(np.zeros((2, 3, size, size), np.float32))
+    import torch
+
+    with torch.no_grad():
+        return module(torch.zeros(2, 3, size, size))

@@ -156,7 +156,6 @@ class ImageService:
 
     def predict(self, model_input, params=None) -> pd.DataFrame:
         import numpy as np
-        import torch
 
         from shared.inference import describe_error
         from shared.preprocess import decode_image
@@ -185,8 +184,7 @@ class ImageService:
                 raise _bad_request(f"image {row} cannot be read: {describe_error(exc)[:200]}") from None
         if not images:
             return pd.DataFrame(columns=["class", "probability", "unsure", "probabilities"])
-        batch = torch.from_numpy(np.stack(images))
-        predictions = self.classifier.predict([str(i) for i in range(len(images))], batch,
+        predictions = self.classifier.predict([str(i) for i in range(len(images))], np.stack(images),
                                               top_k=len(self.classifier.classes))
         return pd.DataFrame([{"class": p.label, "probability": p.confidence, "unsure": p.unsure,
                               "probabilities": {name: round(prob, 6) for name, prob in p.top}}

@@ -1,6 +1,7 @@
 import torch
 
-from shared.preprocess import InputTransform, Preprocessing
+from shared.network import InputTransform
+from shared.preprocess import Preprocessing
 from training.engine.batches import Augmentation, DeviceLoader, Sampling, random_crop, random_flip
 
 IDENTITY = Preprocessing(image_size=8, input_size=8, mean=(0, 0, 0), std=(1, 1, 1))

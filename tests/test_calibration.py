@@ -4,6 +4,7 @@ import csv
 import io
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -93,7 +94,7 @@ def test_an_answer_under_the_threshold_is_flagged_unsure():
     scores = torch.tensor([[2.0, 0.0, 0.0], [0.1, 0.0, 0.0]])  # top probabilities 0.79 and 0.36
     clf = LoadedClassifier("test", lambda x: scores, ["cat", "dog", "ship"],
                            Preprocessing(32, 32, (0.5,) * 3, (0.25,) * 3), Calibration(1.0, 0.5))
-    predictions = clf.predict(["sure.png", "unsure.png"], torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    predictions = clf.predict(["sure.png", "unsure.png"], np.zeros((2, 3, 32, 32), np.uint8))
     assert [p.unsure for p in predictions] == [False, True]
     assert predictions[1].label == "cat"
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from shared.preprocess import InputTransform, Preprocessing
+from shared.network import InputTransform
+from shared.preprocess import Preprocessing
 from training.engine import distributed
 from training.engine.batches import DeviceLoader, Sampling, Shard
 from training.engine.build import check_world, prepare

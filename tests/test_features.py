@@ -112,7 +112,7 @@ def test_views_are_the_image_its_mirror_and_random_crops(train_config):
     splits = prepare(cfg)
     model = build_model(cfg.model, 3, 32, weights="imagenet", freeze="backbone").eval()
     transform = prep_of(cfg, splits)
-    from shared.preprocess import InputTransform
+    from shared.network import InputTransform
     images = splits.train[0][:4]
     views = Views(batch_size=2, seed=0, crop_padding=4, crop_fill="zeros")
     net = torch_backbone(model, "classifier", InputTransform(transform))

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from shared.heatmap import Explainer, NoHeatmap, overlay
-from shared.preprocess import Classifier, Preprocessing
+from shared.network import Classifier
+from shared.preprocess import Preprocessing
 from training.engine.models import MODELS, build_model, input_size_for
 
 CONV_MODELS = [name for name in MODELS if name != "mlp"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from shared.preprocess import TTA, tta_logits
+from shared.network import TTA, tta_logits
 from training.engine.batches import FLIPS
 from training.engine.config import COMPILE_MODES, TrainConfig
 from training.engine.optim import OPTIMIZERS, SCHEDULES

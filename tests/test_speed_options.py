@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from shared.inference import load_classifier
-from shared.preprocess import InputTransform, tta_logits
+from shared.network import InputTransform, tta_logits
 from training.engine.averaging import Lookahead
 from training.engine.build import optimizer_for, schedule_for, whitening_sample
 from training.engine.config import ConfigError, resolve

@@ -9,7 +9,8 @@ import torch
 import torchvision
 
 from shared.inference import classify_files, load_classifier
-from shared.preprocess import InputTransform, Preprocessing, decode_image
+from shared.network import InputTransform
+from shared.preprocess import Preprocessing, decode_image
 from training.engine.models import ModelError, build_model, get_spec, renamed_in_order
 from training.train import main, train
 

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from shared.inference import load_classifier
-from shared.preprocess import Classifier
+from shared.network import Classifier
 from shared.store import CHAMPION
 from training.tracking.publish import register_version
 from training.train import train

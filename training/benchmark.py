@@ -27,7 +27,8 @@ from torch import nn
 
 from shared.command import run_command
 from shared.messages import shown
-from shared.preprocess import InputTransform, Preprocessing
+from shared.network import InputTransform
+from shared.preprocess import Preprocessing
 from shared.store import tracking_uri, ui_command, use_store
 from training.engine.batches import Augmentation, DeviceLoader, Sampling
 from training.engine.build import random_rows, resolve_precision

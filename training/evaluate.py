@@ -30,8 +30,8 @@ from mlflow.tracking import MlflowClient
 from shared.calibration import expected_calibration_error, reliability
 from shared.command import run_command
 from shared.inference import LoadedClassifier, load_classifier
+from shared.network import resize_batch
 from shared.onnx_model import RUNTIME_HELP, RUNTIMES
-from shared.preprocess import resize_batch
 from shared.registry import RegistryError, registered_version, resolve_model_uri
 from shared.store import tracking_uri, ui_command, ui_page, use_store
 from training.engine.data import (

@@ -33,8 +33,8 @@ from shared import serving
 from shared.command import run_command
 from shared.inference import LoadedClassifier, ModelLoadError, open_model_dir
 from shared.messages import BadInput, RunFailed, brief
+from shared.network import resize_batch
 from shared.onnx_model import EXPORTS, OnnxModule, UnsafeOnnx, check_onnx, need, open_session
-from shared.preprocess import resize_batch
 from shared.registry import CHECKS_TAG, EXPORT_TAG
 from shared.safe_model import ARCHIVE, open_program
 from shared.store import tracking_uri, ui_command, ui_page, use_store

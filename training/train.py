@@ -17,7 +17,8 @@ from torch import nn
 
 from shared.calibration import Calibration, calibrate
 from shared.command import run_command
-from shared.preprocess import Preprocessing, resize_batch
+from shared.network import resize_batch
+from shared.preprocess import Preprocessing
 from shared.progress import report
 from shared.store import tracking_uri, ui_command, ui_page
 from training.cli import StopSignals, resume_config

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from shared.messages import BadInput
+from shared.network import InputTransform
 from shared.onnx_model import EXPORTS, MissingExtra, OnnxModule, check_onnx, open_session
-from shared.preprocess import InputTransform, Preprocessing
+from shared.preprocess import Preprocessing
 
 MIN_AGREEMENT = 0.98
 CHECK_IMAGES = 512

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.preprocess import InputTransform
+from shared.network import InputTransform
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator,

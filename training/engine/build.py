@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from shared.messages import brief
-from shared.preprocess import InputTransform, Preprocessing
+from shared.network import InputTransform
+from shared.preprocess import Preprocessing
 from training.engine import distributed
 from training.engine.averaging import Lookahead
 from training.engine.batches import Augmentation, DeviceLoader, HostImages, Sampling, Shard

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.preprocess import InputTransform, Preprocessing
+from shared.network import InputTransform
+from shared.preprocess import Preprocessing
 from shared.progress import counted
 from training.engine import backbone, distributed
 from training.engine.backbone import Backbone, torch_backbone

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from shared.messages import RunFailed
-from shared.preprocess import tta_logits
+from shared.network import tta_logits
 from training.engine import distributed
 from training.engine.batches import DeviceLoader
 from training.engine.state import EpochSums, FitResult, TrainingState

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shared.preprocess import InputTransform, decode_image
+from shared.network import InputTransform
+from shared.preprocess import decode_image
 from training.engine.batches import DeviceLoader, Sampling, Shard
 from training.engine.layouts import DatasetError
 from training.engine.shards import read_shard

@@ -18,7 +18,8 @@ from torch import nn
 
 from shared import serving
 from shared.calibration import Calibration
-from shared.preprocess import Classifier, Preprocessing
+from shared.network import Classifier
+from shared.preprocess import Preprocessing
 from shared.store import CHAMPION, SCORE_TAG, creation_lock, sqlite_path, store_folder
 
 SETTLED_TAG = "champion_checked"  # set once a version was compared with the champion
