@@ -28,13 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def probe(start: float, uri: str, folder: str, scratch: str, preload: bool) -> None:
-    """Runs in a fresh process: print seconds from `start` to shown and to usable. Starts as
-    `python -m gui` does (gui/__main__.py), or without its preloading thread."""
+def probe(start: float, uri: str, folder: str, scratch: str, preload: bool, runtime: str) -> None:
+    """Runs in a fresh process: print seconds from `start` to shown and to usable, and whether
+    PyTorch was imported by then. Starts as `python -m gui` does (gui/__main__.py), or without
+    its preloading thread; the window runs its champion by `runtime`."""
     from gui.preload import start_preloading
 
     if preload:
-        start_preloading()
+        start_preloading(runtime)
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
 
@@ -43,6 +44,8 @@ def probe(start: float, uri: str, folder: str, scratch: str, preload: bool) -> N
     app = QApplication([sys.argv[0]])
     # the window's settings in a folder of its own: the photo folder is the user's, left as it is
     settings = QSettings(str(Path(scratch) / "settings.ini"), QSettings.Format.IniFormat)
+    if settings.value("runtime") is None:
+        settings.setValue("runtime", runtime)
     window = MainWindow(uri, settings, Path(folder))
     window.show()
     app.processEvents()
@@ -50,13 +53,19 @@ def probe(start: float, uri: str, folder: str, scratch: str, preload: bool) -> N
     while window.model_uri is None or window.loading:
         app.processEvents()
         time.sleep(0.005)
-    print(f"{shown:.3f} {time.time() - start:.3f}")
+    usable = time.time() - start
+    if window.runtime != runtime:
+        sys.exit(f"the window runs its model by {window.runtime}, not {runtime}: "
+                 f"export the champion first (python -m training.export --format {runtime})")
+    print(f"{shown:.3f} {usable:.3f} {int('torch' in sys.modules)}")
     window.close()
 
 
-def launch_times(uri: str, folder: str, rounds: int) -> dict[str, tuple[float, float]]:
-    """{kind: (shown, usable)}, medians over `rounds` each: a first launch in a fresh settings
-    and cache folder, then later ones in the same folder, without and with preloading."""
+def launch_times(uri: str, folder: str, rounds: int, runtime: str
+                 ) -> dict[str, tuple[float, float, bool]]:
+    """{kind: (shown, usable, PyTorch imported)}, medians over `rounds` each: a first launch in
+    a fresh settings and cache folder, then later ones in the same folder, without and with
+    preloading."""
     kinds = {"first": True, "later, no preloading": False, "later": True}
     times = {kind: [] for kind in kinds}
     for _ in range(rounds):
@@ -64,18 +73,22 @@ def launch_times(uri: str, folder: str, rounds: int) -> dict[str, tuple[float, f
         env = {**os.environ, "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen"),
                "XDG_CACHE_HOME": str(Path(scratch) / "cache")}
         for kind in times:
-            out = subprocess.run([sys.executable, __file__, "--probe", str(time.time()), uri,
-                                  folder, scratch, str(int(kinds[kind]))],
-                                 capture_output=True, text=True, env=env, check=True).stdout
-            times[kind].append(tuple(map(float, out.split()[-2:])))
+            done = subprocess.run([sys.executable, __file__, "--probe", str(time.time()), uri,
+                                   folder, scratch, str(int(kinds[kind])), runtime],
+                                  capture_output=True, text=True, env=env)
+            if done.returncode:
+                sys.exit(done.stderr.strip().splitlines()[-1])
+            times[kind].append(tuple(map(float, done.stdout.split()[-3:])))
         shutil.rmtree(scratch, ignore_errors=True)
-    return {kind: (statistics.median(t[0] for t in pairs), statistics.median(t[1] for t in pairs))
-            for kind, pairs in times.items()}
+    return {kind: (statistics.median(t[0] for t in runs), statistics.median(t[1] for t in runs),
+                   any(t[2] for t in runs))
+            for kind, runs in times.items()}
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--probe":
-        probe(float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1")
+        probe(float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1",
+              sys.argv[7])
         return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +99,9 @@ def main() -> None:
                         default=Path(__file__).resolve().parents[1] / "inputs",
                         help="folder the launched window opens (default: inputs/)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runtimes", default="pt2",
+                        help="comma-separated runtimes the launched window runs the champion by: "
+                             "pt2, onnx, onnx-int8 (an export needs training.export first)")
     args = parser.parse_args()
 
     import torch
@@ -97,13 +113,17 @@ def main() -> None:
 
     use_store(args.tracking_uri)
     files = image_files(args.images)
-    launches = launch_times(args.tracking_uri, str(args.launch_folder), args.rounds)
+    launches = {runtime: launch_times(args.tracking_uri, str(args.launch_folder), args.rounds,
+                                      runtime) for runtime in args.runtimes.split(",")}
     print(f"device: CPU, {torch.get_num_threads()} threads; {len(files)} files in {args.images}")
     print(f"launch on {args.launch_folder} (median of {args.rounds}, imports included):\n")
-    print("| launch | window shown (s) | usable: model list shown, champion loaded (s) |")
-    print("|---|---|---|")
-    for kind, (shown, usable) in launches.items():
-        print(f"| {kind} | {shown:.2f} | {usable:.2f} |")
+    print("| launch | runtime | window shown (s) | usable: model list shown, champion loaded (s) "
+          "| PyTorch imported |")
+    print("|---|---|---|---|---|")
+    for runtime, kinds in launches.items():
+        for kind, (shown, usable, torch_imported) in kinds.items():
+            print(f"| {kind} | {runtime} | {shown:.2f} | {usable:.2f} | "
+                  f"{'yes' if torch_imported else 'no'} |")
     print()
     print("| model | load (s) | files/s (decode + classify) | images/s (forward only) |")
     print("|---|---|---|---|")

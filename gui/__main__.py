@@ -1,8 +1,8 @@
 import sys
 
-from gui.preload import start_preloading
+from gui.preload import last_runtime, start_preloading
 
-start_preloading()  # before Qt is even imported
+start_preloading(last_runtime())  # before the widgets are even imported
 
 from gui.app import main  # noqa: E402
 

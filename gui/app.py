@@ -11,6 +11,7 @@ from PySide6.QtCore import QSettings
 from PySide6.QtWidgets import QApplication
 
 from gui.main_window import MainWindow
+from gui.preload import SETTINGS
 from shared.store import tracking_uri
 
 # what Qt's xcb platform (a window on X11) loads, with the Debian package of each
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = QApplication.instance() or QApplication([sys.argv[0], *qt_args])
     app.setApplicationName("cifarlab")
-    window = MainWindow(tracking_uri(args.tracking_uri), QSettings("cifarlab", "gui"), args.folder,
+    window = MainWindow(tracking_uri(args.tracking_uri), QSettings(*SETTINGS), args.folder,
                         args.model)
     window.show()
     return app.exec()

@@ -18,8 +18,22 @@ from PySide6.QtGui import QImage, QImageReader, QPainter
 
 from shared.files import cache_folder, not_readable
 from shared.messages import BadInput
+from shared.onnx_model import NO_HEATMAP
 from shared.registry import EmptyRegistry, RegistryError, list_versions
 from shared.store import StoreBroken, use_store
+
+
+def explainer_of(classifier) -> tuple[object | None, str]:
+    """The Grad-CAM explainer of a pt2 model, or None and why there is none. An ONNX model has
+    none, and PyTorch is not imported for it."""
+    if classifier.runtime != "pt2":
+        return None, NO_HEATMAP
+    from shared.heatmap import Explainer, NoHeatmap
+
+    try:
+        return Explainer(classifier.module), ""
+    except NoHeatmap as exc:
+        return None, str(exc)
 
 
 class InferenceWorker(QObject):
@@ -66,9 +80,8 @@ class InferenceWorker(QObject):
         """The version `uri`, run by `runtime`: pt2, or its checked onnx or onnx-int8 export.
         With `kept` (at launch) the files kept from its last load are opened, checked as
         always, without asking the store: MLflow is not even imported."""
-        # torch (and MLflow) are imported here, on this thread, so the window shows at once
-        from shared.heatmap import Explainer, NoHeatmap
-
+        # the model code (PyTorch for pt2, MLflow for the store) is imported here, on this
+        # thread, so the window shows at once
         self.classifier = self.explainer = None
         try:
             self.classifier = self._open(uri, runtime, kept)
@@ -76,10 +89,7 @@ class InferenceWorker(QObject):
             self.load_failed.emit(uri, runtime, str(exc) if isinstance(exc, BadInput)
                                   else f"cannot load {uri}: {type(exc).__name__}: {exc}")
             return
-        try:
-            self.explainer, no_heatmap = Explainer(self.classifier.module), ""
-        except NoHeatmap as exc:
-            no_heatmap = str(exc)
+        self.explainer, no_heatmap = explainer_of(self.classifier)
         self.loaded.emit(uri, runtime, self.classifier.classes, no_heatmap)
 
     def _open(self, uri: str, runtime: str, kept: bool):

@@ -311,5 +311,6 @@ def test_app_speed_reports_first_and_later_launches(registered_store, image_fold
                           str(image_folder / "test" / "cat"), "--rounds", "1"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    for row in ("| first |", "| later, no preloading |", "| later |", "| tiny-cnn@champion |"):
+    for row in ("| first | pt2 |", "| later, no preloading | pt2 |", "| later | pt2 |",
+                "| tiny-cnn@champion |"):
         assert row in out.stdout

@@ -3,6 +3,8 @@ linked, refused past --max-drop, opened only after the file is checked, and used
 consumer (gui.classify, training.evaluate, the pyfunc server, the app)."""
 import csv
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -28,6 +30,7 @@ from training.export import ExportSettings, export
 from training.export import main as export_main
 
 PHOTO = Path(__file__).resolve().parent.parent / "inputs" / "dog.png"
+BENCHMARKS = PHOTO.parent.parent / "benchmarks"
 QUIET = dict(log=lambda *_: None)
 
 
@@ -323,6 +326,21 @@ def test_the_app_offers_each_checked_runtime_and_classifies_with_it(window, qtbo
     assert not window.heatmap_box.isEnabled() and "pt2" in window.no_heatmap
     assert window.runtime_box.itemData(2, gui.main_window.Qt.ItemDataRole.ToolTipRole).startswith("agreement")
     assert not window.shown
+
+
+def test_a_launch_running_an_export_opens_it_without_importing_pytorch(store_with_exports,
+                                                                      image_folder):
+    folder = str(image_folder / "test" / "dog")
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "app_speed.py"), "--tracking-uri",
+                          store_with_exports, "--models", "tiny-cnn/1", "--images", folder,
+                          "--launch-folder", folder, "--rounds", "1", "--runtimes", "onnx-int8,pt2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| ")]
+    launched = {(row[0], row[1]): row[-1] for row in rows if row[1] in ("pt2", "onnx-int8")}
+    assert launched == {("| first", "onnx-int8"): "no |", ("| later, no preloading", "onnx-int8"): "no |",
+                        ("| later", "onnx-int8"): "no |", ("| first", "pt2"): "yes |",
+                        ("| later, no preloading", "pt2"): "yes |", ("| later", "pt2"): "yes |"}
 
 
 def test_the_app_shows_a_tampered_export_refused_and_stays_usable(tampered_export, window, qtbot):
