@@ -4,7 +4,9 @@
         --models cifar10-cnn@champion,cifar10-resnet18@champion --images ~/data/cifar10/test/cat
 
 - launch: a fresh `python` process (imports included) until the window is shown, and until the
-  model list is shown and the champion model is loaded (the window is usable); median of 3.
+  model list is shown and the champion model is loaded (the window is usable); median of 3;
+  for each of --runtimes (pt2, or a checked export: onnx, onnx-int8), with whether PyTorch was
+  imported by then.
   First launches start with no settings and an empty app cache (the registry is asked, the
   model fetched); later launches find what the previous one kept (the listing, the model's
   files) and ask the registry only after the window is usable.
