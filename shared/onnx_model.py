@@ -33,6 +33,8 @@ MAX_FILE_BYTES = 1 << 30  # the largest export opened (EfficientNet-Lite0's is 1
 MAX_TENSOR_ELEMENTS = 1 << 28  # one initializer (1 GiB of float32)
 MAX_NODES = 100_000
 INPUT, OUTPUT = "images", "scores"
+# what the app says of an export, which it opens without PyTorch (shared.heatmap says it too)
+NO_HEATMAP = "heatmaps need the pt2 runtime (Grad-CAM follows PyTorch's graph)"
 RUNTIME_HELP = ("what runs the network: pt2 (PyTorch), or the version's checked onnx or onnx-int8 "
                 "export (python -m training.export); default pt2")
 
@@ -139,9 +141,6 @@ def open_session(path: Path, threads: int | None = None):
     # model timed beside an export, the rest of a training run)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-NO_HEATMAP = "heatmaps need the pt2 runtime (Grad-CAM follows PyTorch's graph)"
 
 
 def cpu_threads() -> int:
